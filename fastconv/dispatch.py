@@ -1,0 +1,169 @@
+"""Backend and algorithm choice: one pure function, plus the overrides and lazy GPU loading around it.
+
+``select`` decides from plain values (op name, geometry, where the arrays live, what was asked
+for, the overrides) and never runs a kernel or touches CUDA, so it is tested on its own.
+
+Precedence for ``backend="auto"``: a ``using(backend=...)`` context, else ``FASTCONV_BACKEND``,
+else "cuda" when the inputs are device arrays and "cpu" when they are NumPy arrays.
+An explicit ``backend=`` argument always wins over both overrides.
+
+CPU ``algorithm="auto"`` rule (measured on MNIST-scale shapes, see benchmarks/): im2col turns
+the convolution into one BLAS GEMM per group, which wins once the GEMM is big enough to use the
+machine; the direct kernels win where it is not — depthwise/grouped convolutions with few
+channels per group and tiny reductions — and need no (C*KH*KW, N*OH*OW) buffer. So:
+``direct`` if C/G * KH * KW < DIRECT_MAX_REDUCTION or K/G < DIRECT_MAX_KG, else ``im2col``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Any, NamedTuple
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+ALGORITHMS = ("auto", "im2col", "direct")
+CONV_OPS = ("conv2d", "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight",
+            "conv_transpose2d", "conv_transpose2d_backward")
+DIRECT_MAX_REDUCTION = 8  # C/G*KH*KW below this: the GEMM is too thin to pay for im2col
+DIRECT_MAX_KG = 4  # K/G below this: too few GEMM rows (depthwise and friends)
+
+_override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastconv_override", default={})
+
+
+class Choice(NamedTuple):
+    backend: str  # "reference" | "cpu" | "cuda"
+    algorithm: str  # "im2col" | "direct" for conv ops; "direct" for pooling; "reference"
+
+
+def cpu_conv_algorithm(geom: Any) -> str:
+    """The documented CPU heuristic (module docstring)."""
+    if geom.C // geom.G * geom.KH * geom.KW < DIRECT_MAX_REDUCTION or geom.K // geom.G < DIRECT_MAX_KG:
+        return "direct"
+    return "im2col"
+
+
+def select(
+    op: str,
+    geom: Any,
+    *,
+    backend: str = "auto",
+    algorithm: str = "auto",
+    on_device: bool = False,
+    env_backend: str | None = None,
+    context: dict | None = None,
+) -> Choice:
+    """Choose (backend, algorithm) for one call. Pure: no I/O, no kernel, no CUDA.
+
+    Args:
+        op: the public op name ("conv2d", "max_pool2d", ...), used in error texts.
+        geom: the ConvGeom/PoolGeom from ``fastconv.shapes``.
+        backend, algorithm: what the caller asked for.
+        on_device: whether the inputs are CUDA device arrays.
+        env_backend: the value of ``FASTCONV_BACKEND`` (None or "" when unset).
+        context: the active ``using(...)`` overrides.
+    """
+    context = context or {}
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be one of {ALGORITHMS}; got {algorithm!r}")
+    if backend == "auto":
+        if context.get("backend", "auto") != "auto":
+            backend = context["backend"]
+        elif env_backend:
+            if env_backend not in BACKENDS:
+                raise ValueError(
+                    f"{op}: FASTCONV_BACKEND must be one of {BACKENDS}; got {env_backend!r}"
+                )
+            backend = env_backend
+    if backend == "auto":
+        backend = "cuda" if on_device else "cpu"
+    if on_device and backend != "cuda":
+        raise ValueError(
+            f"{op}: backend={backend!r} needs host (NumPy) arrays but the inputs are CUDA device "
+            f"arrays; use backend='cuda' or copy them to the host first (.copy_to_host())"
+        )
+    if backend == "reference":
+        return Choice("reference", "reference")
+    if op not in CONV_OPS:
+        if algorithm not in ("auto", "direct"):
+            raise ValueError(f"{op}: pooling has only the 'direct' algorithm; got {algorithm!r}")
+        return Choice(backend, "direct")
+    if algorithm == "auto":
+        algorithm = context.get("algorithm", "auto")
+    if algorithm == "auto":
+        algorithm = cpu_conv_algorithm(geom)
+    return Choice(backend, algorithm)
+
+
+@contextlib.contextmanager
+def using(backend: str = "auto", algorithm: str = "auto"):
+    """Override what "auto" means inside a ``with`` block (thread- and task-local)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"using: backend must be one of {BACKENDS}; got {backend!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"using: algorithm must be one of {ALGORITHMS}; got {algorithm!r}")
+    token = _override.set({"backend": backend, "algorithm": algorithm})
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def choose(op: str, geom: Any, backend: str, algorithm: str, on_device: bool) -> Choice:
+    """``select`` with the live environment and context filled in."""
+    return select(
+        op,
+        geom,
+        backend=backend,
+        algorithm=algorithm,
+        on_device=on_device,
+        env_backend=os.environ.get("FASTCONV_BACKEND") or None,
+        context=_override.get(),
+    )
+
+
+# --------------------------------------------------------------------------- backend modules
+
+_cuda_ops = None
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason). Imports numba.cuda only when called; never called on the CPU path."""
+    try:
+        from numba import cuda
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, f"numba.cuda cannot be imported ({e}); install the 'cuda' extra"
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("fastconv.kernels.cuda.ops") is None:
+            return False, "this build of fastconv has no CUDA backend yet"
+    except ModuleNotFoundError:
+        return False, "this build of fastconv has no CUDA backend yet"
+    try:
+        if not cuda.is_available():
+            return False, "no usable CUDA GPU was found (numba.cuda.is_available() is False)"
+    except Exception as e:  # pragma: no cover
+        return False, f"CUDA could not be initialised ({e})"
+    return True, "ok"
+
+
+def backend_ops(op: str, backend: str):
+    """The module implementing ``backend``'s op signatures (CUDA imported lazily)."""
+    global _cuda_ops
+    if backend == "cpu":
+        from .kernels.cpu import ops
+
+        return ops
+    if backend == "cuda":
+        if _cuda_ops is None:
+            ok, why = cuda_status()
+            if not ok:
+                raise RuntimeError(f"{op}: backend='cuda' is not available: {why}")
+            from .kernels.cuda import ops
+
+            _cuda_ops = ops
+        return _cuda_ops
+    raise AssertionError(f"no ops module for backend {backend!r}")  # select() never returns it

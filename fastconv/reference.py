@@ -1,0 +1,159 @@
+"""The NumPy oracle: obviously correct convolution and pooling, computed in float64.
+
+Every kernel in fastconv is tested against these functions; they are never on a hot path.
+Clarity beats speed here: each op is a short loop over kernel offsets (or pooling windows) with
+one einsum or reduction inside, written straight from the definition. Results are computed in
+float64 and returned in the input dtype.
+
+Notation: x (N, C, H, W), weight (K, C/G, KH, KW), y (N, K, OH, OW); G groups, CG = C/G and
+KG = K/G channels per group.
+
+Definition (per group g, output channel k of that group):
+    y[n, k, oh, ow] = b[k] + sum_{c, kh, kw} w[k, c, kh, kw] * xpad[n, c, oh*sh + kh*dh, ow*sw + kw*dw]
+where xpad is x with ph zero rows on top and pw zero columns on the left (and zeros beyond).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import shapes
+
+
+def _padded(x: np.ndarray, g: shapes.ConvGeom) -> np.ndarray:
+    """x in float64 inside a zero frame large enough for every window the geometry reads."""
+    hp = max(g.ph + g.H, (g.OH - 1) * g.sh + (g.KH - 1) * g.dh + 1)
+    wp = max(g.pw + g.W, (g.OW - 1) * g.sw + (g.KW - 1) * g.dw + 1)
+    xp = np.zeros((g.N, g.C, hp, wp))
+    xp[:, :, g.ph : g.ph + g.H, g.pw : g.pw + g.W] = x
+    return xp
+
+
+def _window(g: shapes.ConvGeom, kh: int, kw: int) -> tuple[slice, slice]:
+    """Rows/columns of the padded input that kernel tap (kh, kw) meets, one per output pixel."""
+    r0, c0 = kh * g.dh, kw * g.dw
+    return (
+        slice(r0, r0 + (g.OH - 1) * g.sh + 1, g.sh),
+        slice(c0, c0 + (g.OW - 1) * g.sw + 1, g.sw),
+    )
+
+
+def _groups(g: shapes.ConvGeom):
+    for gi in range(g.G):
+        yield slice(gi * g.CG, (gi + 1) * g.CG), slice(gi * g.KG, (gi + 1) * g.KG)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> np.ndarray:
+    """Oracle for ``fastconv.conv2d``. Shape: x (N, C, H, W), weight (K, C/G, KH, KW) -> (N, K, OH, OW)."""
+    x, weight, bias, g = shapes.check_conv2d(
+        "reference.conv2d", x, weight, bias, stride, padding, dilation, groups
+    )
+    xp, w = _padded(x, g), weight.astype(np.float64)
+    y = np.zeros(g.y_shape)
+    for cs, ks in _groups(g):
+        for kh in range(g.KH):
+            for kw in range(g.KW):
+                rows, cols = _window(g, kh, kw)
+                patch = xp[:, cs, rows, cols]  # (N, CG, OH, OW)
+                y[:, ks] += np.einsum("nchw,kc->nkhw", patch, w[ks, :, kh, kw])
+    if bias is not None:
+        y += bias.astype(np.float64)[None, :, None, None]
+    return y.astype(x.dtype)
+
+
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1):
+    """Oracle for ``fastconv.conv2d_backward``: (grad_x, grad_weight, grad_bias).
+
+    Differentiating the definition above term by term: each product w[k,c,kh,kw] * xpad[...]
+    sends grad_y[n,k,oh,ow] * w[...] to that xpad position and grad_y * xpad[...] to w[...].
+    """
+    x, weight, _, g = shapes.check_conv2d(
+        "reference.conv2d_backward", x, weight, None, stride, padding, dilation, groups
+    )
+    grad_y = shapes.check_grad("reference.conv2d_backward", grad_y, g.y_shape, "conv2d")
+    xp, w, gy = _padded(x, g), weight.astype(np.float64), grad_y.astype(np.float64)
+    gxp, gw = np.zeros_like(xp), np.zeros(g.w_shape)
+    for cs, ks in _groups(g):
+        for kh in range(g.KH):
+            for kw in range(g.KW):
+                rows, cols = _window(g, kh, kw)
+                gxp[:, cs, rows, cols] += np.einsum("nkhw,kc->nchw", gy[:, ks], w[ks, :, kh, kw])
+                gw[ks, :, kh, kw] += np.einsum("nkhw,nchw->kc", gy[:, ks], xp[:, cs, rows, cols])
+    gx = gxp[:, :, g.ph : g.ph + g.H, g.pw : g.pw + g.W]
+    gb = gy.sum(axis=(0, 2, 3))
+    return gx.astype(x.dtype), gw.astype(x.dtype), gb.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pool_windows(g: shapes.PoolGeom):
+    """For each output pixel: (oh, ow, input rows, input cols, divisor-with-padding).
+
+    Windows are clipped to the real input; the divisor follows PyTorch's avg_pool2d (padding
+    counts, positions past the right/bottom padding in ceil mode do not).
+    """
+    for oh in range(g.OH):
+        for ow in range(g.OW):
+            h0, w0 = oh * g.sh - g.ph, ow * g.sw - g.pw
+            h1, w1 = min(h0 + g.KH, g.H + g.ph), min(w0 + g.KW, g.W + g.pw)
+            padded_count = (h1 - h0) * (w1 - w0)
+            rows = slice(max(h0, 0), min(h1, g.H))
+            cols = slice(max(w0, 0), min(w1, g.W))
+            yield oh, ow, rows, cols, padded_count
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False) -> np.ndarray:
+    """Oracle for ``fastconv.max_pool2d`` (NaN counts as the largest value, as in PyTorch)."""
+    x, g = shapes.check_pool2d("reference.max_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    x64, y = x.astype(np.float64), np.empty(g.y_shape)
+    for oh, ow, rows, cols, _ in _pool_windows(g):
+        win = x64[:, :, rows, cols].reshape(g.N, g.C, -1)
+        y[:, :, oh, ow] = np.take_along_axis(win, win.argmax(-1)[..., None], -1)[..., 0]
+    return y.astype(x.dtype)
+
+
+def max_pool2d_backward(grad_y, x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """Oracle for ``fastconv.max_pool2d_backward``: each window's gradient goes to its first
+    maximum in row-major order (``argmax`` returns the first one; a NaN wins over numbers)."""
+    op = "reference.max_pool2d_backward"
+    x, g = shapes.check_pool2d(op, x, kernel_size, stride, padding, ceil_mode)
+    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "max_pool2d")
+    x64, gy, gx = x.astype(np.float64), grad_y.astype(np.float64), np.zeros(g.x_shape)
+    n_idx, c_idx = np.meshgrid(np.arange(g.N), np.arange(g.C), indexing="ij")
+    for oh, ow, rows, cols, _ in _pool_windows(g):
+        win = x64[:, :, rows, cols]
+        first = win.reshape(g.N, g.C, -1).argmax(-1)  # (N, C)
+        r, c = rows.start + first // win.shape[3], cols.start + first % win.shape[3]
+        np.add.at(gx, (n_idx, c_idx, r, c), gy[:, :, oh, ow])
+    return gx.astype(x.dtype)
+
+
+def avg_pool2d(
+    x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True
+) -> np.ndarray:
+    """Oracle for ``fastconv.avg_pool2d`` (zero padding; divisor as in PyTorch)."""
+    x, g = shapes.check_pool2d(
+        "reference.avg_pool2d", x, kernel_size, stride, padding, ceil_mode, count_include_pad
+    )
+    x64, y = x.astype(np.float64), np.empty(g.y_shape)
+    for oh, ow, rows, cols, padded_count in _pool_windows(g):
+        win = x64[:, :, rows, cols]
+        div = padded_count if g.count_include_pad else win.shape[2] * win.shape[3]
+        y[:, :, oh, ow] = win.sum(axis=(2, 3)) / div
+    return y.astype(x.dtype)
+
+
+def avg_pool2d_backward(
+    grad_y, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True
+):
+    """Oracle for ``fastconv.avg_pool2d_backward``: each input in a window gets grad_y / divisor."""
+    op = "reference.avg_pool2d_backward"
+    x, g = shapes.check_pool2d(op, x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "avg_pool2d")
+    gy, gx = grad_y.astype(np.float64), np.zeros(g.x_shape)
+    for oh, ow, rows, cols, padded_count in _pool_windows(g):
+        nr, nc = rows.stop - rows.start, cols.stop - cols.start
+        div = padded_count if g.count_include_pad else nr * nc
+        gx[:, :, rows, cols] += (gy[:, :, oh, ow] / div)[:, :, None, None]
+    return gx.astype(x.dtype)

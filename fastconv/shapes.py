@@ -1,0 +1,381 @@
+"""Argument normalisation, output-size rules and every user-facing error text.
+
+Notation (shared by every module): x (N, C, H, W), weight (K, C/G, KH, KW), y (N, K, OH, OW).
+
+Everything here is pure arithmetic on shapes and dtypes; it never touches array data, so it works
+the same for NumPy arrays and device arrays. A kernel is only ever called with a geometry built
+here, which is what makes the unchecked loops in ``fastconv.kernels`` memory-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class ConvGeom(NamedTuple):
+    """Normalised geometry of one 2-D convolution. ``ph``/``pw`` are the top/left padding.
+
+    The bottom/right padding is implicit in OH/OW (it may differ from the top/left one for
+    ``padding='same'`` with an even effective kernel, as in PyTorch). Kernels treat every input
+    position outside [0, H) x [0, W) as zero.
+    """
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    KH: int
+    KW: int
+    OH: int
+    OW: int
+    G: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+
+    @property
+    def CG(self) -> int:  # input channels per group
+        return self.C // self.G
+
+    @property
+    def KG(self) -> int:  # output channels per group
+        return self.K // self.G
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def w_shape(self) -> tuple[int, int, int, int]:
+        return (self.K, self.C // self.G, self.KH, self.KW)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.K, self.OH, self.OW)
+
+    def flops(self) -> int:
+        """Multiply-adds x 2 of the forward pass (backward data and backward filter cost the same)."""
+        return 2 * self.N * self.K * self.OH * self.OW * self.CG * self.KH * self.KW
+
+
+class PoolGeom(NamedTuple):
+    """Normalised geometry of one 2-D pooling window sweep (symmetric padding ``ph``, ``pw``)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    OH: int
+    OW: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    count_include_pad: bool = True
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.OH, self.OW)
+
+
+# --------------------------------------------------------------------------- small normalisers
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def pair(op: str, name: str, value: Any, *, minimum: int) -> tuple[int, int]:
+    """``3`` -> ``(3, 3)``; ``(2, 1)`` -> ``(2, 1)``; anything else or below ``minimum`` raises."""
+    if _is_int(value):
+        vals = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        vals = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints; got {value!r}")
+    if min(vals) < minimum:
+        rule = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{op}: {name} must be {rule}; got {name}={value!r}")
+    return vals
+
+
+def out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, dilation: int = 1) -> int:
+    """PyTorch's floor-mode output size: floor((size + pads - dilation*(k-1) - 1) / stride) + 1."""
+    return (size + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
+
+
+def is_device_array(a: Any) -> bool:
+    """True for numba device arrays and anything exposing ``__cuda_array_interface__``."""
+    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+
+
+def _shape_of(a: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in a.shape)
+
+
+def check_array(op: str, name: str, a: Any, ndim: int, layout: str) -> Any:
+    """Check type, rank and dtype of one input; return a C-contiguous native-byte-order view/copy.
+
+    Non-contiguous or byte-swapped NumPy inputs are accepted and converted (a copy), so the
+    kernels only ever see contiguous native arrays. Device arrays are returned as they are
+    (the CUDA backend makes them contiguous itself).
+    """
+    if isinstance(a, np.ndarray):
+        arr = a
+    elif is_device_array(a):
+        arr = a
+    else:
+        raise TypeError(
+            f"{op}: {name} must be a NumPy array or a CUDA device array; got {type(a).__name__}"
+        )
+    dtype = np.dtype(arr.dtype)
+    if dtype.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32 or float64; got dtype {dtype} "
+            f"(convert with {name}.astype(np.float32))"
+        )
+    if len(arr.shape) != ndim:
+        raise ValueError(
+            f"{op}: {name} must be {ndim}-D {layout}; got {len(arr.shape)}-D "
+            f"{name}.shape={_shape_of(arr)}"
+        )
+    if isinstance(arr, np.ndarray):
+        if not dtype.isnative:
+            arr = arr.astype(dtype.newbyteorder("="))
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def check_same_dtype(op: str, **arrays: Any) -> None:
+    items = [(k, np.dtype(v.dtype).newbyteorder("=")) for k, v in arrays.items() if v is not None]
+    if len({d for _, d in items}) > 1:
+        desc = ", ".join(f"{k}.dtype={d}" for k, d in items)
+        raise TypeError(f"{op}: all inputs must have the same dtype; got {desc}")
+
+
+def check_same_place(op: str, **arrays: Any) -> None:
+    places = {k: is_device_array(v) for k, v in arrays.items() if v is not None}
+    if len(set(places.values())) > 1:
+        desc = ", ".join(f"{k} on {'device' if d else 'host'}" for k, d in places.items())
+        raise TypeError(f"{op}: inputs must all be host (NumPy) or all device arrays; got {desc}")
+
+
+def _check_nonempty(op: str, name: str, shape: tuple[int, ...]) -> None:
+    if shape[0] == 0:
+        raise ValueError(f"{op}: empty batch (N=0) is not supported; {name}.shape={shape}")
+    if min(shape) == 0:
+        raise ValueError(f"{op}: {name} has a zero-sized dimension; {name}.shape={shape}")
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv2d_geometry(
+    op: str,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: Any = 1,
+) -> ConvGeom:
+    """Validate convolution arguments against the shapes and return the normalised geometry."""
+    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W); got x.shape={x_shape}")
+    if len(w_shape) != 4:
+        raise ValueError(f"{op}: weight must be 4-D (K, C/groups, KH, KW); got weight.shape={w_shape}")
+    _check_nonempty(op, "x", x_shape)
+    if min(w_shape) == 0:
+        raise ValueError(f"{op}: weight has a zero-sized dimension; weight.shape={w_shape}")
+    sh, sw = pair(op, "stride", stride, minimum=1)
+    dh, dw = pair(op, "dilation", dilation, minimum=1)
+    if not _is_int(groups):
+        raise TypeError(f"{op}: groups must be an int; got {groups!r}")
+    G = int(groups)
+    N, C, H, W = x_shape
+    K, CG, KH, KW = w_shape
+    shapes = f"x.shape={x_shape}, weight.shape={w_shape}"
+    if G < 1:
+        raise ValueError(f"{op}: groups must be positive; got groups={G}")
+    if C % G != 0:
+        raise ValueError(f"{op}: groups={G} must divide the {C} input channels; {shapes}")
+    if K % G != 0:
+        raise ValueError(f"{op}: groups={G} must divide the {K} output channels; {shapes}")
+    if CG * G != C:
+        raise ValueError(
+            f"{op}: x has {C} channels but weight expects {CG * G} "
+            f"({CG} per group x groups={G}); {shapes}"
+        )
+    ekh, ekw = dh * (KH - 1) + 1, dw * (KW - 1) + 1  # effective (dilated) kernel extent
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise ValueError(
+                    f"{op}: padding='same' needs stride 1 (as in PyTorch); got stride={(sh, sw)}"
+                )
+            # PyTorch puts the odd pixel of an even effective kernel on the bottom/right.
+            th, tw = ekh - 1, ekw - 1
+            pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
+    else:
+        ph, pw = pair(op, "padding", padding, minimum=0)
+        pads = (ph, ph, pw, pw)
+    pt, pb, pl, pr = pads
+    if ekh > H + pt + pb or ekw > W + pl + pr:
+        raise ValueError(
+            f"{op}: the dilated kernel ({ekh}x{ekw}) is larger than the padded input "
+            f"({H + pt + pb}x{W + pl + pr}); {shapes}, padding={padding!r}, dilation={(dh, dw)}"
+        )
+    OH, OW = out_size(H, KH, sh, pt, pb, dh), out_size(W, KW, sw, pl, pr, dw)
+    return ConvGeom(N, C, H, W, K, KH, KW, OH, OW, G, sh, sw, pt, pl, dh, dw)
+
+
+def check_conv2d(op, x, weight, bias, stride, padding, dilation, groups):
+    """Validate a forward convolution call; return (x, weight, bias, geometry)."""
+    x = check_array(op, "x", x, 4, "(N, C, H, W)")
+    weight = check_array(op, "weight", weight, 4, "(K, C/groups, KH, KW)")
+    if bias is not None:
+        bias = check_array(op, "bias", bias, 1, "(K,)")
+    check_same_dtype(op, x=x, weight=weight, bias=bias)
+    check_same_place(op, x=x, weight=weight, bias=bias)
+    g = conv2d_geometry(op, _shape_of(x), _shape_of(weight), stride, padding, dilation, groups)
+    if bias is not None and _shape_of(bias) != (g.K,):
+        raise ValueError(
+            f"{op}: bias must have shape ({g.K},) (one per output channel); "
+            f"got bias.shape={_shape_of(bias)}"
+        )
+    return x, weight, bias, g
+
+
+def check_grad(op: str, grad_y: Any, expected: tuple[int, ...], what: str) -> Any:
+    grad_y = check_array(op, "grad_y", grad_y, 4, "(N, K, OH, OW)")
+    if _shape_of(grad_y) != tuple(expected):
+        raise ValueError(
+            f"{op}: grad_y must have the {what} output shape {tuple(expected)}; "
+            f"got grad_y.shape={_shape_of(grad_y)}"
+        )
+    return grad_y
+
+
+def shape_tuple(op: str, name: str, shape: Any) -> tuple[int, int, int, int]:
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 4 and all(_is_int(s) for s in shape)):
+        raise TypeError(f"{op}: {name} must be a tuple of 4 ints; got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def pool2d_geometry(
+    op: str,
+    x_shape: tuple[int, ...],
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> PoolGeom:
+    """Validate pooling arguments (PyTorch's rules) and return the normalised geometry."""
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W); got x.shape={x_shape}")
+    _check_nonempty(op, "x", x_shape)
+    KH, KW = pair(op, "kernel_size", kernel_size, minimum=1)
+    sh, sw = (KH, KW) if stride is None else pair(op, "stride", stride, minimum=1)
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: padding must be an int or a pair of ints; got {padding!r}")
+    ph, pw = pair(op, "padding", padding, minimum=0)
+    if 2 * ph > KH or 2 * pw > KW:
+        raise ValueError(
+            f"{op}: padding must be at most half the kernel size; "
+            f"got padding={(ph, pw)}, kernel_size={(KH, KW)}"
+        )
+    N, C, H, W = x_shape
+    if KH > H + 2 * ph or KW > W + 2 * pw:
+        raise ValueError(
+            f"{op}: kernel_size {(KH, KW)} is larger than the padded input "
+            f"({H + 2 * ph}x{W + 2 * pw}); x.shape={x_shape}, padding={(ph, pw)}"
+        )
+
+    def size(n: int, k: int, s: int, p: int) -> int:
+        if not ceil_mode:
+            return (n + 2 * p - k) // s + 1
+        o = -(-(n + 2 * p - k) // s) + 1
+        if (o - 1) * s >= n + p:  # PyTorch: the last window must start inside input or left pad
+            o -= 1
+        return o
+
+    OH, OW = size(H, KH, sh, ph), size(W, KW, sw, pw)
+    return PoolGeom(N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, bool(count_include_pad))
+
+
+def check_pool2d(op, x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True):
+    """Validate a pooling call; return (x, geometry)."""
+    x = check_array(op, "x", x, 4, "(N, C, H, W)")
+    g = pool2d_geometry(op, _shape_of(x), kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return x, g
+
+
+
+def conv_transpose2d_geometry(op, x_shape, w_shape, stride, padding, output_padding, dilation, groups):
+    """Geometry of the convolution whose backward-data pass is this transposed convolution.
+
+    x (N, C_in, H, W) and weight (C_in, C_out/G, KH, KW) as in PyTorch; the output
+    (N, C_out, OH, OW) has OH = (H-1)*sh - 2*ph + dh*(KH-1) + oph + 1. In the returned geometry
+    the roles are those of the forward conv: its "x" is our output, its "y" is our input.
+    """
+    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError(
+            f"{op}: x must be 4-D (N, C_in, H, W) and weight 4-D (C_in, C_out/groups, KH, KW); "
+            f"got x.shape={x_shape}, weight.shape={w_shape}"
+        )
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: padding must be an int or a pair of ints; got {padding!r}")
+    _check_nonempty(op, "x", x_shape)
+    sh, sw = pair(op, "stride", stride, minimum=1)
+    dh, dw = pair(op, "dilation", dilation, minimum=1)
+    ph, pw = pair(op, "padding", padding, minimum=0)
+    oph, opw = pair(op, "output_padding", output_padding, minimum=0)
+    if oph >= sh or opw >= sw:
+        raise ValueError(
+            f"{op}: output_padding must be smaller than stride; "
+            f"got output_padding={(oph, opw)}, stride={(sh, sw)}"
+        )
+    if not _is_int(groups) or int(groups) < 1:
+        raise ValueError(f"{op}: groups must be a positive int; got {groups!r}")
+    N, Cin, H, W = x_shape
+    if w_shape[0] != Cin:
+        raise ValueError(
+            f"{op}: x has {Cin} channels but weight.shape[0] is {w_shape[0]} (weight is "
+            f"(C_in, C_out/groups, KH, KW)); x.shape={x_shape}, weight.shape={w_shape}"
+        )
+    OH = (H - 1) * sh - 2 * ph + dh * (w_shape[2] - 1) + oph + 1
+    OW = (W - 1) * sw - 2 * pw + dw * (w_shape[3] - 1) + opw + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"{op}: the output would be empty ({OH}x{OW}); x.shape={x_shape}, "
+            f"weight.shape={w_shape}, stride={(sh, sw)}, padding={(ph, pw)}"
+        )
+    C_out = w_shape[1] * int(groups)
+    g = conv2d_geometry(op, (N, C_out, OH, OW), w_shape, (sh, sw), (ph, pw), (dh, dw), groups)
+    assert (g.OH, g.OW) == (H, W), (g, x_shape)
+    return g

@@ -1,0 +1,24 @@
+"""Tiny helpers shared by the CPU kernels."""
+
+from numba import njit
+
+# Conv kernels may reassociate and contract (FMA): the loops are fixed, so results stay
+# deterministic run to run, and NaN/inf still propagate (no 'nnan'/'ninf' flags).
+FASTMATH = {"reassoc", "contract"}
+
+
+@njit(inline="always", cache=True)
+def valid_range(pad, offset, stride, size, out):
+    """Output indices o in [lo, hi) whose input index i = o*stride - pad + offset lies in [0, size).
+
+    Lets the inner loops run without a bounds test per element (zero padding = skipped terms).
+    """
+    a = pad - offset  # i >= 0  <=>  o*stride >= a
+    lo = 0 if a <= 0 else (a + stride - 1) // stride
+    b = size - 1 + pad - offset  # i <= size-1  <=>  o*stride <= b
+    hi = 0 if b < 0 else b // stride + 1
+    if hi > out:
+        hi = out
+    if lo > hi:
+        lo = hi
+    return lo, hi

@@ -1,0 +1,93 @@
+"""im2col / col2im for the GEMM formulation of convolution.
+
+Notation: x (N, C, H, W), weight (K, C/G, KH, KW), y (N, K, OH, OW), P = OH*OW.
+cols has shape (C*KH*KW, N*P): row r = (c*KH + kh)*KW + kw, column j = n*P + oh*OW + ow, so the
+rows of group g form the contiguous block [g*CG*KH*KW, (g+1)*CG*KH*KW) and
+
+    y_g = weight_g.reshape(KG, CG*KH*KW) @ cols_g      # (KG, CG*KH*KW) @ (CG*KH*KW, N*P)
+
+is one BLAS call per group. Padding is never materialised: entries that fall in the padding are
+written as zeros here and skipped in col2im.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import valid_range
+
+
+@njit(parallel=True, cache=True)
+def im2col(x, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW). One thread fills whole rows."""
+    N, C, H, W = x.shape
+    P = OH * OW
+    cols = np.empty((C * KH * KW, N * P), dtype=x.dtype)
+    for r in prange(C * KH * KW):
+        c = r // (KH * KW)
+        kh = (r // KW) % KH
+        kw = r % KW
+        ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
+        for n in range(N):
+            for oh in range(OH):
+                j0 = n * P + oh * OW
+                ih = oh * sh - ph + kh * dh
+                if ih < 0 or ih >= H:
+                    for ow in range(OW):
+                        cols[r, j0 + ow] = 0
+                    continue
+                for ow in range(ow_lo):
+                    cols[r, j0 + ow] = 0
+                for ow in range(ow_lo, ow_hi):
+                    cols[r, j0 + ow] = x[n, c, ih, ow * sw - pw + kw * dw]
+                for ow in range(ow_hi, OW):
+                    cols[r, j0 + ow] = 0
+    return cols
+
+
+@njit(parallel=True, cache=True)
+def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
+    """cols (C*KH*KW, N*OH*OW) -> x-shaped (N, C, H, W), summing overlapping taps.
+
+    One thread owns one (n, c) plane, so the sum is race-free and its order fixed (deterministic).
+    """
+    P = OH * OW
+    out = np.zeros((N, C, H, W), dtype=cols.dtype)
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc % C
+        for kh in range(KH):
+            oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
+            for kw in range(KW):
+                r = (c * KH + kh) * KW + kw
+                ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
+                for oh in range(oh_lo, oh_hi):
+                    ih = oh * sh - ph + kh * dh
+                    j0 = n * P + oh * OW
+                    for ow in range(ow_lo, ow_hi):
+                        out[n, c, ih, ow * sw - pw + kw * dw] += cols[r, j0 + ow]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def kn_to_nk(a, N, K, P):
+    """(K, N*P) -> (N, K, P): the GEMM result back into NCHW order (bias added by the caller)."""
+    out = np.empty((N, K, P), dtype=a.dtype)
+    for nk in prange(N * K):
+        n = nk // K
+        k = nk % K
+        for p in range(P):
+            out[n, k, p] = a[k, n * P + p]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def nk_to_kn(a):
+    """(N, K, P) -> (K, N*P): grad_y into the GEMM layout of cols."""
+    N, K, P = a.shape
+    out = np.empty((K, N * P), dtype=a.dtype)
+    for nk in prange(N * K):
+        n = nk // K
+        k = nk % K
+        for p in range(P):
+            out[k, n * P + p] = a[n, k, p]
+    return out

@@ -1,0 +1,95 @@
+"""The CPU backend: the op signatures every backend module shares, on top of the @njit kernels.
+
+Each function takes arrays already validated (C-contiguous, native float32/float64, same dtype)
+and a geometry from ``fastconv.shapes``; it returns new arrays in the input dtype.
+
+Notation: x (N, C, H, W), w (K, CG, KH, KW), y / gy (N, K, OH, OW), P = OH*OW, CG = C/G, KG = K/G.
+"""
+
+import numpy as np
+
+from . import direct, im2col, pool
+
+ALGORITHMS = ("im2col", "direct")
+
+
+def _im2col(x, g):
+    return im2col.im2col(x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+
+
+def conv2d(x, w, b, g, algorithm):
+    """Forward convolution. b may be None. Returns y (N, K, OH, OW)."""
+    if algorithm == "direct":
+        bias = np.zeros(g.K, x.dtype) if b is None else b
+        return direct.conv2d_forward(x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    cols = _im2col(x, g)  # (C*KH*KW, N*P)
+    wm = w.reshape(g.G, g.KG, R)
+    if g.G == 1:
+        ym = wm[0] @ cols  # (K, R) @ (R, N*P)
+    else:
+        ym = np.empty((g.K, g.N * P), x.dtype)
+        for gi in range(g.G):  # (KG, R) @ (R, N*P) per group
+            np.matmul(wm[gi], cols[gi * R : (gi + 1) * R], out=ym[gi * g.KG : (gi + 1) * g.KG])
+    y = im2col.kn_to_nk(ym, g.N, g.K, P)  # (K, N*P) -> (N, K, P)
+    if b is not None:
+        y += b[None, :, None]
+    return y.reshape(g.y_shape)
+
+
+def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
+    """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x may be None
+    when only grad_x is asked for."""
+    need_x, need_w, need_b = mask
+    gb = gy.sum(axis=(0, 2, 3)) if need_b else None
+    if algorithm == "direct":
+        gx = gw = None
+        if need_x:
+            gx = direct.conv2d_backward_data(
+                gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+            )
+        if need_w:
+            gw = direct.conv2d_backward_filter(
+                gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+            )
+        return gx, gw, gb
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    gym = im2col.nk_to_kn(gy.reshape(g.N, g.K, P))  # (K, N*P)
+    wm = w.reshape(g.G, g.KG, R)
+    gx = gw = None
+    if need_w:
+        cols = _im2col(x, g)  # (C*KH*KW, N*P)
+        gwm = np.empty((g.G, g.KG, R), x.dtype)
+        for gi in range(g.G):  # (KG, N*P) @ (N*P, R)
+            ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
+            np.matmul(gym[ks], cols[rs].T, out=gwm[gi])
+        gw = gwm.reshape(g.w_shape)
+    if need_x:
+        gcols = np.empty((g.C * g.KH * g.KW, g.N * P), gy.dtype)
+        for gi in range(g.G):  # (R, KG) @ (KG, N*P)
+            ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
+            np.matmul(wm[gi].T, gym[ks], out=gcols[rs])
+        gx = im2col.col2im(
+            gcols, g.N, g.C, g.H, g.W, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw
+        )
+    return gx, gw, gb
+
+
+def max_pool2d(x, g):
+    return pool.max_pool2d_forward(x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+
+
+def max_pool2d_backward(gy, x, g):
+    return pool.max_pool2d_backward(gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
+
+
+def avg_pool2d(x, g):
+    return pool.avg_pool2d_forward(
+        x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
+    )
+
+
+def avg_pool2d_backward(gy, x, g):
+    return pool.avg_pool2d_backward(
+        gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
+    )
