@@ -157,3 +157,97 @@ def avg_pool2d_backward(
         div = padded_count if g.count_include_pad else nr * nc
         gx[:, :, rows, cols] += (gy[:, :, oh, ow] / div)[:, :, None, None]
     return gx.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- layers' other math
+# Oracles for the non-convolution ops a training step needs. Same rules: float64 inside, result
+# in the input dtype, written from the definition.
+
+
+def relu(x):
+    return np.maximum(x.astype(np.float64), 0.0).astype(x.dtype)
+
+
+def relu_backward(grad_y, x):
+    """d relu / dx = 1 where x > 0, else 0 (0 at x == 0, as in PyTorch)."""
+    return (grad_y.astype(np.float64) * (x > 0)).astype(x.dtype)
+
+
+def leaky_relu(x, negative_slope=0.01):
+    x64 = x.astype(np.float64)
+    return np.where(x64 > 0, x64, negative_slope * x64).astype(x.dtype)
+
+
+def leaky_relu_backward(grad_y, x, negative_slope=0.01):
+    return (grad_y.astype(np.float64) * np.where(x > 0, 1.0, negative_slope)).astype(x.dtype)
+
+
+def sigmoid(x):
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(x.dtype)
+
+
+def sigmoid_backward(grad_y, y):
+    """From the output y = sigmoid(x): dy/dx = y (1 - y)."""
+    y64 = y.astype(np.float64)
+    return (grad_y.astype(np.float64) * y64 * (1.0 - y64)).astype(y.dtype)
+
+
+def tanh(x):
+    return np.tanh(x.astype(np.float64)).astype(x.dtype)
+
+
+def tanh_backward(grad_y, y):
+    """From the output y = tanh(x): dy/dx = 1 - y^2."""
+    y64 = y.astype(np.float64)
+    return (grad_y.astype(np.float64) * (1.0 - y64 * y64)).astype(y.dtype)
+
+
+def linear(x, weight, bias=None):
+    """y = x @ weight.T + bias. Shape: x (N, F), weight (O, F), bias (O,) -> (N, O)."""
+    y = x.astype(np.float64) @ weight.astype(np.float64).T
+    if bias is not None:
+        y += bias.astype(np.float64)
+    return y.astype(x.dtype)
+
+
+def linear_backward(grad_y, x, weight):
+    """(grad_x, grad_weight, grad_bias) = (gy @ W, gy.T @ x, gy summed over the batch)."""
+    gy, x64, w64 = grad_y.astype(np.float64), x.astype(np.float64), weight.astype(np.float64)
+    return (gy @ w64).astype(x.dtype), (gy.T @ x64).astype(x.dtype), gy.sum(0).astype(x.dtype)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy and its gradient: (loss as float, grad_logits).
+
+    loss = mean_n( logsumexp(z_n) - z_n[label_n] ); grad = (softmax(z) - onehot(label)) / N.
+    Shape: logits (N, classes), labels (N,) integers in [0, classes).
+    """
+    z = logits.astype(np.float64)
+    n = z.shape[0]
+    m = z.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
+    loss = float(np.mean(lse - z[np.arange(n), labels]))
+    grad = np.exp(z - lse[:, None])
+    grad[np.arange(n), labels] -= 1.0
+    return loss, (grad / n).astype(logits.dtype)
+
+
+def sgd_update(p, grad, buf, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+               nesterov=False, first=True):
+    """PyTorch's SGD step on copies: returns (new p, new momentum buffer)."""
+    g = grad.astype(np.float64) + weight_decay * p.astype(np.float64)
+    b = buf.astype(np.float64)
+    if momentum != 0.0:
+        b = g.copy() if first else momentum * b + (1.0 - dampening) * g
+        g = g + momentum * b if nesterov else b
+    return (p.astype(np.float64) - lr * g).astype(p.dtype), b.astype(p.dtype)
+
+
+def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """PyTorch's Adam step (L2 weight decay, bias-corrected) on copies: (p, m, v). step >= 1."""
+    g = grad.astype(np.float64) + weight_decay * p.astype(np.float64)
+    m = beta1 * m.astype(np.float64) + (1.0 - beta1) * g
+    v = beta2 * v.astype(np.float64) + (1.0 - beta2) * g * g
+    mhat, vhat = m / (1.0 - beta1**step), v / (1.0 - beta2**step)
+    p = p.astype(np.float64) - lr * mhat / (np.sqrt(vhat) + eps)
+    return p.astype(grad.dtype), m.astype(grad.dtype), v.astype(grad.dtype)
