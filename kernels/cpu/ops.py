@@ -55,7 +55,6 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
         return gx, gw, gb
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     gym = im2col.nk_to_kn(gy.reshape(g.N, g.K, P))  # (K, N*P)
-    wm = w.reshape(g.G, g.KG, R)
     gx = gw = None
     if need_w:
         cols = _im2col(x, g)  # (C*KH*KW, N*P)
@@ -65,6 +64,7 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
             np.matmul(gym[ks], cols[rs].T, out=gwm[gi])
         gw = gwm.reshape(g.w_shape)
     if need_x:
+        wm = w.reshape(g.G, g.KG, R)
         gcols = np.empty((g.C * g.KH * g.KW, g.N * P), gy.dtype)
         for gi in range(g.G):  # (R, KG) @ (KG, N*P)
             ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)

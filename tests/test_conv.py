@@ -1,0 +1,178 @@
+"""Every CPU convolution algorithm against the oracle: random configurations and named edge cases."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import reference
+from tests.helpers import DTYPES, assert_close, check_op
+from tests.strategies import arrays, conv_configs
+
+ALGOS = ("im2col", "direct")
+
+
+def _params(cfg):
+    return {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+def _check(cfg, dtype, algorithm, seed=0, with_bias=True):
+    rng = np.random.default_rng(seed)
+    x, w, b = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    b = b if with_bias else None
+    p = _params(cfg)
+    check_op(
+        lambda x, w, b: fc.conv2d(x, w, b, **p, backend="cpu", algorithm=algorithm),
+        lambda x, w, b: reference.conv2d(x, w, b, **p),
+        (x, w, b),
+        grads=lambda gy, x, w, b: fc.conv2d_backward(gy, x, w, **p, backend="cpu", algorithm=algorithm),
+        expected_grads=lambda gy, x, w, b: reference.conv2d_backward(gy, x, w, **p),
+    )
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_conv2d_random(algorithm, cfg, dtype, seed):
+    _check(cfg, dtype, algorithm, seed)
+
+
+NAMED = {
+    "lenet_conv1": dict(x_shape=(2, 1, 28, 28), w_shape=(6, 1, 5, 5), stride=1, padding=2,
+                        dilation=1, groups=1),
+    "batch1_odd": dict(x_shape=(1, 3, 7, 5), w_shape=(5, 3, 3, 3), stride=1, padding=0,
+                       dilation=1, groups=1),
+    "1x1": dict(x_shape=(2, 4, 5, 6), w_shape=(3, 4, 1, 1), stride=1, padding=0, dilation=1,
+                groups=1),
+    "non_square": dict(x_shape=(2, 2, 9, 7), w_shape=(3, 2, 2, 5), stride=(1, 2), padding=(1, 2),
+                       dilation=1, groups=1),
+    "stride_gt_kernel": dict(x_shape=(2, 2, 11, 10), w_shape=(3, 2, 2, 2), stride=(4, 3),
+                             padding=1, dilation=1, groups=1),
+    "dilation": dict(x_shape=(1, 2, 10, 12), w_shape=(2, 2, 3, 3), stride=1, padding=2,
+                     dilation=(2, 3), groups=1),
+    "depthwise": dict(x_shape=(2, 6, 8, 8), w_shape=(6, 1, 3, 3), stride=1, padding=1,
+                      dilation=1, groups=6),
+    "depthwise_multiplier": dict(x_shape=(1, 3, 6, 6), w_shape=(6, 1, 3, 3), stride=2,
+                                 padding=1, dilation=1, groups=3),
+    "groups": dict(x_shape=(2, 6, 7, 7), w_shape=(4, 3, 3, 3), stride=1, padding=1, dilation=1,
+                   groups=2),
+    "same_even_kernel": dict(x_shape=(1, 2, 6, 7), w_shape=(3, 2, 4, 2), stride=1,
+                             padding="same", dilation=1, groups=1),
+    "same_dilated": dict(x_shape=(1, 2, 6, 7), w_shape=(3, 2, 3, 2), stride=1, padding="same",
+                         dilation=(2, 3), groups=1),
+    "valid": dict(x_shape=(2, 3, 6, 6), w_shape=(2, 3, 3, 3), stride=1, padding="valid",
+                  dilation=1, groups=1),
+    "kernel_equals_padded_input": dict(x_shape=(1, 1, 3, 3), w_shape=(1, 1, 5, 5), stride=1,
+                                       padding=1, dilation=1, groups=1),
+    "padding_larger_than_kernel": dict(x_shape=(1, 1, 4, 4), w_shape=(2, 1, 2, 2), stride=2,
+                                       padding=3, dilation=1, groups=1),
+}
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_conv2d_named(name, dtype, algorithm):
+    _check(NAMED[name], dtype, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_conv2d_no_bias(algorithm):
+    _check(NAMED["groups"], np.float64, algorithm, with_bias=False)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_input_and_weight_alone(algorithm, dtype):
+    cfg = NAMED["non_square"]
+    p = _params(cfg)
+    rng = np.random.default_rng(3)
+    x, w = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"])
+    gy = rng.standard_normal(reference.conv2d(x, w, **p).shape).astype(dtype)
+    gx_ref, gw_ref, _ = reference.conv2d_backward(gy, x, w, **p)
+    kw = dict(**p, backend="cpu", algorithm=algorithm)
+    assert_close(fc.conv2d_backward_input(gy, x.shape, w, **kw), gx_ref, dtype)
+    assert_close(fc.conv2d_backward_weight(gy, x, w.shape, **kw), gw_ref, dtype)
+    gx, gw, gb = fc.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))
+    assert gx is None and gb is None
+    assert_close(gw, gw_ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv_transpose2d_matches_torch_definition(backend):
+    """conv_transpose2d is the adjoint of conv2d: <conv(a), b> == <a, conv_t(b)>, and its output
+    size follows PyTorch's formula; its backward matches finite-free adjoint identities."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 5, 6))  # (N, C_in, H, W) of the transposed conv
+    w = rng.standard_normal((4, 3, 3, 2))  # (C_in, C_out/groups, KH, KW), groups=1
+    b = rng.standard_normal(3)
+    p = dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2), groups=1, dilation=(1, 2))
+    y = fc.conv_transpose2d(x, w, b, **p, backend=backend)
+    assert y.shape == (2, 3, (5 - 1) * 2 - 2 + 2 + 1 + 1, (6 - 1) * 3 - 0 + 2 * 1 + 2 + 1)
+    z = rng.standard_normal(y.shape)
+    conv = dict(stride=(2, 3), padding=(1, 0), dilation=(1, 2), groups=1)
+    lhs = np.sum(reference.conv2d(z, w, **conv) * x)  # <conv(z), x>
+    rhs = np.sum((y - b[None, :, None, None]) * z)  # <z, conv_t(x)>
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
+    gy = rng.standard_normal(y.shape)
+    gx, gw, gb = fc.conv_transpose2d_backward(gy, x, w, **p, backend=backend)
+    assert_close(gx, reference.conv2d(gy, w, **conv))
+    assert_close(gw, reference.conv2d_backward(x, gy, w, **conv)[1])
+    assert_close(gb, gy.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_non_contiguous_and_byteswapped_inputs(algorithm):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 9, 16))[:, :, :, ::2]  # non-contiguous view
+    w = rng.standard_normal((4, 3, 3, 3)).astype(">f8")  # big-endian
+    y = fc.conv2d(x, w, padding=1, backend="cpu", algorithm=algorithm)
+    assert y.dtype == np.float64 and y.dtype.isnative
+    assert_close(y, reference.conv2d(np.ascontiguousarray(x), w.astype("<f8"), padding=1))
+    xt = rng.standard_normal((2, 9, 8, 3)).transpose(0, 3, 1, 2)  # NHWC memory viewed as NCHW
+    assert_close(fc.conv2d(xt, w, backend="cpu", algorithm=algorithm), reference.conv2d(xt, w))
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_nan_and_inf_propagate(algorithm):
+    x = np.ones((1, 1, 5, 5))
+    x[0, 0, 2, 2] = np.nan
+    x[0, 0, 0, 0] = np.inf
+    w = np.ones((1, 1, 3, 3))
+    y = fc.conv2d(x, w, backend="cpu", algorithm=algorithm)
+    y_ref = reference.conv2d(x, w)
+    assert np.isnan(y).all() and np.isnan(y_ref).all()  # every 3x3 window sees the centre NaN
+    y2 = fc.conv2d(x[:, :, :2, :], w[:, :, :2, :], backend="cpu", algorithm=algorithm)
+    assert np.isinf(y2[0, 0, 0, 0]) and np.isfinite(y2[0, 0, 0, 1:]).all()
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((2, 2, 6, 6)), rng.standard_normal((3, 2, 3, 3))
+    x0, w0 = x.copy(), w.copy()
+    for algorithm in ALGOS:
+        y = fc.conv2d(x, w, padding=1, backend="cpu", algorithm=algorithm)
+        fc.conv2d_backward(np.ones_like(y), x, w, padding=1, backend="cpu", algorithm=algorithm)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(w, w0)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_backward_is_deterministic(algorithm):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((4, 6, 12, 12)).astype(np.float32), rng.standard_normal(
+        (8, 6, 3, 3)
+    ).astype(np.float32)
+    gy = rng.standard_normal((4, 8, 12, 12)).astype(np.float32)
+    runs = [fc.conv2d_backward(gy, x, w, padding=1, backend="cpu", algorithm=algorithm)
+            for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_auto_matches_oracle():
+    rng = np.random.default_rng(8)
+    for cfg in NAMED.values():
+        x, w = arrays(rng, np.float64, cfg["x_shape"], cfg["w_shape"])
+        assert_close(fc.conv2d(x, w, **_params(cfg)), reference.conv2d(x, w, **_params(cfg)))

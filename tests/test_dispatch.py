@@ -1,0 +1,99 @@
+"""The dispatcher is one pure function: tested here without running any kernel."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import dispatch, shapes
+from fastconv.dispatch import Choice, select
+
+LENET_C1 = shapes.conv2d_geometry("t", (64, 1, 28, 28), (6, 1, 5, 5), 1, 2)
+LENET_C2 = shapes.conv2d_geometry("t", (64, 6, 14, 14), (16, 6, 5, 5))
+DEPTHWISE = shapes.conv2d_geometry("t", (8, 32, 14, 14), (32, 1, 3, 3), groups=32)
+POOL = shapes.pool2d_geometry("t", (8, 6, 28, 28), 2)
+
+
+def test_auto_is_cpu_for_host_and_cuda_for_device():
+    assert select("conv2d", LENET_C2).backend == "cpu"
+    assert select("conv2d", LENET_C2, on_device=True).backend == "cuda"
+
+
+def test_documented_cpu_heuristic():
+    assert select("conv2d", LENET_C2) == Choice("cpu", "im2col")  # 6*5*5 = 150 >= 8, K=16
+    assert select("conv2d", DEPTHWISE) == Choice("cpu", "direct")  # K/G = 1 < 4
+    assert select("conv2d", LENET_C1) == Choice("cpu", "im2col")  # 1*5*5 = 25
+    one_by_one = shapes.conv2d_geometry("t", (2, 3, 5, 5), (16, 3, 1, 1))
+    assert select("conv2d", one_by_one).algorithm == "direct"  # 3*1*1 = 3 < 8
+    assert select("conv2d_backward", LENET_C2).algorithm == "im2col"
+
+
+def test_explicit_choices_win():
+    assert select("conv2d", LENET_C2, backend="cpu", algorithm="direct") == Choice("cpu", "direct")
+    assert select("conv2d", LENET_C2, backend="reference") == Choice("reference", "reference")
+    assert select("conv2d", LENET_C2, backend="cpu", env_backend="reference").backend == "cpu"
+    ctx = {"backend": "reference", "algorithm": "auto"}
+    assert select("conv2d", LENET_C2, backend="cpu", context=ctx).backend == "cpu"
+
+
+def test_env_and_context_override_auto():
+    assert select("conv2d", LENET_C2, env_backend="reference").backend == "reference"
+    ctx = {"backend": "cpu", "algorithm": "direct"}
+    assert select("conv2d", LENET_C2, env_backend="reference", context=ctx) == Choice(
+        "cpu", "direct"
+    )
+    with pytest.raises(ValueError, match="FASTCONV_BACKEND must be one of"):
+        select("conv2d", LENET_C2, env_backend="gpu")
+
+
+def test_pooling_has_one_algorithm():
+    assert select("max_pool2d", POOL) == Choice("cpu", "direct")
+    with pytest.raises(ValueError, match="pooling has only the 'direct' algorithm"):
+        select("max_pool2d", POOL, algorithm="im2col")
+
+
+def test_device_arrays_need_cuda_backend():
+    with pytest.raises(ValueError, match="backend='cpu' needs host .* CUDA device arrays"):
+        select("conv2d", LENET_C2, backend="cpu", on_device=True)
+
+
+def test_using_context_and_env_reach_the_op(monkeypatch):
+    x, w = np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2))
+    calls = []
+    monkeypatch.setattr(fc.reference, "conv2d", lambda *a, **k: calls.append("ref") or "ref")
+    with fc.using(backend="reference"):
+        assert fc.conv2d(x, w) == "ref"
+    assert fc.conv2d(x, w).shape == (1, 1, 3, 3)
+    monkeypatch.setenv("FASTCONV_BACKEND", "reference")
+    assert fc.conv2d(x, w) == "ref"
+    assert isinstance(fc.conv2d(x, w, backend="cpu"), np.ndarray)
+    assert calls == ["ref", "ref"]
+
+
+def test_cuda_backend_without_gpu_is_a_clear_error():
+    """In a fresh process without a GPU (and without the simulator), 'cuda' explains itself, 'auto'
+    stays on the CPU, and importing fastconv never imports numba.cuda."""
+    code = (
+        "import sys, numpy as np, fastconv as fc\n"
+        "assert 'numba.cuda' not in sys.modules, 'import initialised CUDA'\n"
+        "x, w = np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2))\n"
+        "fc.conv2d(x, w)\n"
+        "assert 'numba.cuda' not in sys.modules, 'the CPU path imported numba.cuda'\n"
+        "try:\n"
+        "    fc.conv2d(x, w, backend='cuda')\n"
+        "    print('CUDA-RAN')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+        "from numba import cuda\n"
+        "print('GPU' if cuda.is_available() else 'NOGPU')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip().endswith("NOGPU"):
+        assert "ERR conv2d: backend='cuda' is not available" in out.stdout
+    else:
+        assert "CUDA-RAN" in out.stdout

@@ -1,0 +1,113 @@
+"""CPU pooling kernels against the oracle: random configurations and named edge cases."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import reference
+from tests.helpers import DTYPES, assert_close, check_op
+from tests.strategies import pool_configs
+
+
+def _check(kind, cfg, dtype, seed=0, x=None, **extra):
+    rng = np.random.default_rng(seed)
+    if x is None:
+        x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
+    p = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
+             ceil_mode=cfg.get("ceil_mode", False), **extra)
+    fwd, bwd = getattr(fc, f"{kind}_pool2d"), getattr(fc, f"{kind}_pool2d_backward")
+    rfwd, rbwd = getattr(reference, f"{kind}_pool2d"), getattr(reference, f"{kind}_pool2d_backward")
+    check_op(
+        lambda x: fwd(x, **p, backend="cpu"),
+        lambda x: rfwd(x, **p),
+        (x,),
+        grads=lambda gy, x: bwd(gy, x, **p, backend="cpu"),
+        expected_grads=lambda gy, x: rbwd(gy, x, **p),
+    )
+
+
+@given(cfg=pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_max_pool_random(cfg, dtype, seed):
+    _check("max", cfg, dtype, seed)
+
+
+@given(cfg=pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       count_include_pad=st.booleans())
+def test_avg_pool_random(cfg, dtype, seed, count_include_pad):
+    _check("avg", cfg, dtype, seed, count_include_pad=count_include_pad)
+
+
+NAMED = {
+    "lenet_2x2": dict(x_shape=(2, 6, 28, 28), kernel_size=2, stride=None, padding=0),
+    "batch1_odd": dict(x_shape=(1, 3, 7, 5), kernel_size=2, stride=None, padding=0),
+    "overlap_3s2p1": dict(x_shape=(2, 2, 9, 9), kernel_size=3, stride=2, padding=1),
+    "non_square": dict(x_shape=(1, 2, 8, 9), kernel_size=(2, 3), stride=(1, 2), padding=(1, 1)),
+    "stride_gt_kernel": dict(x_shape=(1, 1, 10, 10), kernel_size=2, stride=3, padding=0),
+    "1x1": dict(x_shape=(2, 2, 4, 4), kernel_size=1, stride=1, padding=0),
+    "ceil_mode": dict(x_shape=(1, 2, 7, 7), kernel_size=3, stride=2, padding=1, ceil_mode=True),
+    "whole_input": dict(x_shape=(2, 3, 5, 4), kernel_size=(5, 4), stride=1, padding=0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(NAMED))
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_named(kind, name, dtype):
+    _check(kind, NAMED[name], dtype)
+    if kind == "avg":
+        _check(kind, NAMED[name], dtype, count_include_pad=False)
+
+
+def test_max_pool_ties_go_to_first_maximum():
+    x = np.zeros((1, 1, 4, 4))  # every window is all ties
+    gy = np.arange(1.0, 5.0).reshape(1, 1, 2, 2)
+    gx = fc.max_pool2d_backward(gy, x, 2, backend="cpu")
+    expected = np.zeros((1, 1, 4, 4))
+    expected[0, 0, ::2, ::2] = gy[0, 0]  # top-left of each window
+    np.testing.assert_array_equal(gx, expected)
+    np.testing.assert_array_equal(reference.max_pool2d_backward(gy, x, 2), expected)
+
+
+def test_max_pool_overlapping_windows_accumulate():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 5.0  # the centre is the maximum of all four 2x2 windows
+    gx = fc.max_pool2d_backward(np.ones((1, 1, 2, 2)), x, 2, stride=1, backend="cpu")
+    assert gx[0, 0, 1, 1] == 4.0 and gx.sum() == 4.0
+
+
+def test_max_pool_nan_wins_and_all_minus_inf():
+    x = np.full((1, 1, 2, 4), -np.inf)
+    x[0, 0, 1, 0] = np.nan
+    x[0, 0, 0, 1] = 3.0
+    for fwd, bwd in ((fc.max_pool2d, fc.max_pool2d_backward),
+                     (reference.max_pool2d, reference.max_pool2d_backward)):
+        kw = {"backend": "cpu"} if fwd is fc.max_pool2d else {}
+        y = fwd(x, 2, **kw)
+        assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == -np.inf
+        gx = bwd(np.ones((1, 1, 1, 2)), x, 2, **kw)
+        assert gx[0, 0, 1, 0] == 1.0  # the NaN gets the gradient, not the 3.0
+        assert gx[0, 0, 0, 2] == 1.0  # all -inf: the first element of the window
+        assert gx.sum() == 2.0
+
+
+def test_max_pool_padding_never_wins():
+    x = -np.ones((1, 1, 3, 3))  # all negative: the -inf padding must not be picked
+    y = fc.max_pool2d(x, 3, stride=1, padding=1, backend="cpu")
+    np.testing.assert_array_equal(y, -np.ones((1, 1, 3, 3)))
+
+
+def test_avg_pool_divisor_matches_pytorch_rule():
+    x = np.ones((1, 1, 3, 3))
+    inc = fc.avg_pool2d(x, 2, stride=2, padding=1, backend="cpu")
+    exc = fc.avg_pool2d(x, 2, stride=2, padding=1, count_include_pad=False, backend="cpu")
+    np.testing.assert_allclose(inc[0, 0], [[0.25, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(exc[0, 0], np.ones((2, 2)))
+
+
+def test_pool_non_contiguous_input():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 8, 3)).transpose(0, 3, 1, 2)
+    assert_close(fc.max_pool2d(x, 2, backend="cpu"), reference.max_pool2d(x, 2))
+    assert_close(fc.avg_pool2d(x, 3, 1, 1, backend="cpu"), reference.avg_pool2d(x, 3, 1, 1))
