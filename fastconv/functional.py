@@ -300,3 +300,401 @@ def avg_pool2d_backward(
     """
     return _pool("avg_pool2d_backward", "avg_pool2d_backward", x, grad_y, kernel_size, stride,
                  padding, ceil_mode, count_include_pad, backend)
+
+
+# ---- layers' other math
+# Activations, linear, losses, dropout, batch norm, 1-D convolution and optimizer updates. Same
+# pattern as above: validate (shapes) -> choose (dispatch; these ops have no algorithm choice)
+# -> run the backend module's op of the same name. Optimizer updates work in place.
+
+
+def _run(op: str, backend: str, fn: str, *arrays: Any):
+    """The callable implementing ``fn`` for these arrays: the oracle or a backend module's op."""
+    be, _ = dispatch.choose(op, None, backend, "auto", _on_device(*arrays))
+    if be == "reference":
+        return getattr(reference, fn)
+    impl = getattr(dispatch.backend_ops(op, be), fn, None)
+    if impl is None:
+        raise NotImplementedError(f"{op}: the {be!r} backend does not implement {fn} yet")
+    return impl
+
+
+def relu(x: Array, *, backend: str = "auto") -> Array:
+    """max(x, 0), elementwise. Shape: any -> same."""
+    (x,) = shapes.check_elementwise("relu", x=x)
+    return _run("relu", backend, "relu", x)(x)
+
+
+def relu_backward(grad_y: Array, x: Array, *, backend: str = "auto") -> Array:
+    """grad_y where x > 0, else 0 (0 at x == 0, as PyTorch). Shape: grad_y, x (same) -> grad_x."""
+    grad_y, x = shapes.check_elementwise("relu_backward", grad_y=grad_y, x=x)
+    return _run("relu_backward", backend, "relu_backward", grad_y, x)(grad_y, x)
+
+
+def leaky_relu(x: Array, negative_slope: float = 0.01, *, backend: str = "auto") -> Array:
+    """x where x > 0, else negative_slope * x. Shape: any -> same."""
+    (x,) = shapes.check_elementwise("leaky_relu", x=x)
+    slope = shapes.check_number("leaky_relu", "negative_slope", negative_slope)
+    impl = _run("leaky_relu", backend, "leaky_relu", x)
+    return impl(x, slope)
+
+
+def leaky_relu_backward(
+    grad_y: Array, x: Array, negative_slope: float = 0.01, *, backend: str = "auto"
+) -> Array:
+    """grad_y where x > 0, else negative_slope * grad_y. Shape: grad_y, x (same) -> grad_x."""
+    op = "leaky_relu_backward"
+    grad_y, x = shapes.check_elementwise(op, grad_y=grad_y, x=x)
+    slope = shapes.check_number(op, "negative_slope", negative_slope)
+    return _run(op, backend, "leaky_relu_backward", grad_y, x)(grad_y, x, slope)
+
+
+def sigmoid(x: Array, *, backend: str = "auto") -> Array:
+    """1 / (1 + exp(-x)), overflow-free for large |x|. Shape: any -> same."""
+    (x,) = shapes.check_elementwise("sigmoid", x=x)
+    return _run("sigmoid", backend, "sigmoid", x)(x)
+
+
+def sigmoid_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
+    """grad_y * y * (1 - y), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
+    grad_y, y = shapes.check_elementwise("sigmoid_backward", grad_y=grad_y, y=y)
+    return _run("sigmoid_backward", backend, "sigmoid_backward", grad_y, y)(grad_y, y)
+
+
+def tanh(x: Array, *, backend: str = "auto") -> Array:
+    """tanh(x), elementwise. Shape: any -> same."""
+    (x,) = shapes.check_elementwise("tanh", x=x)
+    return _run("tanh", backend, "tanh", x)(x)
+
+
+def tanh_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
+    """grad_y * (1 - y^2), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
+    grad_y, y = shapes.check_elementwise("tanh_backward", grad_y=grad_y, y=y)
+    return _run("tanh_backward", backend, "tanh_backward", grad_y, y)(grad_y, y)
+
+
+def linear(x: Array, weight: Array, bias: Array | None = None, *, backend: str = "auto") -> Array:
+    """Affine map y = x @ weight.T + bias (PyTorch's layout).
+
+    Shape:
+        x (N, in_features), weight (out_features, in_features), bias (out_features,)
+        -> y (N, out_features).
+    """
+    x, weight, bias = shapes.check_linear("linear", x, weight, bias)
+    return _run("linear", backend, "linear", x, weight, bias)(x, weight, bias)
+
+
+def linear_backward(
+    grad_y: Array,
+    x: Array,
+    weight: Array,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    backend: str = "auto",
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients of ``linear``: (grad_x, grad_weight, grad_bias); None where output_mask is False.
+
+    Shape:
+        grad_y (N, out), x (N, in), weight (out, in) -> grad_x (N, in), grad_weight (out, in),
+        grad_bias (out,).
+    """
+    op = "linear_backward"
+    grad_y, x, weight = shapes.check_linear_grad(op, grad_y, x, weight)
+    mask = tuple(bool(m) for m in output_mask)
+    impl = _run(op, backend, "linear_backward", grad_y, x, weight)
+    if impl is reference.linear_backward:
+        return tuple(o if m else None for o, m in zip(impl(grad_y, x, weight), mask, strict=True))
+    return impl(grad_y, x, weight, mask)
+
+
+def cross_entropy(logits: Array, labels: Array, *, backend: str = "auto") -> tuple[float, Array]:
+    """Mean softmax cross-entropy and its gradient, through a numerically stable log-softmax.
+
+    Returns ``(loss, grad_logits)``: loss = mean_n(logsumexp(z_n) - z_n[label_n]) as a Python
+    float, grad_logits = (softmax(z) - onehot(labels)) / N.
+
+    Shape: logits (N, classes), labels (N,) integer class indices -> (float, (N, classes)).
+    """
+    logits, labels = shapes.check_labels("cross_entropy", logits, labels)
+    return _run("cross_entropy", backend, "cross_entropy", logits, labels)(logits, labels)
+
+
+def mse_loss(pred: Array, target: Array, *, backend: str = "auto") -> tuple[float, Array]:
+    """Mean squared error and its gradient: (mean((pred - target)^2), 2 (pred - target) / numel).
+
+    Shape: pred, target (any, same) -> (float, grad_pred like pred).
+    """
+    pred, target = shapes.check_elementwise("mse_loss", pred=pred, target=target)
+    return _run("mse_loss", backend, "mse_loss", pred, target)(pred, target)
+
+
+def dropout(x: Array, keep_mask: Array, scale: float, *, backend: str = "auto") -> Array:
+    """Inverted dropout with a given mask: y = x * keep_mask * scale.
+
+    The backward pass is the same call on grad_y. Callers draw the mask (keep probability
+    1 - p) and pass scale = 1 / (1 - p), so the expected activation is unchanged.
+
+    Shape: x (any), keep_mask (x's shape; bool or x's dtype) -> y (x's shape).
+    """
+    op = "dropout"
+    (x,) = shapes.check_elementwise(op, x=x)
+    keep_mask = shapes.check_keep_mask(op, keep_mask, x)
+    scale = shapes.check_number(op, "scale", scale, lo=0.0)
+    return _run(op, backend, "dropout", x, keep_mask)(x, keep_mask, scale)
+
+
+def batch_norm2d(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> tuple[Array, Array, Array]:
+    """Batch normalisation per channel (PyTorch's semantics).
+
+    In training the batch statistics (biased variance) normalise x and the running statistics,
+    if given, are updated IN PLACE with the unbiased variance: r = (1 - momentum) r + momentum
+    * batch. In evaluation the running statistics normalise x.
+
+    Returns ``(y, save_mean, save_invstd)``; the last two feed ``batch_norm2d_backward``.
+
+    Shape:
+        x (N, C, H, W), running_mean/running_var/weight/bias (C,) -> y (N, C, H, W),
+        save_mean (C,), save_invstd (C,).
+    """
+    op = "batch_norm2d"
+    x = shapes.check_batch_norm2d(op, x, training, running_mean, running_var)
+    vec = shapes.check_channel_vectors(
+        op, x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    momentum = shapes.check_number(op, "momentum", momentum, lo=0.0, hi=1.0)
+    eps = shapes.check_number(op, "eps", eps, lo=0.0, lo_open=True)
+    if training:
+        for name, given in (("running_mean", running_mean), ("running_var", running_var)):
+            if isinstance(given, np.ndarray) and vec[name] is not given:
+                # check_array had to copy it, so the in-place update would be lost
+                raise ValueError(
+                    f"{op}: {name} is updated in place and must be a C-contiguous, "
+                    f"native-byte-order array"
+                )
+    impl = _run(op, backend, "batch_norm2d", x, vec["weight"], vec["running_mean"])
+    return impl(x, vec["weight"], vec["bias"], vec["running_mean"], vec["running_var"],
+                bool(training), momentum, eps)
+
+
+def batch_norm2d_backward(
+    grad_y: Array,
+    x: Array,
+    weight: Array | None,
+    save_mean: Array,
+    save_invstd: Array,
+    training: bool = True,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    backend: str = "auto",
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients of ``batch_norm2d``: (grad_x, grad_weight, grad_bias); None where masked.
+
+    ``training`` must match the forward call: in training the batch statistics depend on x,
+    which adds two terms to grad_x.
+
+    Shape: grad_y, x (N, C, H, W); weight/save_mean/save_invstd (C,) -> (N, C, H, W), (C,), (C,).
+    """
+    op = "batch_norm2d_backward"
+    x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
+    grad_y = shapes.check_grad(op, grad_y, shapes._shape_of(x), "batch_norm2d")
+    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
+    shapes.check_same_place(op, grad_y=grad_y, x=x)
+    vec = shapes.check_channel_vectors(
+        op, x, weight=weight, save_mean=save_mean, save_invstd=save_invstd
+    )
+    if save_mean is None or save_invstd is None:
+        raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
+    mask = tuple(bool(m) for m in output_mask)
+    impl = _run(op, backend, "batch_norm2d_backward", grad_y, x)
+    return impl(grad_y, x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training),
+                mask)
+
+
+def flatten(x: Array) -> Array:
+    """Keep the batch dimension, merge the rest (a view where possible).
+
+    Shape: x (N, d1, d2, ...) -> (N, d1*d2*...).
+    """
+    if not (isinstance(x, np.ndarray) or shapes.is_device_array(x)):
+        raise TypeError(
+            f"flatten: x must be a NumPy array or a CUDA device array; got {type(x).__name__}"
+        )
+    if len(x.shape) < 1:
+        raise ValueError(f"flatten: x must have a batch dimension; got x.shape={tuple(x.shape)}")
+    n = int(x.shape[0])
+    rest = int(np.prod(x.shape[1:], dtype=np.int64))
+    return x.reshape(n, rest)
+
+
+def _conv1d_args(op, x, weight, stride, padding, dilation):
+    x = shapes.check_array(op, "x", x, 3, "(N, C, L)")
+    weight = shapes.check_array(op, "weight", weight, 3, "(K, C/groups, KL)")
+    (s,) = _single(op, "stride", stride, 1)
+    (d,) = _single(op, "dilation", dilation, 1)
+    p = padding if isinstance(padding, str) else (0, _single(op, "padding", padding, 0)[0])
+    x4 = x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])
+    w4 = weight.reshape(weight.shape[0], weight.shape[1], 1, weight.shape[2])
+    return x4, w4, (1, s), p, (1, d)
+
+
+def _single(op: str, name: str, value: Any, minimum: int) -> tuple[int]:
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    return (shapes.pair(op, name, value, minimum=minimum)[0],)
+
+
+def conv1d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: int = 1,
+    padding: int | str = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    *,
+    backend: str = "auto",
+    algorithm: str = "auto",
+) -> Array:
+    """1-D convolution, computed as ``conv2d`` on a height-1 image (same semantics as PyTorch).
+
+    Shape:
+        x (N, C, L), weight (K, C/groups, KL), bias (K,) -> y (N, K, OL),
+        OL = floor((L + 2*p - d*(KL-1) - 1) / s) + 1.
+    """
+    x4, w4, s, p, d = _conv1d_args("conv1d", x, weight, stride, padding, dilation)
+    shapes.conv2d_geometry("conv1d", x4.shape, w4.shape, s, p, d, groups)  # errors named conv1d
+    y = conv2d(x4, w4, bias, s, p, d, groups, backend=backend, algorithm=algorithm)
+    return y.reshape(y.shape[0], y.shape[1], y.shape[3])
+
+
+def conv1d_backward(
+    grad_y: Array,
+    x: Array,
+    weight: Array,
+    stride: int = 1,
+    padding: int | str = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    *,
+    backend: str = "auto",
+    algorithm: str = "auto",
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients of ``conv1d``: (grad_x, grad_weight, grad_bias), via ``conv2d_backward``.
+
+    Shape: grad_y (N, K, OL), x (N, C, L), weight (K, C/groups, KL) -> x's, weight's, (K,).
+    """
+    op = "conv1d_backward"
+    x4, w4, s, p, d = _conv1d_args(op, x, weight, stride, padding, dilation)
+    g = shapes.conv2d_geometry(op, x4.shape, w4.shape, s, p, d, groups)
+    grad_y = shapes.check_array(op, "grad_y", grad_y, 3, "(N, K, OL)")
+    expected = (g.N, g.K, g.OW)
+    if tuple(int(v) for v in grad_y.shape) != expected:
+        raise ValueError(
+            f"{op}: grad_y must have the conv1d output shape {expected}; "
+            f"got grad_y.shape={tuple(grad_y.shape)}"
+        )
+    gy4 = grad_y.reshape(g.N, g.K, 1, g.OW)
+    gx, gw, gb = conv2d_backward(gy4, x4, w4, s, p, d, groups, backend=backend,
+                                 algorithm=algorithm, output_mask=output_mask)
+    if gx is not None:
+        gx = gx.reshape(x.shape)
+    if gw is not None:
+        gw = gw.reshape(weight.shape)
+    return gx, gw, gb
+
+
+def sgd_update(
+    p: Array,
+    grad: Array,
+    buf: Array | None,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    first: bool = True,
+    *,
+    backend: str = "auto",
+) -> None:
+    """One SGD step with PyTorch's rule, IN PLACE on p and buf (``torch.optim.SGD``).
+
+    g = grad + weight_decay * p; with momentum, buf = g on the first step, else
+    buf = momentum * buf + (1 - dampening) * g; g = g + momentum * buf (nesterov) or buf;
+    p -= lr * g. ``buf`` may be None when momentum == 0.
+
+    Shape: p, grad, buf (any, same).
+    """
+    op = "sgd_update"
+    lr = shapes.check_number(op, "lr", lr, lo=0.0)
+    momentum = shapes.check_number(op, "momentum", momentum, lo=0.0)
+    dampening = shapes.check_number(op, "dampening", dampening)
+    weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
+    if momentum != 0 and buf is None:
+        raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer (buf is None)")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening == 0; "
+                         f"got momentum={momentum}, dampening={dampening}")
+    grad = shapes.check_update(op, p, grad, buf=buf if momentum != 0 else None)
+    impl = _run(op, backend, "sgd_update", p, grad)
+    args = (lr, momentum, dampening, weight_decay, bool(nesterov), bool(first))
+    if impl is reference.sgd_update:
+        new_p, new_buf = impl(p, grad, p if buf is None else buf, *args)
+        p[...] = new_p
+        if momentum != 0:
+            buf[...] = new_buf
+        return None
+    impl(p, grad, buf, *args)
+    return None
+
+
+def adam_update(
+    p: Array,
+    grad: Array,
+    m: Array,
+    v: Array,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step: int = 1,
+    *,
+    backend: str = "auto",
+) -> None:
+    """One Adam step with PyTorch's rule (L2 weight decay, bias correction), IN PLACE on p, m, v.
+
+    ``step`` counts from 1 (the number of updates including this one).
+
+    Shape: p, grad, m, v (any, same).
+    """
+    op = "adam_update"
+    lr = shapes.check_number(op, "lr", lr, lo=0.0)
+    beta1 = shapes.check_number(op, "beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    beta2 = shapes.check_number(op, "beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    eps = shapes.check_number(op, "eps", eps, lo=0.0)
+    weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
+    if not shapes._is_int(step) or step < 1:
+        raise ValueError(f"{op}: step must be an int >= 1 (updates so far, this one included); "
+                         f"got step={step!r}")
+    if m is None or v is None:
+        raise ValueError(f"{op}: the moment buffers m and v are required")
+    grad = shapes.check_update(op, p, grad, m=m, v=v)
+    impl = _run(op, backend, "adam_update", p, grad)
+    args = (lr, beta1, beta2, eps, weight_decay, int(step))
+    if impl is reference.adam_update:
+        p[...], m[...], v[...] = impl(p, grad, m, v, *args)
+        return None
+    impl(p, grad, m, v, *args)
+    return None

@@ -251,3 +251,71 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     mhat, vhat = m / (1.0 - beta1**step), v / (1.0 - beta2**step)
     p = p.astype(np.float64) - lr * mhat / (np.sqrt(vhat) + eps)
     return p.astype(grad.dtype), m.astype(grad.dtype), v.astype(grad.dtype)
+
+
+def mse_loss(pred, target):
+    """Mean squared error and its gradient: (loss as float, 2 (pred - target) / numel)."""
+    d = pred.astype(np.float64) - target.astype(np.float64)
+    return float(np.mean(d * d)), (2.0 * d / d.size).astype(pred.dtype)
+
+
+def dropout(x, keep_mask, scale):
+    """Inverted dropout with a given mask: x * keep_mask * scale."""
+    return (x.astype(np.float64) * keep_mask.astype(np.float64) * scale).astype(x.dtype)
+
+
+def batch_norm2d(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    """Batch norm over (N, H, W) per channel: (y, save_mean, save_invstd).
+
+    Training normalises with the batch mean and biased variance and updates the running
+    statistics in place (unbiased variance, PyTorch's momentum rule); evaluation uses them.
+    weight/bias None means 1/0. Shape: x (N, C, H, W), vectors (C,).
+    """
+    x64 = x.astype(np.float64)
+    C = x.shape[1]
+    per_channel = x64.transpose(1, 0, 2, 3).reshape(C, -1)  # (C, N*H*W)
+    if training:
+        mean = per_channel.mean(axis=1)
+        var = ((per_channel - mean[:, None]) ** 2).mean(axis=1)
+        if running_mean is not None:
+            m = per_channel.shape[1]
+            running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+            running_var[...] = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    w = np.ones(C) if weight is None else weight.astype(np.float64)
+    b = np.zeros(C) if bias is None else bias.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x64 - mean[None, :, None, None]) * invstd[None, :, None, None]
+    y = xhat * w[None, :, None, None] + b[None, :, None, None]
+    return y.astype(x.dtype), mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm2d_backward(grad_y, x, weight, save_mean, save_invstd, training=True,
+                          mask=(True, True, True)):
+    """Gradients of ``batch_norm2d``, by the chain rule through mean and variance step by step.
+
+    y = w * xhat + b, xhat = (x - mu) * (var + eps)^-1/2, and in training mu and var are the
+    batch statistics of x: d var / d x_i = 2 (x_i - mu) / M, d mu / d x_i = 1 / M.
+    """
+    gy, x64 = grad_y.astype(np.float64), x.astype(np.float64)
+    C = x.shape[1]
+    M = x.size // C
+    ax = (0, 2, 3)
+
+    def bc(v):
+        return v[None, :, None, None]
+
+    mu, invstd = save_mean.astype(np.float64), save_invstd.astype(np.float64)
+    w = np.ones(C) if weight is None else weight.astype(np.float64)
+    xc = x64 - bc(mu)
+    xhat = xc * bc(invstd)
+    gb, gw = gy.sum(axis=ax), (gy * xhat).sum(axis=ax)
+    gxhat = gy * bc(w)
+    gx = gxhat * bc(invstd)
+    if training:
+        gvar = (gxhat * xc).sum(axis=ax) * -0.5 * invstd**3
+        gmu = -(gxhat * bc(invstd)).sum(axis=ax) + gvar * (-2.0 * xc).sum(axis=ax) / M
+        gx = gx + bc(gvar) * 2.0 * xc / M + bc(gmu) / M
+    out = (gx.astype(x.dtype), gw.astype(x.dtype), gb.astype(x.dtype))
+    return tuple(o if m else None for o, m in zip(out, mask, strict=True))

@@ -379,3 +379,210 @@ def conv_transpose2d_geometry(op, x_shape, w_shape, stride, padding, output_padd
     g = conv2d_geometry(op, (N, C_out, OH, OW), w_shape, (sh, sw), (ph, pw), (dh, dw), groups)
     assert (g.OH, g.OW) == (H, W), (g, x_shape)
     return g
+
+
+# --------------------------------------------------------------------------- layers' other math
+# Checks for activations, linear, losses, dropout, batch norm and optimizer updates. Same rules as
+# above: shapes and dtypes only, except that host label arrays are range-checked (a wrong label
+# would otherwise index out of bounds in a kernel).
+
+INT_KINDS = ("i", "u")
+
+
+def check_float(op: str, name: str, a: Any) -> Any:
+    """A float32/float64 array of any rank (elementwise ops), made C-contiguous on the host."""
+    if not (isinstance(a, np.ndarray) or is_device_array(a)):
+        raise TypeError(
+            f"{op}: {name} must be a NumPy array or a CUDA device array; got {type(a).__name__}"
+        )
+    return check_array(op, name, a, len(a.shape), "array")
+
+
+def check_same_shape(op: str, **arrays: Any) -> None:
+    items = [(k, _shape_of(v)) for k, v in arrays.items() if v is not None]
+    if len({s for _, s in items}) > 1:
+        desc = ", ".join(f"{k}.shape={s}" for k, s in items)
+        raise ValueError(f"{op}: inputs must have the same shape; got {desc}")
+
+
+def check_elementwise(op: str, **arrays: Any) -> list:
+    """Float arrays of one shape, dtype and placement; returned in the order given."""
+    out = {k: check_float(op, k, v) for k, v in arrays.items()}
+    check_same_dtype(op, **out)
+    check_same_place(op, **out)
+    check_same_shape(op, **out)
+    return list(out.values())
+
+
+def check_number(
+    op: str, name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+    lo_open: bool = False, hi_open: bool = False,
+) -> float:
+    """A real number inside [lo, hi] (open ends where asked); returns it as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{op}: {name} must be a number; got {value!r}")
+    v = float(value)
+    bad = not np.isfinite(v)
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise ValueError(
+            f"{op}: {name} must be in {left}{lo_s}, {hi_s}{right}; got {name}={value!r}"
+        )
+    return v
+
+
+def check_linear(op: str, x: Any, weight: Any, bias: Any) -> tuple[Any, Any, Any]:
+    """Validate ``linear`` operands: x (N, F), weight (O, F), bias (O,) or None."""
+    x = check_array(op, "x", x, 2, "(N, in_features)")
+    weight = check_array(op, "weight", weight, 2, "(out_features, in_features)")
+    if bias is not None:
+        bias = check_array(op, "bias", bias, 1, "(out_features,)")
+    check_same_dtype(op, x=x, weight=weight, bias=bias)
+    check_same_place(op, x=x, weight=weight, bias=bias)
+    xs, ws = _shape_of(x), _shape_of(weight)
+    if xs[0] == 0:
+        raise ValueError(f"{op}: empty batch (N=0) is not supported; x.shape={xs}")
+    if xs[1] != ws[1]:
+        raise ValueError(
+            f"{op}: x has {xs[1]} features but weight expects {ws[1]}; "
+            f"x.shape={xs}, weight.shape={ws}"
+        )
+    if bias is not None and _shape_of(bias) != (ws[0],):
+        raise ValueError(
+            f"{op}: bias must have shape ({ws[0]},) (one per output feature); "
+            f"got bias.shape={_shape_of(bias)}"
+        )
+    return x, weight, bias
+
+
+def check_linear_grad(op: str, grad_y: Any, x: Any, weight: Any) -> tuple[Any, Any, Any]:
+    x, weight, _ = check_linear(op, x, weight, None)
+    grad_y = check_array(op, "grad_y", grad_y, 2, "(N, out_features)")
+    expected = (_shape_of(x)[0], _shape_of(weight)[0])
+    if _shape_of(grad_y) != expected:
+        raise ValueError(
+            f"{op}: grad_y must have the linear output shape {expected}; "
+            f"got grad_y.shape={_shape_of(grad_y)}"
+        )
+    check_same_dtype(op, grad_y=grad_y, x=x)
+    check_same_place(op, grad_y=grad_y, x=x)
+    return grad_y, x, weight
+
+
+def check_labels(op: str, logits: Any, labels: Any) -> tuple[Any, Any]:
+    """logits (N, classes) float; labels (N,) integers in [0, classes), same placement.
+
+    Host labels are range-checked (device labels cannot be read without a copy).
+    """
+    logits = check_array(op, "logits", logits, 2, "(N, classes)")
+    if not (isinstance(labels, np.ndarray) or is_device_array(labels)):
+        raise TypeError(
+            f"{op}: labels must be a NumPy array or a CUDA device array of ints; "
+            f"got {type(labels).__name__}"
+        )
+    if np.dtype(labels.dtype).kind not in INT_KINDS:
+        raise TypeError(f"{op}: labels must be integers (class indices); got dtype {labels.dtype}")
+    n, classes = _shape_of(logits)
+    if n == 0:
+        raise ValueError(f"{op}: empty batch (N=0) is not supported; logits.shape={(n, classes)}")
+    if _shape_of(labels) != (n,):
+        raise ValueError(
+            f"{op}: labels must have shape ({n},) (one class index per row of logits); "
+            f"got labels.shape={_shape_of(labels)}, logits.shape={(n, classes)}"
+        )
+    check_same_place(op, logits=logits, labels=labels)
+    if isinstance(labels, np.ndarray):
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(
+                f"{op}: labels must be in [0, {classes}) for {classes} classes; "
+                f"got values from {lo} to {hi}"
+            )
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+    return logits, labels
+
+
+def check_keep_mask(op: str, keep_mask: Any, x: Any) -> Any:
+    """Dropout mask: bool or x's dtype, x's shape and placement."""
+    if not (isinstance(keep_mask, np.ndarray) or is_device_array(keep_mask)):
+        raise TypeError(
+            f"{op}: keep_mask must be a NumPy array or a CUDA device array; "
+            f"got {type(keep_mask).__name__}"
+        )
+    dt = np.dtype(keep_mask.dtype)
+    if dt != np.dtype(bool) and dt != np.dtype(x.dtype):
+        raise TypeError(
+            f"{op}: keep_mask must be bool or the dtype of x ({x.dtype}); got dtype {dt}"
+        )
+    if _shape_of(keep_mask) != _shape_of(x):
+        raise ValueError(
+            f"{op}: keep_mask must have the shape of x; "
+            f"got keep_mask.shape={_shape_of(keep_mask)}, x.shape={_shape_of(x)}"
+        )
+    check_same_place(op, x=x, keep_mask=keep_mask)
+    if isinstance(keep_mask, np.ndarray):
+        keep_mask = np.ascontiguousarray(keep_mask)
+    return keep_mask
+
+
+def check_channel_vectors(op: str, x: Any, **vectors: Any) -> dict:
+    """Per-channel vectors (C,) beside x (N, C, H, W): dtype, placement and shape."""
+    C = _shape_of(x)[1]
+    out = {}
+    for name, v in vectors.items():
+        if v is None:
+            out[name] = None
+            continue
+        v = check_array(op, name, v, 1, "(C,)")
+        if _shape_of(v) != (C,):
+            raise ValueError(
+                f"{op}: {name} must have shape ({C},) (one per channel of x); "
+                f"got {name}.shape={_shape_of(v)}, x.shape={_shape_of(x)}"
+            )
+        out[name] = v
+    check_same_dtype(op, x=x, **out)
+    check_same_place(op, x=x, **out)
+    return out
+
+
+def check_batch_norm2d(op: str, x: Any, training: bool, running_mean: Any, running_var: Any) -> Any:
+    x = check_array(op, "x", x, 4, "(N, C, H, W)")
+    xs = _shape_of(x)
+    _check_nonempty(op, "x", xs)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: evaluation mode needs running_mean and running_var")
+    if training and xs[0] * xs[2] * xs[3] == 1:
+        raise ValueError(
+            f"{op}: training needs more than one value per channel to compute a variance; "
+            f"x.shape={xs}"
+        )
+    return x
+
+
+def check_update(op: str, p: Any, grad: Any, **state: Any) -> Any:
+    """Optimizer-update operands: float arrays of one shape, dtype and placement.
+
+    ``p`` and the state arrays are updated in place, so on the host they must already be
+    writeable, C-contiguous and native (a converted copy would silently swallow the update).
+    Returns grad (made contiguous if needed).
+    """
+    state = {k: v for k, v in state.items() if v is not None}
+    _, grad, *_ = check_elementwise(op, p=p, grad=grad, **state)
+    for name, a in [("p", p), *state.items()]:
+        if isinstance(a, np.ndarray) and not (
+            a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative
+        ):
+            raise ValueError(
+                f"{op}: {name} is updated in place and must be a writeable, C-contiguous, "
+                f"native-byte-order array"
+            )
+    return grad

@@ -93,3 +93,4 @@ def avg_pool2d_backward(gy, x, g):
     return pool.avg_pool2d_backward(
         gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
     )
+from .nn import *  # noqa: E402,F401,F403 — activations, linear, losses, optimizer updates

@@ -1,0 +1,57 @@
+"""Moving arrays between host and GPU for layers, losses and optimizers.
+
+numba.cuda is imported only inside these functions, so the CPU path never needs numba-cuda.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import dispatch, shapes
+
+DEVICES = ("cpu", "cuda")
+
+
+def is_device(a: Any) -> bool:
+    return a is not None and shapes.is_device_array(a)
+
+
+def to_device(a: np.ndarray, what: str = "to") -> Any:
+    """Copy a host array to the GPU (a device array stays where it is)."""
+    if is_device(a):
+        return a
+    ok, why = dispatch.cuda_status()
+    if not ok:
+        raise RuntimeError(f"{what}('cuda'): no usable GPU: {why}")
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def to_host(a: Any) -> Any:
+    """NumPy copy of a device array; host arrays (and None) pass through."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def like(a: Any, host: np.ndarray) -> Any:
+    """``host`` placed where ``a`` is."""
+    return to_device(host) if is_device(a) else host
+
+
+def zeros_like(a: Any) -> Any:
+    return like(a, np.zeros(tuple(a.shape), np.dtype(a.dtype)))
+
+
+def add(dst: Any, src: Any) -> Any:
+    """dst + src, in place on the host. Only used when gradients accumulate over several
+    backward calls without zero_grad(), so the device path may take the simple round trip."""
+    if isinstance(dst, np.ndarray):
+        dst += src
+        return dst
+    return to_device(to_host(dst) + to_host(src))

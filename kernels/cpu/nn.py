@@ -1,0 +1,247 @@
+"""CPU backend for the layers' other math: activations, linear, losses, dropout, batch norm and
+optimizer updates.
+
+Same contract as ``ops.py``: inputs are validated by ``fastconv.functional`` (C-contiguous,
+native float32/float64, same dtype, shapes checked); results come back in the input dtype. The
+CUDA backend (``kernels/cuda/ops.py``) implements the same names with the same signatures.
+
+These ops are memory-bound one-pass loops, so NumPy's vectorised ufuncs already run them at
+memory speed; only the GEMM in ``linear`` does real arithmetic, and that goes to BLAS.
+
+Notation: x / y (any shape) for elementwise ops; linear x (N, F), w (O, F), b (O,), y (N, O);
+batch norm x (N, C, H, W) with per-channel statistics over M = N*H*W values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "adam_update",
+    "batch_norm2d",
+    "batch_norm2d_backward",
+    "cross_entropy",
+    "dropout",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "linear",
+    "linear_backward",
+    "mse_loss",
+    "relu",
+    "relu_backward",
+    "sgd_update",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+]
+
+# --------------------------------------------------------------------------- activations
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def relu_backward(gy, x):
+    # Derivative 0 at x == 0, as in PyTorch (threshold_backward).
+    return np.where(x > 0, gy, 0).astype(gy.dtype, copy=False)
+
+
+def leaky_relu(x, slope):
+    return np.where(x > 0, x, x * x.dtype.type(slope))
+
+
+def leaky_relu_backward(gy, x, slope):
+    return np.where(x > 0, gy, gy * gy.dtype.type(slope))
+
+
+def sigmoid(x):
+    # exp of -|x| never overflows: sigmoid(x) = 1/(1+e^-x) for x >= 0, e^x/(1+e^x) below.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def sigmoid_backward(gy, y):
+    return gy * y * (1 - y)
+
+
+def tanh(x):
+    return np.tanh(x)
+
+
+def tanh_backward(gy, y):
+    return gy * (1 - y * y)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(x, w, b):
+    """y = x @ w.T + b. Shape: x (N, F), w (O, F), b (O,) or None -> y (N, O)."""
+    y = x @ w.T  # (N, F) @ (F, O)
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_backward(gy, x, w, mask):
+    """(gx, gw, gb) of ``linear``; an entry is None where ``mask`` (3 bools) says it is not needed.
+
+    gx = gy @ w  (N, O) @ (O, F);  gw = gy.T @ x  (O, N) @ (N, F);  gb = gy summed over N.
+    """
+    need_x, need_w, need_b = mask
+    gx = gy @ w if need_x else None
+    gw = gy.T @ x if need_w else None
+    gb = gy.sum(axis=0) if need_b else None
+    return gx, gw, gb
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy: (loss as a Python float, grad_logits).
+
+    Log-softmax through the max shift, so large logits never overflow exp. The loss is
+    accumulated in float64 whatever the input dtype (a mean over the batch; cheap).
+    Shape: logits (N, L), labels (N,) ints in [0, L) -> (float, (N, L)).
+    """
+    n = logits.shape[0]
+    rows = np.arange(n)
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, L), max entry 0 per row
+    e = np.exp(shifted)
+    s = e.sum(axis=1, keepdims=True)  # (N, 1), in [1, L]
+    loss = float(np.mean(np.log(s[:, 0].astype(np.float64)) - shifted[rows, labels]))
+    grad = e / s  # softmax
+    grad[rows, labels] -= 1
+    grad *= grad.dtype.type(1.0 / n)
+    return loss, grad
+
+
+def mse_loss(pred, target):
+    """Mean squared error: (loss as a Python float, grad_pred = 2 (pred - target) / numel)."""
+    d = pred - target
+    loss = float(np.mean(np.square(d, dtype=np.float64)))
+    d *= d.dtype.type(2.0 / d.size)
+    return loss, d
+
+
+def dropout(x, keep_mask, scale):
+    """y = x * keep_mask * scale (inverted dropout); the backward pass is the same call on grad_y.
+
+    keep_mask: bool, or x's dtype with values 0/1, of x's shape.
+    """
+    return np.multiply(x, keep_mask, dtype=x.dtype) * x.dtype.type(scale)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
+    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd).
+
+    Training: normalise with the batch statistics (biased variance) and update the running
+    statistics IN PLACE with the unbiased variance, as PyTorch does:
+    running = (1 - momentum) * running + momentum * batch. Evaluation: use the running ones.
+    w, b may be None (affine=False). Statistics are computed in float64 (one pass over x).
+    Shape: x (N, C, H, W), w/b/running_* (C,) -> y (N, C, H, W), save_mean/save_invstd (C,).
+    """
+    N, C, H, W = x.shape
+    if training:
+        m = N * H * W
+        x64 = x.astype(np.float64, copy=False)
+        mean = x64.mean(axis=(0, 2, 3))
+        var = x64.var(axis=(0, 2, 3))  # biased: what the normalisation uses
+        if running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+            running_var *= 1 - momentum
+            running_var += momentum * var * (m / max(m - 1, 1))
+    else:
+        mean = running_mean.astype(np.float64)
+        var = running_var.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if w is None else invstd * w
+    shift = -mean * scale if b is None else b - mean * scale
+    y = x * scale.astype(x.dtype)[None, :, None, None]
+    y += shift.astype(x.dtype)[None, :, None, None]
+    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
+    """(gx, gw, gb) of ``batch_norm2d``; entries are None where ``mask`` says not needed.
+
+    With xhat = (x - mean) * invstd and y = w * xhat + b, per channel over its M values:
+    gb = sum gy, gw = sum gy * xhat, and in training (mean and invstd depend on x)
+    gx = w * invstd * (gy - gb/M - xhat * gw/M); in evaluation gx = w * invstd * gy.
+    Shape: gy, x (N, C, H, W), w/save_* (C,) -> gx (N, C, H, W), gw (C,), gb (C,).
+    """
+    need_x, need_w, need_b = mask
+    N, C, H, W = x.shape
+    m = N * H * W
+    mean = save_mean.astype(np.float64)[None, :, None, None]
+    invstd = save_invstd.astype(np.float64)[None, :, None, None]
+    gy64 = gy.astype(np.float64, copy=False)
+    xhat = (x - mean) * invstd  # float64 (N, C, H, W)
+    gb = gy64.sum(axis=(0, 2, 3))
+    gw = (gy64 * xhat).sum(axis=(0, 2, 3))
+    gx = None
+    if need_x:
+        wk = invstd if w is None else invstd * w.astype(np.float64)[None, :, None, None]
+        if training:
+            gx = wk * (gy64 - (gb / m)[None, :, None, None] - xhat * (gw / m)[None, :, None, None])
+        else:
+            gx = wk * gy64
+        gx = gx.astype(x.dtype)
+    return (
+        gx,
+        gw.astype(x.dtype) if need_w else None,
+        gb.astype(x.dtype) if need_b else None,
+    )
+
+
+# --------------------------------------------------------------------------- optimizer updates
+
+
+def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One PyTorch SGD step, IN PLACE on p (and on buf when momentum != 0).
+
+    g = grad + weight_decay * p; with momentum: buf = g on the first step, else
+    buf = momentum * buf + (1 - dampening) * g, and g = g + momentum * buf (nesterov) or buf;
+    then p -= lr * g. ``buf`` may be None when momentum == 0. Returns None.
+    """
+    t = p.dtype.type
+    g = grad
+    if weight_decay != 0:
+        g = grad + t(weight_decay) * p
+    if momentum != 0:
+        if first:
+            buf[...] = g
+        else:
+            buf *= t(momentum)
+            buf += t(1 - dampening) * g
+        g = g + t(momentum) * buf if nesterov else buf
+    p -= t(lr) * g
+
+
+def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One PyTorch Adam step (L2 weight decay, bias correction), IN PLACE on p, m and v.
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    p -= lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)   (step >= 1).
+    Returns None.
+    """
+    t = p.dtype.type
+    g = grad
+    if weight_decay != 0:
+        g = grad + t(weight_decay) * p
+    m *= t(beta1)
+    m += t(1 - beta1) * g
+    v *= t(beta2)
+    v += t(1 - beta2) * (g * g)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = np.sqrt(v) / t(np.sqrt(bc2))
+    denom += t(eps)
+    p -= t(lr / bc1) * (m / denom)
