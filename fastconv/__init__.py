@@ -4,9 +4,17 @@
     y = fc.conv2d(x, w, b, stride=1, padding=2)
 """
 
-from . import dispatch, reference, shapes
-from .dispatch import using
-from .functional import (
+import os
+
+# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores (im2col, then GEMM,
+# then im2col...). Spinning OpenMP workers starve the BLAS threads: 5-7x slower on LeNet-sized
+# convs. Passive waiting fixes it; it must be set before the OpenMP runtime starts, and a user's
+# own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import dispatch, reference, shapes  # noqa: E402
+from .dispatch import using  # noqa: E402
+from .functional import (  # noqa: E402
     avg_pool2d,
     avg_pool2d_backward,
     conv2d,

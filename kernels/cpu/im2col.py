@@ -17,11 +17,10 @@ from ._common import valid_range
 
 
 @njit(parallel=True, cache=True)
-def im2col(x, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW). One thread fills whole rows."""
+def im2col(x, cols, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), filled in place. One thread fills whole rows."""
     N, C, H, W = x.shape
     P = OH * OW
-    cols = np.empty((C * KH * KW, N * P), dtype=x.dtype)
     for r in prange(C * KH * KW):
         c = r // (KH * KW)
         kh = (r // KW) % KH
@@ -41,7 +40,6 @@ def im2col(x, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
                     cols[r, j0 + ow] = x[n, c, ih, ow * sw - pw + kw * dw]
                 for ow in range(ow_hi, OW):
                     cols[r, j0 + ow] = 0
-    return cols
 
 
 @njit(parallel=True, cache=True)
@@ -81,13 +79,11 @@ def kn_to_nk(a, N, K, P):
 
 
 @njit(parallel=True, cache=True)
-def nk_to_kn(a):
-    """(N, K, P) -> (K, N*P): grad_y into the GEMM layout of cols."""
+def nk_to_kn(a, out):
+    """(N, K, P) -> out (K, N*P), in place: grad_y into the GEMM layout of cols."""
     N, K, P = a.shape
-    out = np.empty((K, N * P), dtype=a.dtype)
     for nk in prange(N * K):
         n = nk // K
         k = nk % K
         for p in range(P):
             out[k, n * P + p] = a[n, k, p]
-    return out
