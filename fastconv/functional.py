@@ -310,7 +310,7 @@ def avg_pool2d_backward(
 
 def _run(op: str, backend: str, fn: str, *arrays: Any):
     """The callable implementing ``fn`` for these arrays: the oracle or a backend module's op."""
-    be, _ = dispatch.choose(op, None, backend, "auto", _on_device(*arrays))
+    be = dispatch.choose(op, None, backend, "auto", _on_device(*arrays)).backend
     if be == "reference":
         return getattr(reference, fn)
     impl = getattr(dispatch.backend_ops(op, be), fn, None)

@@ -1,0 +1,301 @@
+"""The ``fastconv`` command (also ``python -m fastconv``).
+
+    fastconv train --model lenet5 --dataset mnist --epochs 10 --save lenet5.npz \\
+        --metrics-json metrics.json
+    fastconv evaluate --load lenet5.npz
+    fastconv info
+    fastconv bench ...        # runs fastconv.bench.main(argv) when that module is installed
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = {"mnist": "digits", "fashion": "fashion"}
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "rmsprop": 1e-3, "adagrad": 1e-2}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import models, optim
+
+    p = argparse.ArgumentParser(prog="fastconv", description="Train and evaluate small CNNs "
+                                "on hand-written kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", choices=sorted(models.MODELS), default=None,
+                        help="network from the model zoo (default lenet5, or the saved one)")
+        sp.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="mnist (digits) or fashion (default mnist, or the saved one)")
+        sp.add_argument("--data-dir", default=None,
+                        help="folder with the .gz files (default $FASTCONV_DATA, then the cache)")
+        sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--backend", choices=("auto", "cpu", "cuda", "reference"),
+                        default="auto", help="kernel backend; cuda moves the model to the GPU")
+        sp.add_argument("--threads", type=int, default=None,
+                        help="Numba threads (default: Numba's, i.e. all cores)")
+        sp.add_argument("--metrics-json", default=None, help="write results as JSON here")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train a model")
+    common(t)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: sgd 0.05, adam/rmsprop 1e-3, adagrad 1e-2)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr-decay", type=float, default=1.0,
+                   help="multiply the learning rate by this after every epoch")
+    t.add_argument("--augment", choices=("none", "shift", "expand"), default="none",
+                   help="shift: random +-2 px per image and epoch; expand: Nielsen's expanded "
+                        "data (each image plus four 1-px shifts)")
+    t.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling, dropout")
+    t.add_argument("--train-limit", type=int, default=None,
+                   help="use only the first N training images (quick runs)")
+    t.add_argument("--save", default=None, help="write the trained weights (.npz)")
+    t.add_argument("--checkpoint", default=None,
+                   help="checkpoint file, written atomically after every epoch")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    t.add_argument("--plot-dir", default=None,
+                   help="write training curves, first-layer filters and feature maps (PNG; "
+                        "needs the 'plot' extra, matplotlib)")
+
+    e = sub.add_parser("evaluate", help="evaluate saved weights on the test set")
+    common(e)
+    e.add_argument("--load", required=True, help="weights written by train --save (.npz)")
+
+    sub.add_parser("info", help="versions, backends, GPU, threads")
+
+    b = sub.add_parser("bench", help="benchmarks (fastconv.bench), if installed",
+                       add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import numba
+
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _load_data(args) -> tuple:
+    from . import datasets
+
+    kind = DATASETS[args.dataset]
+    return datasets.load_mnist(args.data_dir, kind=kind)
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+def _backend_context(args):
+    from . import dispatch
+
+    if args.backend == "cuda":
+        ok, why = dispatch.cuda_status()
+        if not ok:
+            raise SystemExit(f"fastconv: --backend cuda is not available: {why}")
+    return dispatch.using(backend=args.backend)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from . import models, optim, training
+
+    args.model = args.model or "lenet5"
+    args.dataset = args.dataset or "mnist"
+    if args.resume and not args.checkpoint:
+        raise SystemExit("fastconv: --resume needs --checkpoint FILE")
+    if args.plot_dir and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("fastconv: --plot-dir needs matplotlib: pip install 'fastconv[plot]'")
+    _set_threads(args.threads)
+    x_train, y_train, x_test, y_test = _load_data(args)
+    if args.train_limit:
+        x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
+    mean, std = training.STATS[DATASETS[args.dataset]]
+    model = models.get(args.model, rng=args.seed)
+    if args.backend == "cuda":
+        model.to("cuda")
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    kw: dict = {"weight_decay": args.weight_decay}
+    if args.optimizer in ("sgd", "rmsprop"):
+        kw["momentum"] = args.momentum
+    opt = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **kw)
+    print(f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
+          f"{args.optimizer} lr={lr}, batch {args.batch_size}, {args.epochs} epochs, "
+          f"augment={args.augment}, seed {args.seed}, backend {args.backend}", flush=True)
+    t0 = time.perf_counter()
+    with _backend_context(args):
+        hist = training.fit(
+            model, opt, (x_train, y_train), (x_test, y_test), epochs=args.epochs,
+            batch_size=args.batch_size, rng=args.seed,
+            augment=None if args.augment == "none" else args.augment, mean=mean, std=std,
+            lr_decay=args.lr_decay, checkpoint=args.checkpoint, resume=args.resume,
+            progress=not args.no_progress, log=lambda s: print(s, flush=True),
+        )
+    total = time.perf_counter() - t0
+    meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std}
+    if args.save:
+        training.save_model(args.save, model, meta)
+        print(f"saved weights to {args.save}")
+    secs = [round(s, 3) for s in hist["seconds"]]
+    metrics = {
+        "command": "train",
+        **meta,
+        "test_accuracy": hist["test_accuracy"][-1],
+        "test_loss": hist["test_loss"][-1],
+        "best_test_accuracy": max(hist["test_accuracy"]),
+        "epochs": len(hist["seconds"]),
+        "seconds_per_epoch": secs,
+        "images_per_second": float(np.mean(hist["images_per_second"])),
+        "total_seconds": round(total, 3),
+        "history": hist,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "environment": _environment(),
+    }
+    _write_json(args.metrics_json, metrics)
+    if args.plot_dir:
+        from . import plots
+
+        written = plots.save_all(args.plot_dir, model, hist, x_test[:1], mean, std)
+        print("plots: " + ", ".join(str(w) for w in written))
+    print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
+          f"({np.mean(secs):.1f} s/epoch)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import models, training
+
+    _set_threads(args.threads)
+    with np.load(args.load, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
+    args.model = args.model or meta.get("model") or "lenet5"
+    args.dataset = args.dataset or meta.get("dataset") or "mnist"
+    model, _ = training.load_model(args.load, models.get(args.model, rng=0))
+    if args.backend == "cuda":
+        model.to("cuda")
+    _, _, x_test, y_test = _load_data(args)
+    mean, std = training.STATS[DATASETS[args.dataset]]
+    t0 = time.perf_counter()
+    with _backend_context(args):
+        loss, acc = training.evaluate(model, x_test, y_test, batch_size=max(args.batch_size, 1),
+                                      mean=mean, std=std)
+    secs = time.perf_counter() - t0
+    print(f"{args.model} on {args.dataset} test set: accuracy {acc:.4f}, loss {loss:.4f} "
+          f"({len(x_test) / secs:.0f} img/s)")
+    _write_json(args.metrics_json, {
+        "command": "evaluate", "model": args.model, "dataset": args.dataset,
+        "test_accuracy": acc, "test_loss": loss, "images_per_second": len(x_test) / secs,
+        "environment": _environment(),
+    })
+    return 0
+
+
+def _environment() -> dict:
+    import numba
+
+    from . import __version__, dispatch
+
+    ok, why = dispatch.cuda_status()
+    return {
+        "fastconv": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": _threading_layer(),
+        "cuda": "available" if ok else f"not available: {why}",
+    }
+
+
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return f"not initialised (configured: {numba.config.THREADING_LAYER})"
+
+
+def cmd_info(args) -> int:
+    env = _environment()
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+    except Exception:  # threadpoolctl is optional
+        blas = []
+    bench = importlib.util.find_spec("fastconv.bench") is not None
+    lines = [
+        f"fastconv {env['fastconv']} (python {env['python']}, numpy {env['numpy']}, "
+        f"numba {env['numba']})",
+        f"machine: {env['machine']}, {env['cpu_count']} CPUs",
+        f"threads: numba {env['numba_threads']} (layer: {env['numba_threading_layer']})"
+        + (f"; BLAS {', '.join(blas)}" if blas else ""),
+        "backends: reference, cpu" + (", cuda" if env["cuda"] == "available" else ""),
+        f"GPU: {'found' if env['cuda'] == 'available' else 'none'} ({env['cuda']})",
+        f"FASTCONV_BACKEND={os.environ.get('FASTCONV_BACKEND', '') or '(unset)'}, "
+        f"FASTCONV_DATA={os.environ.get('FASTCONV_DATA', '') or '(unset)'}",
+        f"bench: {'available' if bench else 'not installed'}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if importlib.util.find_spec("fastconv.bench") is None:
+        print("fastconv bench: not available in this build (no fastconv.bench module); "
+              "run the benchmarks from a source checkout: python -m benchmarks.compare",
+              file=sys.stderr)
+        return 2
+    from . import bench
+
+    return int(bench.main(list(args.args)) or 0)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastconv`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark runner
+        return cmd_bench(argparse.Namespace(args=argv[1:]))
+    args = _parser().parse_args(argv)
+    from .datasets import DatasetError
+
+    try:
+        return COMMANDS[args.command](args)
+    except DatasetError as e:
+        print(f"fastconv: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

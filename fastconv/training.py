@@ -1,0 +1,370 @@
+"""Training and evaluation loops, data augmentation, checkpoints.
+
+    model = fc.models.lenet5(rng=0)
+    opt = fc.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    hist = fc.training.fit(model, opt, (x_train, y_train), (x_test, y_test), epochs=10, rng=0)
+
+Images come in as uint8 (N, 1, 28, 28) and are scaled per batch (``normalize``), so the whole
+training set never exists in float. Runs are reproducible: the same seeds give bit-identical
+weights on the CPU (shuffling and augmentation draw from ``rng``; Dropout layers from their own
+generators; every kernel reduces in a fixed order). Checkpoints hold the model, the optimizer
+state, the epoch, the history and every generator's state, and are written atomically
+(temporary file + ``os.replace``), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _device
+from . import init as _init
+from .layers import Layer
+from .losses import CrossEntropyLoss
+from .optim import Optimizer
+
+# Per-pixel mean and standard deviation of the training images (after /255).
+STATS = {"digits": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
+
+AUGMENTATIONS = (None, "none", "shift", "expand")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def normalize(
+    x: np.ndarray, mean: float = STATS["digits"][0], std: float = STATS["digits"][1],
+    dtype: Any = np.float32,
+) -> np.ndarray:
+    """uint8 images -> (x / 255 - mean) / std in ``dtype``. Shape: any -> same."""
+    dt = np.dtype(dtype)
+    out = x.astype(dt)
+    out *= dt.type(1.0 / (255.0 * std))
+    out -= dt.type(mean / std)
+    return out
+
+
+def random_shift(x: np.ndarray, rng: _init.RngLike = None, max_shift: int = 2) -> np.ndarray:
+    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled.
+
+    Shape: x (N, C, H, W) -> (N, C, H, W), same dtype.
+    """
+    rng = _init.get_rng(rng)
+    n, c, h, w = x.shape
+    s = int(max_shift)
+    if s == 0:
+        return x.copy()
+    padded = np.zeros((n, c, h + 2 * s, w + 2 * s), x.dtype)
+    padded[:, :, s : s + h, s : s + w] = x
+    dy = rng.integers(-s, s + 1, n)
+    dx = rng.integers(-s, s + 1, n)
+    # image i reads padded rows s - dy[i] + (0..h-1): the content moves down by dy.
+    rows = (s - dy)[:, None] + np.arange(h)[None, :]  # (N, H)
+    cols = (s - dx)[:, None] + np.arange(w)[None, :]  # (N, W)
+    idx_n = np.arange(n)[:, None, None]
+    out = padded.transpose(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def expand_shifted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nielsen's "expanded" training set: each image plus its four one-pixel shifts
+    (up, down, left, right; zero-filled). Shape: x (N, C, H, W), y (N,) -> (5N, ...), (5N,)."""
+    out = [x]
+    for axis, d in ((2, -1), (2, 1), (3, -1), (3, 1)):
+        s = np.roll(x, d, axis=axis)
+        edge = [slice(None)] * 4
+        edge[axis] = 0 if d == 1 else -1  # the row/column that wrapped around
+        s[tuple(edge)] = 0
+        out.append(s)
+    return np.concatenate(out), np.tile(y, 5)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _place(model: Layer, a: np.ndarray) -> Any:
+    return _device.to_device(a) if model.device == "cuda" else a
+
+
+def evaluate(
+    model: Layer, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000,
+    mean: float = STATS["digits"][0], std: float = STATS["digits"][1],
+    loss_fn: Any = None,
+) -> tuple[float, float]:
+    """(mean loss, accuracy in [0, 1]) of ``model`` in evaluation mode on uint8 images.
+
+    The model's train/eval mode is restored afterwards.
+
+    Shape: x (N, 1, H, W) uint8 (or float, used as is), y (N,) ints.
+    """
+    loss_fn = loss_fn or CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    dtype = _model_dtype(model)
+    total_loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size]
+            xb = normalize(xb, mean, std, dtype) if xb.dtype == np.uint8 else xb.astype(dtype)
+            yb = np.ascontiguousarray(y[i : i + batch_size], dtype=np.int64)
+            logits = model(_place(model, xb))
+            total_loss += loss_fn(logits, yb) * len(yb)
+            correct += int((_device.to_host(logits).argmax(axis=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return total_loss / len(x), correct / len(x)
+
+
+def _model_dtype(model: Layer) -> np.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file in the same folder, then os.replace: a crash mid-write
+    never leaves a truncated file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(path: str | os.PathLike, model: Layer, meta: dict | None = None) -> None:
+    """Model weights (PyTorch state_dict keys) plus a JSON ``__meta__`` entry, atomically."""
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays["__meta__"] = np.array(json.dumps(meta or {}))
+    _atomic_savez(path, arrays)
+
+
+def load_model(path: str | os.PathLike, model: Layer | None = None) -> tuple[Layer, dict]:
+    """Load weights saved by ``save_model`` or ``save_checkpoint`` into ``model`` (built from
+    the saved model name when None). Returns (model, meta)."""
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
+        state = {k[len("model/") :]: f[k] for k in f.files if k.startswith("model/")}
+    if model is None:
+        from . import models
+
+        if "model" not in meta:
+            raise ValueError(f"{path}: no model name saved; build the model and pass it in")
+        model = models.get(meta["model"])
+    model.load_state_dict(state)
+    return model, meta
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: Layer, optimizer: Optimizer, epoch: int,
+    rng: np.random.Generator, history: dict | None = None, meta: dict | None = None,
+) -> None:
+    """Everything a resumed run needs, written atomically: model, optimizer state, completed
+    epochs, the loop's generator and the model's own generators (Dropout), and the history."""
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for i, s in opt["state"].items():
+        for k, v in s.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"optim/{i}/{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    info = dict(meta or {})
+    info.update(
+        epoch=int(epoch),
+        rng=rng.bit_generator.state,
+        layer_rngs={k: g.bit_generator.state for k, g in model.named_generators()},
+        optim_type=type(optimizer).__name__,
+        optim_hyper=opt["hyper"],
+        optim_scalars=scalars,
+        history=history or {},
+    )
+    arrays["__meta__"] = np.array(json.dumps(info))
+    _atomic_savez(path, arrays)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: Layer, optimizer: Optimizer, rng: np.random.Generator
+) -> dict:
+    """Restore a ``save_checkpoint`` file into model, optimizer and generators; returns meta."""
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"]))
+        model_state = {k[len("model/") :]: f[k] for k in f.files if k.startswith("model/")}
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k in f.files:
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                opt_state.setdefault(int(i), {})[name] = f[k]
+    if meta.get("optim_type") != type(optimizer).__name__:
+        raise ValueError(f"{path}: checkpoint holds a {meta.get('optim_type')} optimizer state, "
+                         f"not {type(optimizer).__name__}")
+    for i, s in meta["optim_scalars"].items():
+        opt_state.setdefault(int(i), {}).update(s)
+    model.load_state_dict(model_state)
+    hyper = meta["optim_hyper"]
+    if "betas" in hyper:
+        hyper["betas"] = tuple(hyper["betas"])
+    optimizer.load_state_dict({"state": opt_state, "hyper": hyper})
+    rng.bit_generator.state = meta["rng"]
+    gens = dict(model.named_generators())
+    for k, st in meta["layer_rngs"].items():
+        if k in gens:
+            gens[k].bit_generator.state = st
+    return meta
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(
+    model: Layer,
+    optimizer: Optimizer,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    epochs: int = 1,
+    batch_size: int = 64,
+    rng: _init.RngLike = None,
+    augment: str | None = None,
+    mean: float = STATS["digits"][0],
+    std: float = STATS["digits"][1],
+    lr_decay: float = 1.0,
+    loss_fn: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, list]:
+    """Train ``model`` with mini-batch ``optimizer`` steps; evaluate on ``test`` after each epoch.
+
+    Args:
+        train, test: (uint8 images (N, 1, 28, 28), int labels (N,)).
+        epochs: total epochs (a resumed run continues up to this number).
+        rng: seed or Generator for shuffling and augmentation.
+        augment: None | "shift" (random +-2 px per image per epoch) | "expand" (Nielsen's
+            expanded data: each image plus its four 1-px shifts, 5x the epoch).
+        mean, std: input normalisation (``STATS``).
+        lr_decay: learning rate multiplied by this after every epoch.
+        checkpoint: file written atomically after every epoch; with ``resume`` and an existing
+            file, training continues from it (model, optimizer, epoch, generators, history).
+        max_steps: stop each epoch after this many batches (smoke tests).
+        on_epoch_end: called with (epoch, history) after each epoch.
+
+    Returns:
+        History: lists per epoch of train_loss, train_accuracy, test_loss, test_accuracy,
+        seconds (training time of the epoch) and images_per_second.
+    """
+    from tqdm.auto import tqdm
+
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"fit: augment must be one of {AUGMENTATIONS}; got {augment!r}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"fit: epochs must be a positive int; got {epochs!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"fit: batch_size must be a positive int; got {batch_size!r}")
+    x_train, y_train = train
+    if len(x_train) != len(y_train) or len(x_train) == 0:
+        raise ValueError(f"fit: {len(x_train)} training images for {len(y_train)} labels")
+    gen = _init.spawn(rng) if not isinstance(rng, np.random.Generator) else rng
+    loss_fn = loss_fn or CrossEntropyLoss()
+    dtype = _model_dtype(model)
+    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
+            "images_per_second")
+    history: dict[str, list] = {k: [] for k in keys}
+    base_lr, start = optimizer.lr, 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        meta = load_checkpoint(checkpoint, model, optimizer, gen)
+        start, history = int(meta["epoch"]), meta["history"] or history
+        base_lr = meta.get("base_lr", base_lr)
+        if log:
+            log(f"resumed from {checkpoint} after epoch {start}")
+    if augment == "expand":
+        x_train, y_train = expand_shifted(x_train, y_train)
+    n = len(x_train)
+    steps = -(-n // batch_size)
+    if max_steps is not None:
+        steps = min(steps, int(max_steps))
+    model.train()
+    for epoch in range(start, epochs):
+        optimizer.lr = base_lr * lr_decay**epoch
+        order = gen.permutation(n)
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                   disable=not progress, leave=True, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            xb = x_train[idx]
+            if augment == "shift":
+                xb = random_shift(xb, gen, 2)
+            xb = normalize(xb, mean, std, dtype)
+            yb = np.ascontiguousarray(y_train[idx], dtype=np.int64)
+            logits = model(_place(model, xb))
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad()
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            seen += len(idx)
+            loss_sum += loss * len(idx)
+            correct += int((_device.to_host(logits).argmax(axis=1) == yb).sum())
+            bar.update(1)
+            if step % 20 == 0 or step == steps - 1:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                                img_s=f"{rate:.0f}", refresh=False)
+        seconds = time.perf_counter() - t0
+        bar.close()
+        history["train_loss"].append(loss_sum / seen)
+        history["train_accuracy"].append(correct / seen)
+        history["seconds"].append(seconds)
+        history["images_per_second"].append(seen / seconds)
+        if test is not None:
+            tl, ta = evaluate(model, test[0], test[1], mean=mean, std=std)
+        else:
+            tl, ta = float("nan"), float("nan")
+        history["test_loss"].append(tl)
+        history["test_accuracy"].append(ta)
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f} "
+                f"acc {correct / seen:.4f} | test loss {tl:.4f} acc {ta:.4f} | "
+                f"{seconds:.1f} s, {seen / seconds:.0f} img/s")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history,
+                            meta={"base_lr": base_lr})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history)
+    return history
+
+
+__all__ = [
+    "STATS",
+    "evaluate",
+    "expand_shifted",
+    "fit",
+    "load_checkpoint",
+    "load_model",
+    "normalize",
+    "random_shift",
+    "save_checkpoint",
+    "save_model",
+]
