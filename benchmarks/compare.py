@@ -29,7 +29,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def threads() -> int:
-    return int(os.environ.get("FASTCONV_THREADS", os.environ.get("NUMBA_NUM_THREADS", os.cpu_count())))
+    return int(
+        os.environ.get("FASTCONV_THREADS", os.environ.get("NUMBA_NUM_THREADS", os.cpu_count()))
+    )
 
 
 def bench(fn, min_time: float = 0.3, min_reps: int = 3, max_reps: int = 200) -> float:
@@ -121,8 +123,10 @@ def conv_impls(x, w, b, gy, padding, include_reference: bool):
     if include_reference:
         impls["reference"] = (
             lambda: fc.conv2d(x, w, b, padding=padding, backend="reference"),
-            lambda: (fc.conv2d(x, w, b, padding=padding, backend="reference"),
-                     fc.conv2d_backward(gy, x, w, padding=padding, backend="reference")),
+            lambda: (
+                fc.conv2d(x, w, b, padding=padding, backend="reference"),
+                fc.conv2d_backward(gy, x, w, padding=padding, backend="reference"),
+            ),
         )
     for algo in ("im2col", "direct"):
         impls[f"cpu-{algo}"] = (
@@ -169,10 +173,18 @@ def run_conv_layers(quick: bool, rows: list[dict], log) -> None:
                 if impl == "torch":
                     torch_t = t
             for impl, first, t in measured:
-                rows.append(dict(layer=name, pass_=pass_name, impl=impl, first_ms=first * 1e3,
-                                 ms=t * 1e3, gflops=mult * flops / t / 1e9,
-                                 vs_torch=(torch_t / t) if torch_t else None,
-                                 batch=x.shape[0]))
+                rows.append(
+                    dict(
+                        layer=name,
+                        pass_=pass_name,
+                        impl=impl,
+                        first_ms=first * 1e3,
+                        ms=t * 1e3,
+                        gflops=mult * flops / t / 1e9,
+                        vs_torch=(torch_t / t) if torch_t else None,
+                        batch=x.shape[0],
+                    )
+                )
                 log(f"  {name:16s} {pass_name:8s} {impl:11s} {t * 1e3:8.2f} ms")
 
 
@@ -184,8 +196,12 @@ def markdown(rows: list[dict], info: dict, ceiling: float, cold: float | None) -
         f"library. Versions: fastconv {info['fastconv']}, numpy {info['numpy']}, numba "
         f"{info['numba']}, torch {info['torch']}, Python {info['python']}. Date: {info['date']}.",
         f"Measured sgemm ceiling (NumPy BLAS, float32): **{ceiling:.0f} GFLOP/s**. "
-        + (f"Cold JIT compile of the CPU conv kernels (fresh process, empty cache): "
-           f"**{cold:.1f} s**." if cold is not None else ""),
+        + (
+            f"Cold JIT compile of the CPU conv kernels (fresh process, empty cache): "
+            f"**{cold:.1f} s**."
+            if cold is not None
+            else ""
+        ),
         "",
         "`ms` is the median steady-state time per call; `first call` is the first call in the "
         "process (JIT compile or cache load); `vs torch` > 1 means fastconv is faster than "
@@ -205,12 +221,22 @@ def markdown(rows: list[dict], info: dict, ceiling: float, cold: float | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer repeats; skip the NumPy oracle and the cold-compile probe")
-    ap.add_argument("--out", type=Path, default=RESULTS / "cpu_conv.md",
-                    help="markdown file to write (default: benchmarks/results/cpu_conv.md)")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repeats; skip the NumPy oracle and the cold-compile probe",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "cpu_conv.md",
+        help="markdown file to write (default: benchmarks/results/cpu_conv.md)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 

@@ -9,7 +9,6 @@ Benchmarks never assert.
 
 import time
 
-import numpy as np
 import pytest
 
 import fastconv as fc
@@ -36,10 +35,15 @@ def _fns(impl, x, w, b, gy, padding):
             torch.nn.functional.conv2d(tx, tw, tb, padding=padding).backward(tgy)
 
         return fwd, fwdbwd
-    kw = dict(padding=padding, backend="reference") if impl == "reference" else dict(
-        padding=padding, backend="cpu", algorithm=impl.split("-")[1])
-    return (lambda: fc.conv2d(x, w, b, **kw),
-            lambda: (fc.conv2d(x, w, b, **kw), fc.conv2d_backward(gy, x, w, **kw)))
+    kw = (
+        dict(padding=padding, backend="reference")
+        if impl == "reference"
+        else dict(padding=padding, backend="cpu", algorithm=impl.split("-")[1])
+    )
+    return (
+        lambda: fc.conv2d(x, w, b, **kw),
+        lambda: (fc.conv2d(x, w, b, **kw), fc.conv2d_backward(gy, x, w, **kw)),
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,4 +1,4 @@
-"""Backend and algorithm choice: one pure function, plus the overrides and lazy GPU loading around it.
+"""Backend and algorithm choice: one pure function, plus overrides and lazy GPU loading around it.
 
 ``select`` decides from plain values (op name, geometry, where the arrays live, what was asked
 for, the overrides) and never runs a kernel or touches CUDA, so it is tested on its own.
@@ -7,7 +7,11 @@ Precedence for ``backend="auto"``: a ``using(backend=...)`` context, else ``FAST
 else "cuda" when the inputs are device arrays and "cpu" when they are NumPy arrays.
 An explicit ``backend=`` argument always wins over both overrides.
 
-CPU ``algorithm="auto"`` rule (measured on MNIST-scale shapes, see benchmarks/): im2col turns
+CPU ``algorithm="auto"``: explicit argument > ``using(algorithm=...)`` > the measured choice
+remembered by ``fastconv.autotune`` (passed in as ``tuned``) > the heuristic below. When nothing
+is remembered and tuning is on, ``select`` says so (algorithm "auto") and the caller measures.
+
+The heuristic (used with ``FASTCONV_AUTOTUNE=0``, and as the default until measured): im2col turns
 the convolution into one BLAS GEMM per group, which wins once the GEMM is big enough to use the
 machine; the direct kernels win where it is not — depthwise/grouped convolutions with few
 channels per group and tiny reductions — and need no (C*KH*KW, N*OH*OW) buffer. So:
@@ -19,26 +23,41 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
+
+from . import autotune
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 ALGORITHMS = ("auto", "im2col", "direct")
-CONV_OPS = ("conv2d", "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight",
-            "conv_transpose2d", "conv_transpose2d_backward")
+CONV_OPS = (
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+)
 DIRECT_MAX_REDUCTION = 8  # C/G*KH*KW below this: the GEMM is too thin to pay for im2col
 DIRECT_MAX_KG = 4  # K/G below this: too few GEMM rows (depthwise and friends)
 
-_override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastconv_override", default={})
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "fastconv_override", default=None
+)
 
 
 class Choice(NamedTuple):
     backend: str  # "reference" | "cpu" | "cuda"
-    algorithm: str  # "im2col" | "direct" for conv ops; "direct" for pooling; "reference"
+    algorithm: str  # "im2col" | "direct" for conv ops; "direct" for pooling; "reference";
+    # "auto" only when tuning is on and nothing is remembered: the caller measures the candidates
 
 
 def cpu_conv_algorithm(geom: Any) -> str:
     """The documented CPU heuristic (module docstring)."""
-    if geom.C // geom.G * geom.KH * geom.KW < DIRECT_MAX_REDUCTION or geom.K // geom.G < DIRECT_MAX_KG:
+    if (
+        geom.C // geom.G * geom.KH * geom.KW < DIRECT_MAX_REDUCTION
+        or geom.K // geom.G < DIRECT_MAX_KG
+    ):
         return "direct"
     return "im2col"
 
@@ -52,6 +71,8 @@ def select(
     on_device: bool = False,
     env_backend: str | None = None,
     context: dict | None = None,
+    tuned: str | None = None,
+    autotune: bool = False,
 ) -> Choice:
     """Choose (backend, algorithm) for one call. Pure: no I/O, no kernel, no CUDA.
 
@@ -62,6 +83,8 @@ def select(
         on_device: whether the inputs are CUDA device arrays.
         env_backend: the value of ``FASTCONV_BACKEND`` (None or "" when unset).
         context: the active ``using(...)`` overrides.
+        tuned: the algorithm remembered for this call's key by ``fastconv.autotune``, if any.
+        autotune: whether measuring is allowed (``FASTCONV_AUTOTUNE`` is not "0").
     """
     context = context or {}
     if backend not in BACKENDS:
@@ -92,9 +115,13 @@ def select(
         return Choice(backend, "direct")
     if algorithm == "auto":
         algorithm = context.get("algorithm", "auto")
-    if algorithm == "auto":
-        algorithm = cpu_conv_algorithm(geom)
-    return Choice(backend, algorithm)
+    if algorithm != "auto":
+        return Choice(backend, algorithm)
+    if autotune and backend == "cpu":
+        if tuned in ("im2col", "direct"):
+            return Choice(backend, tuned)
+        return Choice(backend, "auto")
+    return Choice(backend, cpu_conv_algorithm(geom))
 
 
 @contextlib.contextmanager
@@ -111,17 +138,40 @@ def using(backend: str = "auto", algorithm: str = "auto"):
         _override.reset(token)
 
 
-def choose(op: str, geom: Any, backend: str, algorithm: str, on_device: bool) -> Choice:
-    """``select`` with the live environment and context filled in."""
-    return select(
+def choose(
+    op: str,
+    geom: Any,
+    backend: str,
+    algorithm: str,
+    on_device: bool,
+    dtype: Any = None,
+    candidates: Callable[[str], Callable[[], Any]] | None = None,
+    variant: str = "",
+) -> Choice:
+    """``select`` with the live environment, context and autotune cache filled in.
+
+    For CPU convolutions with ``algorithm="auto"`` and nothing remembered, ``candidates(algo)``
+    gives a zero-argument call running that algorithm on this call's inputs; they are timed once
+    and the winner is remembered (``fastconv.autotune``) under the op, ``variant`` (e.g. which
+    gradients are asked for), geometry, dtype and thread count.
+    """
+    tune = candidates is not None and op in CONV_OPS and autotune.enabled()
+    k = autotune.key(op + variant, geom, dtype) if tune else None
+    c = select(
         op,
         geom,
         backend=backend,
         algorithm=algorithm,
         on_device=on_device,
         env_backend=os.environ.get("FASTCONV_BACKEND") or None,
-        context=_override.get(),
+        context=_override.get() or {},
+        tuned=autotune.lookup(k) if tune else None,
+        autotune=tune,
     )
+    if c.algorithm == "auto":
+        best = autotune.choose(k, {a: candidates(a) for a in ("im2col", "direct")})
+        return Choice(c.backend, best)
+    return c
 
 
 # --------------------------------------------------------------------------- backend modules

@@ -57,10 +57,22 @@ def conv2d(
     """
     op = "conv2d"
     x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
-    be, algo = dispatch.choose(op, g, backend, algorithm, _on_device(x, weight, bias))
+
+    def run(be, algo):
+        return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo)
+
+    be, algo = dispatch.choose(
+        op,
+        g,
+        backend,
+        algorithm,
+        _on_device(x, weight, bias),
+        x.dtype,
+        lambda a: lambda: run("cpu", a),
+    )
     if be == "reference":
         return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo)
+    return run(be, algo)
 
 
 def conv2d_backward(
@@ -90,12 +102,25 @@ def conv2d_backward(
     grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
     shapes.check_same_dtype(op, grad_y=grad_y, x=x)
     shapes.check_same_place(op, grad_y=grad_y, x=x, weight=weight)
-    be, algo = dispatch.choose(op, g, backend, algorithm, _on_device(grad_y, x, weight))
     mask = tuple(bool(m) for m in output_mask)
+
+    def run(be, algo):
+        return dispatch.backend_ops(op, be).conv2d_backward(grad_y, x, weight, g, algo, mask)
+
+    be, algo = dispatch.choose(
+        op,
+        g,
+        backend,
+        algorithm,
+        _on_device(grad_y, x, weight),
+        x.dtype,
+        lambda a: lambda: run("cpu", a),
+        variant=str(mask),
+    )
     if be == "reference":
         out = reference.conv2d_backward(grad_y, x, weight, stride, padding, dilation, groups)
         return tuple(o if m else None for o, m in zip(out, mask))
-    return dispatch.backend_ops(op, be).conv2d_backward(grad_y, x, weight, g, algo, mask)
+    return run(be, algo)
 
 
 def conv2d_backward_input(
@@ -121,12 +146,24 @@ def conv2d_backward_input(
     grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
     shapes.check_same_dtype(op, grad_y=grad_y, weight=weight)
     shapes.check_same_place(op, grad_y=grad_y, weight=weight)
-    be, algo = dispatch.choose(op, g, backend, algorithm, _on_device(grad_y, weight))
+
+    def run(be, algo):
+        ops = dispatch.backend_ops(op, be)
+        return ops.conv2d_backward(grad_y, None, weight, g, algo, (True, False, False))[0]
+
+    be, algo = dispatch.choose(
+        op,
+        g,
+        backend,
+        algorithm,
+        _on_device(grad_y, weight),
+        grad_y.dtype,
+        lambda a: lambda: run("cpu", a),
+    )
     if be == "reference":
         x0 = np.zeros(x_shape, grad_y.dtype)
         return reference.conv2d_backward(grad_y, x0, weight, stride, padding, dilation, groups)[0]
-    ops = dispatch.backend_ops(op, be)
-    return ops.conv2d_backward(grad_y, None, weight, g, algo, (True, False, False))[0]
+    return run(be, algo)
 
 
 def conv2d_backward_weight(
@@ -152,12 +189,18 @@ def conv2d_backward_weight(
     grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
     shapes.check_same_dtype(op, grad_y=grad_y, x=x)
     shapes.check_same_place(op, grad_y=grad_y, x=x)
-    be, algo = dispatch.choose(op, g, backend, algorithm, _on_device(grad_y, x))
+
+    def run(be, algo):
+        ops = dispatch.backend_ops(op, be)
+        return ops.conv2d_backward(grad_y, x, None, g, algo, (False, True, False))[1]
+
+    be, algo = dispatch.choose(
+        op, g, backend, algorithm, _on_device(grad_y, x), x.dtype, lambda a: lambda: run("cpu", a)
+    )
     if be == "reference":
         w0 = np.zeros(weight_shape, x.dtype)
         return reference.conv2d_backward(grad_y, x, w0, stride, padding, dilation, groups)[1]
-    ops = dispatch.backend_ops(op, be)
-    return ops.conv2d_backward(grad_y, x, None, g, algo, (False, True, False))[1]
+    return run(be, algo)
 
 
 def conv_transpose2d(
@@ -192,8 +235,15 @@ def conv_transpose2d(
         if tuple(bias.shape) != (g.C,):
             raise ValueError(f"{op}: bias must have shape ({g.C},); got bias.shape={bias.shape}")
     y = conv2d_backward_input(
-        x, g.x_shape, weight, (g.sh, g.sw), (g.ph, g.pw), (g.dh, g.dw), g.G,
-        backend=backend, algorithm=algorithm,
+        x,
+        g.x_shape,
+        weight,
+        (g.sh, g.sw),
+        (g.ph, g.pw),
+        (g.dh, g.dw),
+        g.G,
+        backend=backend,
+        algorithm=algorithm,
     )
     if bias is not None:
         y += bias.reshape(1, -1, 1, 1)
@@ -226,8 +276,14 @@ def conv_transpose2d_backward(
         op, x.shape, weight.shape, stride, padding, output_padding, dilation, groups
     )
     grad_y = shapes.check_grad(op, grad_y, g.x_shape, "conv_transpose2d")
-    conv = dict(stride=(g.sh, g.sw), padding=(g.ph, g.pw), dilation=(g.dh, g.dw), groups=g.G,
-                backend=backend, algorithm=algorithm)
+    conv = dict(
+        stride=(g.sh, g.sw),
+        padding=(g.ph, g.pw),
+        dilation=(g.dh, g.dw),
+        groups=g.G,
+        backend=backend,
+        algorithm=algorithm,
+    )
     gx = conv2d(grad_y, weight, None, **conv)
     gw = conv2d_backward_weight(x, grad_y, g.w_shape, **conv)
     gb = grad_y.sum(axis=(0, 2, 3))
@@ -253,53 +309,107 @@ def _pool(op, fn, x, grad_y, kernel_size, stride, padding, ceil_mode, count_incl
 
 
 def max_pool2d(
-    x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
-    *, ceil_mode: bool = False, backend: str = "auto",
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    backend: str = "auto",
 ) -> Array:
     """2-D max pooling; padding counts as -inf; NaN wins over every number (as in PyTorch).
 
     Shape: x (N, C, H, W) -> y (N, C, OH, OW), OH = floor((H + 2*ph - KH) / sh) + 1
     (ceil in ``ceil_mode``). stride defaults to kernel_size; padding <= kernel_size / 2.
     """
-    return _pool("max_pool2d", "max_pool2d", x, None, kernel_size, stride, padding,
-                 ceil_mode, True, backend)
+    return _pool(
+        "max_pool2d", "max_pool2d", x, None, kernel_size, stride, padding, ceil_mode, True, backend
+    )
 
 
 def max_pool2d_backward(
-    grad_y: Array, x: Array, kernel_size: IntPair, stride: IntPair | None = None,
-    padding: IntPair = 0, *, ceil_mode: bool = False, backend: str = "auto",
+    grad_y: Array,
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    backend: str = "auto",
 ) -> Array:
     """Gradient of ``max_pool2d``: each window's gradient goes to its first maximum (row-major).
 
     Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
     """
-    return _pool("max_pool2d_backward", "max_pool2d_backward", x, grad_y, kernel_size, stride,
-                 padding, ceil_mode, True, backend)
+    return _pool(
+        "max_pool2d_backward",
+        "max_pool2d_backward",
+        x,
+        grad_y,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        True,
+        backend,
+    )
 
 
 def avg_pool2d(
-    x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
-    *, ceil_mode: bool = False, count_include_pad: bool = True, backend: str = "auto",
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    backend: str = "auto",
 ) -> Array:
     """2-D average pooling with zero padding; the divisor follows PyTorch's ``count_include_pad``.
 
     Shape: x (N, C, H, W) -> y (N, C, OH, OW), as ``max_pool2d``.
     """
-    return _pool("avg_pool2d", "avg_pool2d", x, None, kernel_size, stride, padding,
-                 ceil_mode, count_include_pad, backend)
+    return _pool(
+        "avg_pool2d",
+        "avg_pool2d",
+        x,
+        None,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        backend,
+    )
 
 
 def avg_pool2d_backward(
-    grad_y: Array, x: Array, kernel_size: IntPair, stride: IntPair | None = None,
-    padding: IntPair = 0, *, ceil_mode: bool = False, count_include_pad: bool = True,
+    grad_y: Array,
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
     backend: str = "auto",
 ) -> Array:
     """Gradient of ``avg_pool2d``: every input in a window receives grad_y / divisor.
 
     Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
     """
-    return _pool("avg_pool2d_backward", "avg_pool2d_backward", x, grad_y, kernel_size, stride,
-                 padding, ceil_mode, count_include_pad, backend)
+    return _pool(
+        "avg_pool2d_backward",
+        "avg_pool2d_backward",
+        x,
+        grad_y,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        backend,
+    )
 
 
 # ---- layers' other math
@@ -483,8 +593,16 @@ def batch_norm2d(
                     f"native-byte-order array"
                 )
     impl = _run(op, backend, "batch_norm2d", x, vec["weight"], vec["running_mean"])
-    return impl(x, vec["weight"], vec["bias"], vec["running_mean"], vec["running_var"],
-                bool(training), momentum, eps)
+    return impl(
+        x,
+        vec["weight"],
+        vec["bias"],
+        vec["running_mean"],
+        vec["running_var"],
+        bool(training),
+        momentum,
+        eps,
+    )
 
 
 def batch_norm2d_backward(
@@ -517,8 +635,9 @@ def batch_norm2d_backward(
         raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
     mask = tuple(bool(m) for m in output_mask)
     impl = _run(op, backend, "batch_norm2d_backward", grad_y, x)
-    return impl(grad_y, x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training),
-                mask)
+    return impl(
+        grad_y, x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training), mask
+    )
 
 
 def flatten(x: Array) -> Array:
@@ -606,8 +725,9 @@ def conv1d_backward(
             f"got grad_y.shape={tuple(grad_y.shape)}"
         )
     gy4 = grad_y.reshape(g.N, g.K, 1, g.OW)
-    gx, gw, gb = conv2d_backward(gy4, x4, w4, s, p, d, groups, backend=backend,
-                                 algorithm=algorithm, output_mask=output_mask)
+    gx, gw, gb = conv2d_backward(
+        gy4, x4, w4, s, p, d, groups, backend=backend, algorithm=algorithm, output_mask=output_mask
+    )
     if gx is not None:
         gx = gx.reshape(x.shape)
     if gw is not None:
@@ -644,8 +764,10 @@ def sgd_update(
     if momentum != 0 and buf is None:
         raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer (buf is None)")
     if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening == 0; "
-                         f"got momentum={momentum}, dampening={dampening}")
+        raise ValueError(
+            f"{op}: nesterov needs momentum > 0 and dampening == 0; "
+            f"got momentum={momentum}, dampening={dampening}"
+        )
     grad = shapes.check_update(op, p, grad, buf=buf if momentum != 0 else None)
     impl = _run(op, backend, "sgd_update", p, grad)
     args = (lr, momentum, dampening, weight_decay, bool(nesterov), bool(first))
@@ -686,8 +808,9 @@ def adam_update(
     eps = shapes.check_number(op, "eps", eps, lo=0.0)
     weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
     if not shapes._is_int(step) or step < 1:
-        raise ValueError(f"{op}: step must be an int >= 1 (updates so far, this one included); "
-                         f"got step={step!r}")
+        raise ValueError(
+            f"{op}: step must be an int >= 1 (updates so far, this one included); got step={step!r}"
+        )
     if m is None or v is None:
         raise ValueError(f"{op}: the moment buffers m and v are required")
     grad = shapes.check_update(op, p, grad, m=m, v=v)

@@ -9,7 +9,8 @@ Notation: x (N, C, H, W), weight (K, C/G, KH, KW), y (N, K, OH, OW); G groups, C
 KG = K/G channels per group.
 
 Definition (per group g, output channel k of that group):
-    y[n, k, oh, ow] = b[k] + sum_{c, kh, kw} w[k, c, kh, kw] * xpad[n, c, oh*sh + kh*dh, ow*sw + kw*dw]
+    y[n, k, oh, ow] = b[k]
+        + sum_{c, kh, kw} w[k, c, kh, kw] * xpad[n, c, oh*sh + kh*dh, ow*sw + kw*dw]
 where xpad is x with ph zero rows on top and pw zero columns on the left (and zeros beyond).
 """
 
@@ -44,7 +45,10 @@ def _groups(g: shapes.ConvGeom):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> np.ndarray:
-    """Oracle for ``fastconv.conv2d``. Shape: x (N, C, H, W), weight (K, C/G, KH, KW) -> (N, K, OH, OW)."""
+    """Oracle for ``fastconv.conv2d``.
+
+    Shape: x (N, C, H, W), weight (K, C/G, KH, KW), bias (K,) -> y (N, K, OH, OW).
+    """
     x, weight, bias, g = shapes.check_conv2d(
         "reference.conv2d", x, weight, bias, stride, padding, dilation, groups
     )
@@ -232,8 +236,9 @@ def cross_entropy(logits, labels):
     return loss, (grad / n).astype(logits.dtype)
 
 
-def sgd_update(p, grad, buf, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-               nesterov=False, first=True):
+def sgd_update(
+    p, grad, buf, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, first=True
+):
     """PyTorch's SGD step on copies: returns (new p, new momentum buffer)."""
     g = grad.astype(np.float64) + weight_decay * p.astype(np.float64)
     b = buf.astype(np.float64)
@@ -291,8 +296,9 @@ def batch_norm2d(x, weight, bias, running_mean, running_var, training, momentum=
     return y.astype(x.dtype), mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
-def batch_norm2d_backward(grad_y, x, weight, save_mean, save_invstd, training=True,
-                          mask=(True, True, True)):
+def batch_norm2d_backward(
+    grad_y, x, weight, save_mean, save_invstd, training=True, mask=(True, True, True)
+):
     """Gradients of ``batch_norm2d``, by the chain rule through mean and variance step by step.
 
     y = w * xhat + b, xhat = (x - mu) * (var + eps)^-1/2, and in training mu and var are the

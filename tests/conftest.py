@@ -1,6 +1,10 @@
 import os
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Autotuning must not read or write the user's cache during tests.
+os.environ.setdefault("FASTCONV_CACHE_DIR", tempfile.mkdtemp(prefix="fastconv-test-cache-"))
 
 # CI runs the full profile (>= 200 generated configurations per op); "dev" is for quick local loops.
 settings.register_profile(

@@ -38,14 +38,22 @@ def assert_close(actual, expected, dtype=None, what: str = "value") -> None:
     rtol, atol = TOL[dtype]
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
     np.testing.assert_allclose(
-        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=atol * scale,
+        actual.astype(np.float64),
+        expected.astype(np.float64),
+        rtol=rtol,
+        atol=atol * scale,
         err_msg=what,
     )
 
 
 def check_op(
-    actual: Callable, expected: Callable, args: Sequence, grads: Callable | None = None,
-    expected_grads: Callable | None = None, grad_y: np.ndarray | None = None, dtype=None,
+    actual: Callable,
+    expected: Callable,
+    args: Sequence,
+    grads: Callable | None = None,
+    expected_grads: Callable | None = None,
+    grad_y: np.ndarray | None = None,
+    dtype=None,
 ) -> None:
     """Check ``actual(*args)`` against ``expected(*args)``: shape, dtype, values, then gradients.
 

@@ -1,4 +1,4 @@
-"""Every CPU convolution algorithm against the oracle: random configurations and named edge cases."""
+"""Every CPU convolution algorithm against the oracle: random configurations and named edges."""
 
 import numpy as np
 import pytest
@@ -26,7 +26,9 @@ def _check(cfg, dtype, algorithm, seed=0, with_bias=True):
         lambda x, w, b: fc.conv2d(x, w, b, **p, backend="cpu", algorithm=algorithm),
         lambda x, w, b: reference.conv2d(x, w, b, **p),
         (x, w, b),
-        grads=lambda gy, x, w, b: fc.conv2d_backward(gy, x, w, **p, backend="cpu", algorithm=algorithm),
+        grads=lambda gy, x, w, b: fc.conv2d_backward(
+            gy, x, w, **p, backend="cpu", algorithm=algorithm
+        ),
         expected_grads=lambda gy, x, w, b: reference.conv2d_backward(gy, x, w, **p),
     )
 
@@ -38,34 +40,58 @@ def test_conv2d_random(algorithm, cfg, dtype, seed):
 
 
 NAMED = {
-    "lenet_conv1": dict(x_shape=(2, 1, 28, 28), w_shape=(6, 1, 5, 5), stride=1, padding=2,
-                        dilation=1, groups=1),
-    "batch1_odd": dict(x_shape=(1, 3, 7, 5), w_shape=(5, 3, 3, 3), stride=1, padding=0,
-                       dilation=1, groups=1),
-    "1x1": dict(x_shape=(2, 4, 5, 6), w_shape=(3, 4, 1, 1), stride=1, padding=0, dilation=1,
-                groups=1),
-    "non_square": dict(x_shape=(2, 2, 9, 7), w_shape=(3, 2, 2, 5), stride=(1, 2), padding=(1, 2),
-                       dilation=1, groups=1),
-    "stride_gt_kernel": dict(x_shape=(2, 2, 11, 10), w_shape=(3, 2, 2, 2), stride=(4, 3),
-                             padding=1, dilation=1, groups=1),
-    "dilation": dict(x_shape=(1, 2, 10, 12), w_shape=(2, 2, 3, 3), stride=1, padding=2,
-                     dilation=(2, 3), groups=1),
-    "depthwise": dict(x_shape=(2, 6, 8, 8), w_shape=(6, 1, 3, 3), stride=1, padding=1,
-                      dilation=1, groups=6),
-    "depthwise_multiplier": dict(x_shape=(1, 3, 6, 6), w_shape=(6, 1, 3, 3), stride=2,
-                                 padding=1, dilation=1, groups=3),
-    "groups": dict(x_shape=(2, 6, 7, 7), w_shape=(4, 3, 3, 3), stride=1, padding=1, dilation=1,
-                   groups=2),
-    "same_even_kernel": dict(x_shape=(1, 2, 6, 7), w_shape=(3, 2, 4, 2), stride=1,
-                             padding="same", dilation=1, groups=1),
-    "same_dilated": dict(x_shape=(1, 2, 6, 7), w_shape=(3, 2, 3, 2), stride=1, padding="same",
-                         dilation=(2, 3), groups=1),
-    "valid": dict(x_shape=(2, 3, 6, 6), w_shape=(2, 3, 3, 3), stride=1, padding="valid",
-                  dilation=1, groups=1),
-    "kernel_equals_padded_input": dict(x_shape=(1, 1, 3, 3), w_shape=(1, 1, 5, 5), stride=1,
-                                       padding=1, dilation=1, groups=1),
-    "padding_larger_than_kernel": dict(x_shape=(1, 1, 4, 4), w_shape=(2, 1, 2, 2), stride=2,
-                                       padding=3, dilation=1, groups=1),
+    "lenet_conv1": dict(
+        x_shape=(2, 1, 28, 28), w_shape=(6, 1, 5, 5), stride=1, padding=2, dilation=1, groups=1
+    ),
+    "batch1_odd": dict(
+        x_shape=(1, 3, 7, 5), w_shape=(5, 3, 3, 3), stride=1, padding=0, dilation=1, groups=1
+    ),
+    "1x1": dict(
+        x_shape=(2, 4, 5, 6), w_shape=(3, 4, 1, 1), stride=1, padding=0, dilation=1, groups=1
+    ),
+    "non_square": dict(
+        x_shape=(2, 2, 9, 7),
+        w_shape=(3, 2, 2, 5),
+        stride=(1, 2),
+        padding=(1, 2),
+        dilation=1,
+        groups=1,
+    ),
+    "stride_gt_kernel": dict(
+        x_shape=(2, 2, 11, 10), w_shape=(3, 2, 2, 2), stride=(4, 3), padding=1, dilation=1, groups=1
+    ),
+    "dilation": dict(
+        x_shape=(1, 2, 10, 12), w_shape=(2, 2, 3, 3), stride=1, padding=2, dilation=(2, 3), groups=1
+    ),
+    "depthwise": dict(
+        x_shape=(2, 6, 8, 8), w_shape=(6, 1, 3, 3), stride=1, padding=1, dilation=1, groups=6
+    ),
+    "depthwise_multiplier": dict(
+        x_shape=(1, 3, 6, 6), w_shape=(6, 1, 3, 3), stride=2, padding=1, dilation=1, groups=3
+    ),
+    "groups": dict(
+        x_shape=(2, 6, 7, 7), w_shape=(4, 3, 3, 3), stride=1, padding=1, dilation=1, groups=2
+    ),
+    "same_even_kernel": dict(
+        x_shape=(1, 2, 6, 7), w_shape=(3, 2, 4, 2), stride=1, padding="same", dilation=1, groups=1
+    ),
+    "same_dilated": dict(
+        x_shape=(1, 2, 6, 7),
+        w_shape=(3, 2, 3, 2),
+        stride=1,
+        padding="same",
+        dilation=(2, 3),
+        groups=1,
+    ),
+    "valid": dict(
+        x_shape=(2, 3, 6, 6), w_shape=(2, 3, 3, 3), stride=1, padding="valid", dilation=1, groups=1
+    ),
+    "kernel_equals_padded_input": dict(
+        x_shape=(1, 1, 3, 3), w_shape=(1, 1, 5, 5), stride=1, padding=1, dilation=1, groups=1
+    ),
+    "padding_larger_than_kernel": dict(
+        x_shape=(1, 1, 4, 4), w_shape=(2, 1, 2, 2), stride=2, padding=3, dilation=1, groups=1
+    ),
 }
 
 
@@ -160,12 +186,15 @@ def test_inputs_are_not_modified():
 @pytest.mark.parametrize("algorithm", ALGOS)
 def test_backward_is_deterministic(algorithm):
     rng = np.random.default_rng(7)
-    x, w = rng.standard_normal((4, 6, 12, 12)).astype(np.float32), rng.standard_normal(
-        (8, 6, 3, 3)
-    ).astype(np.float32)
+    x, w = (
+        rng.standard_normal((4, 6, 12, 12)).astype(np.float32),
+        rng.standard_normal((8, 6, 3, 3)).astype(np.float32),
+    )
     gy = rng.standard_normal((4, 8, 12, 12)).astype(np.float32)
-    runs = [fc.conv2d_backward(gy, x, w, padding=1, backend="cpu", algorithm=algorithm)
-            for _ in range(3)]
+    runs = [
+        fc.conv2d_backward(gy, x, w, padding=1, backend="cpu", algorithm=algorithm)
+        for _ in range(3)
+    ]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             np.testing.assert_array_equal(a, b)

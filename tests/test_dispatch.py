@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastconv as fc
-from fastconv import dispatch, shapes
+from fastconv import shapes
 from fastconv.dispatch import Choice, select
 
 LENET_C1 = shapes.conv2d_geometry("t", (64, 1, 28, 28), (6, 1, 5, 5), 1, 2)
@@ -97,3 +97,110 @@ def test_cuda_backend_without_gpu_is_a_clear_error():
         assert "ERR conv2d: backend='cuda' is not available" in out.stdout
     else:
         assert "CUDA-RAN" in out.stdout
+
+
+# ------------------------------------------------------------------ autotuning
+
+
+def test_select_uses_tuned_choice_only_when_auto():
+    assert select("conv2d", LENET_C2, tuned="direct", autotune=True) == Choice("cpu", "direct")
+    assert select("conv2d", LENET_C2, autotune=True) == Choice("cpu", "auto")  # measure now
+    assert select("conv2d", LENET_C2, tuned="direct", autotune=False).algorithm == "im2col"
+    assert select("conv2d", LENET_C2, algorithm="im2col", tuned="direct", autotune=True) == Choice(
+        "cpu", "im2col"
+    )
+    ctx = {"backend": "auto", "algorithm": "im2col"}
+    assert select("conv2d", LENET_C2, context=ctx, tuned="direct", autotune=True).algorithm == (
+        "im2col"
+    )
+    assert select("conv2d", LENET_C2, on_device=True, autotune=True).algorithm == "im2col"
+
+
+@pytest.fixture
+def tune_dir(tmp_path, monkeypatch):
+    from fastconv import autotune
+
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "1")
+    autotune.clear()
+    yield tmp_path
+    autotune.clear()
+
+
+def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
+    from fastconv import autotune
+
+    calls = []
+    real_measure = autotune.measure
+
+    def spy(candidates, repeats=3):
+        calls.append(sorted(candidates))
+        return real_measure(candidates, repeats)
+
+    monkeypatch.setattr(autotune, "measure", spy)
+    x, w = np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3))
+    y1 = fc.conv2d(x, w)
+    y2 = fc.conv2d(x, w)
+    np.testing.assert_allclose(y1, fc.reference.conv2d(x, w))
+    np.testing.assert_array_equal(y1, y2)
+    assert calls == [["direct", "im2col"]]  # the second call reused the choice
+    data = __import__("json").loads(autotune.cache_path().read_text())
+    ((k, v),) = data["choices"].items()
+    assert k.startswith("conv2d|") and "float64" in k and v in ("im2col", "direct")
+    # a fresh process reads the file instead of measuring
+    code = (
+        "import numpy as np, fastconv as fc\n"
+        "from fastconv import autotune\n"
+        "autotune.measure = lambda *a, **k: (_ for _ in ()).throw(SystemExit('measured again'))\n"
+        "fc.conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_autotune_off_uses_heuristic(tune_dir, monkeypatch):
+    from fastconv import autotune
+
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
+    monkeypatch.setattr(
+        autotune, "measure", lambda *a, **k: pytest.fail("measured with tuning off")
+    )
+    fc.conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)))
+    assert not autotune.cache_path().exists()
+
+
+def test_autotune_cache_is_safe_under_concurrent_writers(tune_dir):
+    """Several processes record different keys at once: every key survives, the file stays JSON."""
+    from fastconv import autotune
+
+    code = (
+        "import sys\n"
+        "from fastconv import autotune\n"
+        "for i in range(20):\n"
+        "    autotune._write(f'p{sys.argv[1]}-k{i}', 'direct')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(p)], env=dict(os.environ))
+        for p in range(4)
+    ]
+    assert all(p.wait() == 0 for p in procs)
+    choices = autotune._read(autotune.cache_path())
+    assert len(choices) == 80 and set(choices.values()) == {"direct"}
+
+
+def test_autotune_ignores_corrupt_or_foreign_cache(tune_dir):
+    from fastconv import autotune
+
+    autotune.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    autotune.cache_path().write_text("{not json")
+    assert autotune.lookup("anything") is None
+    autotune.clear()
+    autotune.cache_path().write_text('{"format": 999, "choices": {"k": "direct"}}')
+    assert autotune.lookup("k") is None
+    autotune.clear()
+    autotune.cache_path().write_text(
+        f'{{"format": {autotune.FORMAT}, "choices": {{"k": "direct"}}}}'
+    )
+    assert autotune.lookup("k") == "direct"  # the same file, well-formed, is read

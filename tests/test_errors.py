@@ -12,40 +12,79 @@ W = np.zeros((4, 3, 3, 3), np.float32)
 
 CONV_CASES = [
     # (kwargs overriding x / weight / bias / params, exception, pattern)
-    (dict(x=np.zeros((3, 8, 8), np.float32)), ValueError,
-     r"conv2d: x must be 4-D \(N, C, H, W\); got 3-D x.shape=\(3, 8, 8\)"),
+    (
+        dict(x=np.zeros((3, 8, 8), np.float32)),
+        ValueError,
+        r"conv2d: x must be 4-D \(N, C, H, W\); got 3-D x.shape=\(3, 8, 8\)",
+    ),
     (dict(weight=np.zeros((4, 3, 3), np.float32)), ValueError, r"conv2d: weight must be 4-D"),
-    (dict(weight=np.zeros((4, 4, 3, 3), np.float32)), ValueError,
-     r"conv2d: x has 3 channels but weight expects 4 .*x.shape=\(2, 3, 8, 8\), "
-     r"weight.shape=\(4, 4, 3, 3\)"),
-    (dict(groups=2, weight=np.zeros((4, 1, 3, 3), np.float32)), ValueError,
-     r"conv2d: groups=2 must divide the 3 input channels"),
-    (dict(groups=3, weight=np.zeros((4, 1, 3, 3), np.float32)), ValueError,
-     r"conv2d: groups=3 must divide the 4 output channels"),
+    (
+        dict(weight=np.zeros((4, 4, 3, 3), np.float32)),
+        ValueError,
+        r"conv2d: x has 3 channels but weight expects 4 .*x.shape=\(2, 3, 8, 8\), "
+        r"weight.shape=\(4, 4, 3, 3\)",
+    ),
+    (
+        dict(groups=2, weight=np.zeros((4, 1, 3, 3), np.float32)),
+        ValueError,
+        r"conv2d: groups=2 must divide the 3 input channels",
+    ),
+    (
+        dict(groups=3, weight=np.zeros((4, 1, 3, 3), np.float32)),
+        ValueError,
+        r"conv2d: groups=3 must divide the 4 output channels",
+    ),
     (dict(groups=0), ValueError, r"conv2d: groups must be positive; got groups=0"),
     (dict(groups=1.5), TypeError, r"conv2d: groups must be an int"),
-    (dict(weight=np.zeros((4, 3, 9, 3), np.float32)), ValueError,
-     r"conv2d: the dilated kernel \(9x3\) is larger than the padded input \(8x8\)"),
+    (
+        dict(weight=np.zeros((4, 3, 9, 3), np.float32)),
+        ValueError,
+        r"conv2d: the dilated kernel \(9x3\) is larger than the padded input \(8x8\)",
+    ),
     (dict(dilation=4), ValueError, r"conv2d: the dilated kernel \(9x9\) is larger"),
     (dict(stride=0), ValueError, r"conv2d: stride must be positive; got stride=0"),
     (dict(stride=(1, -1)), ValueError, r"conv2d: stride must be positive"),
     (dict(dilation=0), ValueError, r"conv2d: dilation must be positive"),
     (dict(padding=-1), ValueError, r"conv2d: padding must be >= 0; got padding=-1"),
     (dict(padding=(1, 2, 3)), TypeError, r"conv2d: padding must be an int or a pair of ints"),
-    (dict(padding="full"), ValueError, r"conv2d: padding must be an int, a pair, 'same' or 'valid'"),
+    (
+        dict(padding="full"),
+        ValueError,
+        r"conv2d: padding must be an int, a pair, 'same' or 'valid'",
+    ),
     (dict(padding="same", stride=2), ValueError, r"conv2d: padding='same' needs stride 1"),
-    (dict(x=X.astype(np.int32)), TypeError, r"conv2d: x must be float32 or float64; got dtype int32"),
-    (dict(x=X.astype(np.float16), weight=W.astype(np.float16)), TypeError,
-     r"x must be float32 or float64; got dtype float16"),
-    (dict(weight=W.astype(np.float64)), TypeError,
-     r"conv2d: all inputs must have the same dtype; got x.dtype=float32, weight.dtype=float64"),
+    (
+        dict(x=X.astype(np.int32)),
+        TypeError,
+        r"conv2d: x must be float32 or float64; got dtype int32",
+    ),
+    (
+        dict(x=X.astype(np.float16), weight=W.astype(np.float16)),
+        TypeError,
+        r"x must be float32 or float64; got dtype float16",
+    ),
+    (
+        dict(weight=W.astype(np.float64)),
+        TypeError,
+        r"conv2d: all inputs must have the same dtype; got x.dtype=float32, weight.dtype=float64",
+    ),
     (dict(bias=np.zeros(4, np.float64)), TypeError, r"bias.dtype=float64"),
-    (dict(bias=np.zeros(5, np.float32)), ValueError,
-     r"conv2d: bias must have shape \(4,\) .*got bias.shape=\(5,\)"),
-    (dict(x=np.zeros((0, 3, 8, 8), np.float32)), ValueError,
-     r"conv2d: empty batch \(N=0\) is not supported; x.shape=\(0, 3, 8, 8\)"),
+    (
+        dict(bias=np.zeros(5, np.float32)),
+        ValueError,
+        r"conv2d: bias must have shape \(4,\) .*got bias.shape=\(5,\)",
+    ),
+    (
+        dict(x=np.zeros((0, 3, 8, 8), np.float32)),
+        ValueError,
+        r"conv2d: empty batch \(N=0\) is not supported; x.shape=\(0, 3, 8, 8\)",
+    ),
     (dict(x=np.zeros((2, 3, 0, 8), np.float32)), ValueError, r"conv2d: x has a zero-sized"),
-    (dict(x=[[1.0]]), TypeError, r"conv2d: x must be a NumPy array or a CUDA device array; got list"),
+    (
+        dict(x=[[1.0]]),
+        TypeError,
+        r"conv2d: x must be a NumPy array or a CUDA device array; got list",
+    ),
 ]
 
 
@@ -59,9 +98,13 @@ def test_conv2d_errors(case, exc, pattern):
 
 def test_conv2d_backward_errors():
     gy = np.zeros((2, 4, 6, 6), np.float32)
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "conv2d_backward: grad_y must have the conv2d output shape (2, 4, 6, 6); "
-            "got grad_y.shape=(2, 4, 5, 5)")):
+            "got grad_y.shape=(2, 4, 5, 5)"
+        ),
+    ):
         fc.conv2d_backward(np.zeros((2, 4, 5, 5), np.float32), X, W)
     with pytest.raises(TypeError, match="conv2d_backward: all inputs must have the same dtype"):
         fc.conv2d_backward(gy.astype(np.float64), X, W)
@@ -91,13 +134,24 @@ POOL_CASES = [
     (dict(kernel_size=(2, 2, 2)), TypeError, r"kernel_size must be an int or a pair of ints"),
     (dict(stride=0), ValueError, r"max_pool2d: stride must be positive"),
     (dict(padding=-1), ValueError, r"max_pool2d: padding must be >= 0"),
-    (dict(kernel_size=2, padding=2), ValueError,
-     r"max_pool2d: padding must be at most half the kernel size; got padding=\(2, 2\), "
-     r"kernel_size=\(2, 2\)"),
-    (dict(kernel_size=9), ValueError, r"max_pool2d: kernel_size \(9, 9\) is larger than the padded"),
+    (
+        dict(kernel_size=2, padding=2),
+        ValueError,
+        r"max_pool2d: padding must be at most half the kernel size; got padding=\(2, 2\), "
+        r"kernel_size=\(2, 2\)",
+    ),
+    (
+        dict(kernel_size=9),
+        ValueError,
+        r"max_pool2d: kernel_size \(9, 9\) is larger than the padded",
+    ),
     (dict(padding="same"), ValueError, r"max_pool2d: padding must be an int or a pair"),
     (dict(x=np.zeros((8, 8), np.float32)), ValueError, r"max_pool2d: x must be 4-D"),
-    (dict(x=np.zeros((2, 3, 8, 8), np.uint8)), TypeError, r"must be float32 or float64; got dtype uint8"),
+    (
+        dict(x=np.zeros((2, 3, 8, 8), np.uint8)),
+        TypeError,
+        r"must be float32 or float64; got dtype uint8",
+    ),
     (dict(x=np.zeros((0, 3, 8, 8))), ValueError, r"empty batch"),
 ]
 
@@ -113,8 +167,12 @@ def test_pool_errors(case, exc, pattern):
 
 
 def test_pool_backward_errors():
-    with pytest.raises(ValueError, match=re.escape(
-            "max_pool2d_backward: grad_y must have the max_pool2d output shape (2, 3, 4, 4)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "max_pool2d_backward: grad_y must have the max_pool2d output shape (2, 3, 4, 4)"
+        ),
+    ):
         fc.max_pool2d_backward(np.zeros((2, 3, 3, 3), np.float32), X, 2)
     with pytest.raises(TypeError, match="avg_pool2d_backward: all inputs must have the same dtype"):
         fc.avg_pool2d_backward(np.zeros((2, 3, 4, 4)), X, 2)

@@ -15,8 +15,13 @@ def _check(kind, cfg, dtype, seed=0, x=None, **extra):
     rng = np.random.default_rng(seed)
     if x is None:
         x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
-    p = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
-             ceil_mode=cfg.get("ceil_mode", False), **extra)
+    p = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg.get("ceil_mode", False),
+        **extra,
+    )
     fwd, bwd = getattr(fc, f"{kind}_pool2d"), getattr(fc, f"{kind}_pool2d_backward")
     rfwd, rbwd = getattr(reference, f"{kind}_pool2d"), getattr(reference, f"{kind}_pool2d_backward")
     check_op(
@@ -33,8 +38,12 @@ def test_max_pool_random(cfg, dtype, seed):
     _check("max", cfg, dtype, seed)
 
 
-@given(cfg=pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       count_include_pad=st.booleans())
+@given(
+    cfg=pool_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    count_include_pad=st.booleans(),
+)
 def test_avg_pool_random(cfg, dtype, seed, count_include_pad):
     _check("avg", cfg, dtype, seed, count_include_pad=count_include_pad)
 
@@ -81,8 +90,10 @@ def test_max_pool_nan_wins_and_all_minus_inf():
     x = np.full((1, 1, 2, 4), -np.inf)
     x[0, 0, 1, 0] = np.nan
     x[0, 0, 0, 1] = 3.0
-    for fwd, bwd in ((fc.max_pool2d, fc.max_pool2d_backward),
-                     (reference.max_pool2d, reference.max_pool2d_backward)):
+    for fwd, bwd in (
+        (fc.max_pool2d, fc.max_pool2d_backward),
+        (reference.max_pool2d, reference.max_pool2d_backward),
+    ):
         kw = {"backend": "cpu"} if fwd is fc.max_pool2d else {}
         y = fwd(x, 2, **kw)
         assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == -np.inf

@@ -14,8 +14,9 @@ def _conv_params(cfg):
     return {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
 
 
-FD = settings(max_examples=30, suppress_health_check=[HealthCheck.filter_too_much,
-                                                      HealthCheck.too_slow])
+FD = settings(
+    max_examples=30, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 
 
 @FD
@@ -45,10 +46,17 @@ def test_pool_gradients_by_finite_differences(cfg):
     rng = np.random.default_rng(1)
     # Distinct, well-separated values: max pooling is differentiable away from ties.
     x = rng.permutation(np.prod(cfg["x_shape"])).reshape(cfg["x_shape"]) * 0.01
-    p = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
-             ceil_mode=cfg["ceil_mode"])
-    for kind, extra in (("max", {}), ("avg", {"count_include_pad": True}),
-                        ("avg", {"count_include_pad": False})):
+    p = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+    )
+    for kind, extra in (
+        ("max", {}),
+        ("avg", {"count_include_pad": True}),
+        ("avg", {"count_include_pad": False}),
+    ):
         fwd = getattr(reference, f"{kind}_pool2d")
         bwd = getattr(reference, f"{kind}_pool2d_backward")
         gy = rng.standard_normal(fwd(x, **p, **extra).shape)
@@ -56,8 +64,9 @@ def test_pool_gradients_by_finite_differences(cfg):
         def loss(fwd=fwd, gy=gy, extra=extra):
             return float(np.sum(fwd(x, **p, **extra) * gy))
 
-        np.testing.assert_allclose(bwd(gy, x, **p, **extra), numerical_grad(loss, x, eps=1e-4),
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            bwd(gy, x, **p, **extra), numerical_grad(loss, x, eps=1e-4), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_conv2d_by_definition():
@@ -69,7 +78,9 @@ def test_conv2d_by_definition():
     oh, ow, k = 1, 2, 1  # k=1 is group 1: input channels 2, 3
     expected = sum(
         w[k, c, i, j] * xp[0, 2 + c, oh * 2 + i * 2, ow * 2 + j * 2]
-        for c in range(2) for i in range(2) for j in range(2)
+        for c in range(2)
+        for i in range(2)
+        for j in range(2)
     )
     assert y.shape == (1, 2, 4, 4)  # (7 + 2 - 2*1 - 1) // 2 + 1
     np.testing.assert_allclose(y[0, k, oh, ow], expected, rtol=1e-12)
@@ -112,16 +123,21 @@ def test_pooling_matches_torch(cfg):
     F = torch.nn.functional
     rng = np.random.default_rng(4)
     x = rng.standard_normal(cfg["x_shape"])
-    p = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
-             ceil_mode=cfg["ceil_mode"])
+    p = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+    )
     for cip in (True, False):
         tx = torch.tensor(x, requires_grad=True)
         ty = F.avg_pool2d(tx, **p, count_include_pad=cip)
         assert_close(reference.avg_pool2d(x, **p, count_include_pad=cip), ty.detach().numpy())
         gy = rng.standard_normal(tuple(ty.shape))
         ty.backward(torch.tensor(gy))
-        assert_close(reference.avg_pool2d_backward(gy, x, **p, count_include_pad=cip),
-                     tx.grad.numpy())
+        assert_close(
+            reference.avg_pool2d_backward(gy, x, **p, count_include_pad=cip), tx.grad.numpy()
+        )
     tx = torch.tensor(x, requires_grad=True)
     ty = F.max_pool2d(tx, **p)
     assert_close(reference.max_pool2d(x, **p), ty.detach().numpy())

@@ -1,11 +1,12 @@
 """Direct convolution: forward, backward-data and backward-filter with no im2col buffer.
 
 Notation: x (N, C, H, W), weight (K, CG, KH, KW) with CG = C/G, y (N, K, OH, OW), KG = K/G.
-Input position of output (oh, ow) and tap (kh, kw):  ih = oh*sh - ph + kh*dh,  iw = ow*sw - pw + kw*dw.
+Input position of output (oh, ow), tap (kh, kw): ih = oh*sh - ph + kh*dh, iw = ow*sw - pw + kw*dw.
 Taps in the zero padding are skipped via ``valid_range`` instead of testing every element.
 
 Backward, derived once from  y[n,k,oh,ow] = sum_{c,kh,kw} w[k,c,kh,kw] * x[n, g*CG+c, ih, iw]:
-  grad_x[n, g*CG+c, ih, iw] = sum_{k in group g, kh, kw, (oh,ow) -> (ih,iw)} w[k,c,kh,kw] * gy[n,k,oh,ow]
+  grad_x[n, g*CG+c, ih, iw] = sum_{k in group g; kh, kw, oh, ow hitting (ih, iw)}
+                                  w[k,c,kh,kw] * gy[n,k,oh,ow]
       i.e. the transposed convolution of gy with w (a full correlation of the stride-dilated gy
       with the flipped kernel); written here as a scatter from gy, one thread per (n, c) plane.
   grad_w[k, c, kh, kw] = sum_{n, oh, ow} gy[n,k,oh,ow] * x[n, g*CG+c, ih, iw]

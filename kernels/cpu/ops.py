@@ -41,12 +41,16 @@ def conv2d(x, w, b, g, algorithm):
     """Forward convolution. b may be None. Returns y (N, K, OH, OW)."""
     if algorithm == "direct":
         bias = np.zeros(g.K, x.dtype) if b is None else b
-        return direct.conv2d_forward(x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
+        return direct.conv2d_forward(
+            x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+        )
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     cols = _im2col(x, g)  # (C*KH*KW, N*P)
     wm = w.reshape(g.G, g.KG, R)
     if g.G == 1:
-        ym = np.matmul(wm[0], cols, out=workspace("ym", (g.K, g.N * P), x.dtype))  # (K, R) @ (R, N*P)
+        ym = np.matmul(
+            wm[0], cols, out=workspace("ym", (g.K, g.N * P), x.dtype)
+        )  # (K, R) @ (R, N*P)
     else:
         ym = workspace("ym", (g.K, g.N * P), x.dtype)
         for gi in range(g.G):  # (KG, R) @ (R, N*P) per group
@@ -114,4 +118,6 @@ def avg_pool2d_backward(gy, x, g):
     return pool.avg_pool2d_backward(
         gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
     )
+
+
 from .nn import *  # noqa: E402,F401,F403 — activations, linear, losses, optimizer updates
