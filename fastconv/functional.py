@@ -246,7 +246,10 @@ def conv_transpose2d(
         algorithm=algorithm,
     )
     if bias is not None:
-        y += bias.reshape(1, -1, 1, 1)
+        if _on_device(y):  # device arrays have no +=: the backend adds the bias in place
+            dispatch.backend_ops(op, "cuda").add_bias_(y, bias)
+        else:
+            y += bias.reshape(1, -1, 1, 1)
     return y
 
 
