@@ -42,6 +42,7 @@ def conv2d(
     *,
     backend: str = "auto",
     algorithm: str = "auto",
+    saved: dict | None = None,
 ) -> Array:
     """2-D convolution (cross-correlation, as in PyTorch).
 
@@ -50,6 +51,11 @@ def conv2d(
         stride, dilation: int or (h, w), positive. padding: int, (h, w), 'same' (stride 1 only)
             or 'valid'; zero padding. groups: number of channel groups (C for depthwise).
         backend: "auto" | "reference" | "cpu" | "cuda". algorithm: "auto" | "im2col" | "direct".
+        saved: optional dict the caller keeps until ``conv2d_backward`` (layers do). The CPU
+            im2col path leaves its column matrix there, and the backward pass given the same
+            dict and the very same ``x`` object reuses it instead of rebuilding it. The
+            gradients are then those of the forward call's input, even if ``x`` was changed
+            in place meanwhile.
 
     Shape:
         x (N, C, H, W), weight (K, C/groups, KH, KW), bias (K,) -> y (N, K, OH, OW) with
@@ -58,7 +64,9 @@ def conv2d(
     op = "conv2d"
     x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
 
-    def run(be, algo):
+    def run(be, algo, keep=None):
+        if be == "cpu":
+            return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo, keep)
         return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo)
 
     be, algo = dispatch.choose(
@@ -72,7 +80,7 @@ def conv2d(
     )
     if be == "reference":
         return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return run(be, algo)
+    return run(be, algo, saved)
 
 
 def conv2d_backward(
@@ -87,11 +95,12 @@ def conv2d_backward(
     backend: str = "auto",
     algorithm: str = "auto",
     output_mask: tuple[bool, bool, bool] = (True, True, True),
+    saved: dict | None = None,
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients of ``conv2d`` with respect to x, weight and bias.
 
     ``output_mask`` (as in PyTorch's convolution_backward) skips the gradients not needed;
-    those come back as None.
+    those come back as None. ``saved``: the dict given to the forward ``conv2d`` call, if any.
 
     Shape:
         grad_y (N, K, OH, OW), x (N, C, H, W), weight (K, C/groups, KH, KW)
@@ -104,8 +113,11 @@ def conv2d_backward(
     shapes.check_same_place(op, grad_y=grad_y, x=x, weight=weight)
     mask = tuple(bool(m) for m in output_mask)
 
-    def run(be, algo):
-        return dispatch.backend_ops(op, be).conv2d_backward(grad_y, x, weight, g, algo, mask)
+    def run(be, algo, keep=None):
+        ops = dispatch.backend_ops(op, be)
+        if be == "cpu":
+            return ops.conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
+        return ops.conv2d_backward(grad_y, x, weight, g, algo, mask)
 
     be, algo = dispatch.choose(
         op,
@@ -120,7 +132,7 @@ def conv2d_backward(
     if be == "reference":
         out = reference.conv2d_backward(grad_y, x, weight, stride, padding, dilation, groups)
         return tuple(o if m else None for o, m in zip(out, mask))
-    return run(be, algo)
+    return run(be, algo, saved)
 
 
 def conv2d_backward_input(

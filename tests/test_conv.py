@@ -205,3 +205,28 @@ def test_auto_matches_oracle():
     for cfg in NAMED.values():
         x, w = arrays(rng, np.float64, cfg["x_shape"], cfg["w_shape"])
         assert_close(fc.conv2d(x, w, **_params(cfg)), reference.conv2d(x, w, **_params(cfg)))
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_columns_reused_only_for_the_same_input(algorithm, dtype):
+    """The forward pass may leave its im2col matrix in ``saved`` for the backward pass; reused
+    only for the very same x object, and the gradients stay the oracle's."""
+    cfg = NAMED["groups"]
+    p = _params(cfg)
+    rng = np.random.default_rng(9)
+    x, w, b = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    kw = dict(**p, backend="cpu", algorithm=algorithm)
+    saved = {}
+    y = fc.conv2d(x, w, b, **kw, saved=saved)
+    assert_close(y, reference.conv2d(x, w, b, **p), dtype)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    for _ in range(2):  # twice: the kept buffer is reused, not consumed
+        got = fc.conv2d_backward(gy, x, w, **kw, saved=saved)
+        for a, e in zip(got, reference.conv2d_backward(gy, x, w, **p)):
+            assert_close(a, e, dtype)
+    x2 = rng.standard_normal(x.shape).astype(dtype)  # another input: must not use x's columns
+    got = fc.conv2d_backward(gy, x2, w, **kw, saved=saved)
+    assert_close(got[1], reference.conv2d_backward(gy, x2, w, **p)[1], dtype)
+    if algorithm == "im2col":
+        assert saved["x"] is x2

@@ -67,23 +67,30 @@ def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
 
 
 @njit(parallel=True, cache=True)
-def kn_to_nk(a, N, K, P):
-    """(K, N*P) -> (N, K, P): the GEMM result back into NCHW order (bias added by the caller)."""
+def kn_to_nk(a, b, N, K, P):
+    """(K, N*P) -> (N, K, P) plus bias b (K,): the GEMM result back into NCHW order."""
     out = np.empty((N, K, P), dtype=a.dtype)
     for nk in prange(N * K):
         n = nk // K
         k = nk % K
+        bk = b[k]
         for p in range(P):
-            out[n, k, p] = a[k, n * P + p]
+            out[n, k, p] = a[k, n * P + p] + bk
     return out
 
 
 @njit(parallel=True, cache=True)
-def nk_to_kn(a, out):
-    """(N, K, P) -> out (K, N*P), in place: grad_y into the GEMM layout of cols."""
+def nk_to_kn_sum(a, out, gb):
+    """(N, K, P) -> out (K, N*P) in place, and gb[k] = sum of a[:, k, :] (fixed order).
+
+    grad_y into the GEMM layout of cols; the bias gradient comes free with the same pass.
+    """
     N, K, P = a.shape
-    for nk in prange(N * K):
-        n = nk // K
-        k = nk % K
-        for p in range(P):
-            out[k, n * P + p] = a[n, k, p]
+    for k in prange(K):
+        acc = 0.0
+        for n in range(N):
+            for p in range(P):
+                v = a[n, k, p]
+                out[k, n * P + p] = v
+                acc += v
+        gb[k] = acc

@@ -31,21 +31,38 @@ def workspace(name, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-def _im2col(x, g):
-    cols = workspace("cols", (g.C * g.KH * g.KW, g.N * g.OH * g.OW), x.dtype)
+def _im2col(x, g, saved=None):
+    """cols (C*KH*KW, N*P) of x: from ``saved`` when the forward pass kept them for this very x,
+    else built into the shared workspace (or into ``saved``'s own buffer, to be kept)."""
+    shape = (g.C * g.KH * g.KW, g.N * g.OH * g.OW)
+    if saved is not None and saved.get("x") is x and saved.get("g") == g:
+        return saved["cols"]
+    if saved is None:
+        cols = workspace("cols", shape, x.dtype)
+    else:  # the caller keeps these until its backward pass: a buffer of its own, reused
+        cols = saved.get("cols")
+        if cols is None or cols.shape != shape or cols.dtype != x.dtype:
+            cols = np.empty(shape, x.dtype)
+        saved.update(x=x, g=g, cols=cols)
     im2col.im2col(x, cols, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
     return cols
 
 
-def conv2d(x, w, b, g, algorithm):
-    """Forward convolution. b may be None. Returns y (N, K, OH, OW)."""
+def conv2d(x, w, b, g, algorithm, saved=None):
+    """Forward convolution. b may be None. Returns y (N, K, OH, OW).
+
+    ``saved``: an optional dict the caller keeps until ``conv2d_backward`` of the same x; the
+    im2col path leaves its column matrix there so the backward pass does not rebuild it.
+    """
+    bias = np.zeros(g.K, x.dtype) if b is None else b
     if algorithm == "direct":
-        bias = np.zeros(g.K, x.dtype) if b is None else b
+        if saved is not None:
+            saved.clear()
         return direct.conv2d_forward(
             x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
         )
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
-    cols = _im2col(x, g)  # (C*KH*KW, N*P)
+    cols = _im2col(x, g, saved)  # (C*KH*KW, N*P)
     wm = w.reshape(g.G, g.KG, R)
     if g.G == 1:
         ym = np.matmul(
@@ -55,18 +72,16 @@ def conv2d(x, w, b, g, algorithm):
         ym = workspace("ym", (g.K, g.N * P), x.dtype)
         for gi in range(g.G):  # (KG, R) @ (R, N*P) per group
             np.matmul(wm[gi], cols[gi * R : (gi + 1) * R], out=ym[gi * g.KG : (gi + 1) * g.KG])
-    y = im2col.kn_to_nk(ym, g.N, g.K, P)  # (K, N*P) -> (N, K, P)
-    if b is not None:
-        y += b[None, :, None]
+    y = im2col.kn_to_nk(ym, bias, g.N, g.K, P)  # (K, N*P) -> (N, K, P), + bias
     return y.reshape(g.y_shape)
 
 
-def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
+def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
     """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x may be None
-    when only grad_x is asked for."""
+    when only grad_x is asked for; ``saved`` is the dict given to the forward pass, if any."""
     need_x, need_w, need_b = mask
-    gb = gy.sum(axis=(0, 2, 3)) if need_b else None
     if algorithm == "direct":
+        gb = gy.sum(axis=(0, 2, 3)) if need_b else None
         gx = gw = None
         if need_x:
             gx = direct.conv2d_backward_data(
@@ -79,10 +94,12 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
         return gx, gw, gb
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     gym = workspace("gym", (g.K, g.N * P), gy.dtype)
-    im2col.nk_to_kn(gy.reshape(g.N, g.K, P), gym)  # (N, K, P) -> (K, N*P)
+    gb = np.empty(g.K, gy.dtype)
+    im2col.nk_to_kn_sum(gy.reshape(g.N, g.K, P), gym, gb)  # (N, K, P) -> (K, N*P); sum
+    gb = gb if need_b else None
     gx = gw = None
     if need_w:
-        cols = _im2col(x, g)  # (C*KH*KW, N*P)
+        cols = _im2col(x, g, saved)  # (C*KH*KW, N*P)
         gwm = np.empty((g.G, g.KG, R), x.dtype)
         for gi in range(g.G):  # (KG, N*P) @ (N*P, R)
             ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
