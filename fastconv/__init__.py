@@ -9,8 +9,9 @@ import os
 # Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores (im2col, then GEMM,
 # then im2col...). Spinning OpenMP workers starve the BLAS threads: 5-7x slower on LeNet-sized
 # convs. Passive waiting fixes it; it must be set before the OpenMP runtime starts, and a user's
-# own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# own setting (OMP_WAIT_POLICY, or a GOMP_SPINCOUNT to spin a bounded while) wins.
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import dispatch, reference, shapes  # noqa: E402
 from .dispatch import using  # noqa: E402
