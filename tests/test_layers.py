@@ -1,0 +1,469 @@
+"""Layers: backward against finite differences (float64), convolutional layers against the
+oracle, PyTorch state-dict compatibility, modes, devices, repr and constructor errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import reference as R
+from tests.helpers import assert_close, numerical_grad
+
+F64 = np.float64
+
+
+def rnd(shape, seed=0, scale=1.0):
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+def check_layer_gradients(layer, x, *, rtol=1e-6, atol=1e-8):
+    """layer.backward against central differences of sum(layer(x) * g), for x and every param."""
+    y = layer(x)
+    g = rnd(np.shape(y), seed=99)
+    layer.zero_grad()
+    gx = layer.backward(g)
+
+    def loss():
+        return float((layer(x) * g).sum())
+
+    np.testing.assert_allclose(gx, numerical_grad(loss, x), rtol=rtol, atol=atol, err_msg="x")
+    for name, p in layer.named_parameters():
+        np.testing.assert_allclose(
+            p.grad, numerical_grad(loss, p.data), rtol=rtol, atol=atol, err_msg=name
+        )
+
+
+LAYERS = [
+    ("conv2d", lambda: fc.Conv2d(2, 3, 3, stride=2, padding=1, dtype=F64, rng=0), (2, 2, 5, 6)),
+    (
+        "conv2d_groups",
+        lambda: fc.Conv2d(4, 4, (3, 2), groups=2, dilation=(1, 2), dtype=F64, rng=0),
+        (1, 4, 5, 6),
+    ),
+    (
+        "conv2d_same_nobias",
+        lambda: fc.Conv2d(2, 2, 4, padding="same", bias=False, dtype=F64, rng=0),
+        (2, 2, 5, 5),
+    ),
+    (
+        "conv_transpose2d",
+        lambda: fc.ConvTranspose2d(
+            2, 3, 3, stride=2, padding=1, output_padding=1, dtype=F64, rng=0
+        ),
+        (2, 2, 3, 4),
+    ),
+    ("conv1d", lambda: fc.Conv1d(2, 3, 3, stride=2, padding=1, dtype=F64, rng=0), (2, 2, 9)),
+    ("maxpool", lambda: fc.MaxPool2d(2), (2, 3, 4, 6)),
+    ("maxpool_pad", lambda: fc.MaxPool2d(3, stride=2, padding=1), (1, 2, 5, 5)),
+    (
+        "avgpool",
+        lambda: fc.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        (1, 2, 5, 5),
+    ),
+    ("relu", lambda: fc.ReLU(), (3, 7)),
+    ("leaky_relu", lambda: fc.LeakyReLU(0.2), (3, 7)),
+    ("sigmoid", lambda: fc.Sigmoid(), (3, 7)),
+    ("tanh", lambda: fc.Tanh(), (2, 3, 4)),
+    ("linear", lambda: fc.Linear(5, 4, dtype=F64, rng=0), (3, 5)),
+    ("linear_nobias", lambda: fc.Linear(5, 4, bias=False, dtype=F64, rng=0), (3, 5)),
+    ("flatten", lambda: fc.Flatten(), (2, 3, 2, 2)),
+    ("batchnorm_train", lambda: fc.BatchNorm2d(3, dtype=F64), (4, 3, 2, 3)),
+    ("batchnorm_noaffine", lambda: fc.BatchNorm2d(3, affine=False, dtype=F64), (4, 3, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", LAYERS, ids=[n for n, *_ in LAYERS])
+def test_layer_backward_matches_finite_differences(name, make, shape):
+    layer = make()
+    x = rnd(shape, seed=1)
+    if "pool" in name or "relu" in name:
+        # distinct values, away from kinks and ties, so the function is smooth at x
+        x = np.random.default_rng(1).permutation(np.prod(shape)).reshape(shape) * 0.1 - 1.05
+    if name.startswith("batchnorm"):
+        layer.train()
+        # the running stats change on every forward call but do not enter the training output
+    check_layer_gradients(layer, x)
+
+
+def test_batchnorm_eval_backward_matches_finite_differences():
+    bn = fc.BatchNorm2d(2, dtype=F64)
+    bn.running_mean[:] = [0.5, -1.0]
+    bn.running_var[:] = [2.0, 0.5]
+    bn.weight.data[:] = [1.5, -0.5]
+    bn.eval()
+    check_layer_gradients(bn, rnd((2, 2, 3, 3), seed=3))
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    d = fc.Dropout(0.4, rng=0)
+    x = rnd((50, 40), seed=1)
+    y = d(x)
+    g = rnd(x.shape, seed=2)
+    gx = d.backward(g)
+    keep = y != 0
+    np.testing.assert_allclose(gx, np.where(keep, g / 0.6, 0.0))
+    np.testing.assert_allclose(y, np.where(keep, x / 0.6, 0.0))
+    assert 0.5 < keep.mean() < 0.7
+
+
+def test_dropout_modes_and_extremes():
+    x = rnd((10, 10), seed=1)
+    d = fc.Dropout(0.5, rng=0).eval()
+    assert d(x) is x and d.backward(x) is x
+    assert np.all(fc.Dropout(1.0, rng=0)(x) == 0)
+    np.testing.assert_array_equal(fc.Dropout(0.0, rng=0)(x), x)
+
+
+def test_dropout_is_reproducible_with_a_seed():
+    x = np.ones((8, 8))
+    a, b, c = fc.Dropout(0.5, rng=3), fc.Dropout(0.5, rng=3), fc.Dropout(0.5, rng=4)
+    np.testing.assert_array_equal(a(x), b(x))
+    assert not np.array_equal(a(x), c(x))
+
+
+# --------------------------------------------------------------------------- against the oracle
+
+
+def test_conv2d_layer_matches_oracle():
+    layer = fc.Conv2d(
+        4, 6, 3, stride=(1, 2), padding=(2, 1), dilation=2, groups=2, dtype=F64, rng=0
+    )
+    x = rnd((2, 4, 7, 8))
+    y = layer(x)
+    w, b = layer.weight.data, layer.bias.data
+    assert_close(y, R.conv2d(x, w, b, (1, 2), (2, 1), 2, 2))
+    g = rnd(y.shape, seed=1)
+    gx = layer.backward(g)
+    gx_r, gw_r, gb_r = R.conv2d_backward(g, x, w, (1, 2), (2, 1), 2, 2)
+    assert_close(gx, gx_r)
+    assert_close(layer.weight.grad, gw_r)
+    assert_close(layer.bias.grad, gb_r)
+
+
+def test_conv_transpose2d_layer_matches_oracle():
+    # ConvTranspose2d's forward is conv2d's backward-data with the same weight.
+    layer = fc.ConvTranspose2d(
+        3, 4, 3, stride=2, padding=1, output_padding=1, dtype=F64, rng=0, bias=False
+    )
+    x = rnd((2, 3, 4, 5))
+    y = layer(x)
+    assert y.shape == (2, 4, 8, 10)
+    x_ref = np.zeros(y.shape)
+    expected = R.conv2d_backward(x, x_ref, layer.weight.data, 2, 1)[0]
+    assert_close(y, expected)
+    g = rnd(y.shape, seed=1)
+    gx = layer.backward(g)
+    assert_close(gx, R.conv2d(g, layer.weight.data, None, 2, 1))
+
+
+def test_conv1d_layer_matches_oracle():
+    layer = fc.Conv1d(3, 4, 5, padding="same", dtype=F64, rng=0)
+    x = rnd((2, 3, 12))
+    y = layer(x)
+    ref = R.conv2d(x[:, :, None], layer.weight.data[:, :, None], layer.bias.data, 1, (0, 2))
+    assert_close(y, ref[:, :, 0])
+
+
+def test_linear_layer_matches_oracle_float32():
+    layer = fc.Linear(20, 7, rng=0)
+    x = rnd((5, 20)).astype(np.float32)
+    y = layer(x)
+    assert y.dtype == np.float32
+    assert_close(y, R.linear(x, layer.weight.data, layer.bias.data))
+
+
+# --------------------------------------------------------------------------- PyTorch compatibility
+
+
+def _torch_pair():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    ours = fc.Sequential(
+        fc.Conv2d(1, 4, 3, padding=1, rng=0),
+        fc.BatchNorm2d(4),
+        fc.ReLU(),
+        fc.MaxPool2d(2),
+        fc.Conv2d(4, 6, 3, stride=2, bias=False, rng=1),
+        fc.LeakyReLU(0.1),
+        fc.AvgPool2d(2, padding=1),
+        fc.Flatten(),
+        fc.Dropout(0.5, rng=0),
+        fc.Linear(6 * 2 * 2, 5, rng=2),
+        fc.Tanh(),
+        fc.Linear(5, 3, rng=3),
+        fc.Sigmoid(),
+    )
+    theirs = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, bias=False),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2, padding=1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(24, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+        nn.Sigmoid(),
+    )
+    return torch, ours, theirs
+
+
+def test_state_dict_loads_into_torch_sequential_and_back():
+    torch, ours, theirs = _torch_pair()
+    sd = ours.state_dict()
+    assert list(sd) == list(theirs.state_dict())
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    ours.eval()
+    theirs.eval()
+    x = rnd((3, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours(x), expected, rtol=1e-5, atol=1e-6)
+    # and back: torch's (re-initialised) weights into ours
+    torch.manual_seed(0)
+    theirs2 = _torch_pair()[2]
+    ours.load_state_dict(theirs2.state_dict())
+    for k, v in theirs2.state_dict().items():
+        np.testing.assert_array_equal(ours.state_dict()[k], v.numpy())
+
+
+def test_training_step_gradients_match_torch():
+    torch, ours, theirs = _torch_pair()
+    ours[8].p = 0.0  # dropout off: the masks come from different generators
+    theirs[8].p = 0.0
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    x = rnd((4, 1, 16, 16)).astype(np.float32)
+    g = rnd((4, 3), seed=1).astype(np.float32)
+    ours.train()
+    y = ours(x)
+    ours.backward(g)
+    xt = torch.from_numpy(x)
+    yt = theirs(xt)
+    (yt * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+    for (name, p), (tname, tp) in zip(
+        ours.named_parameters(), theirs.named_parameters(), strict=True
+    ):
+        assert name == tname
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    # running statistics updated the same way
+    np.testing.assert_allclose(ours[1].running_var, theirs[1].running_var.numpy(), rtol=1e-5)
+    assert ours.state_dict()["1.num_batches_tracked"] == 1
+
+
+def test_default_init_matches_torch_distribution():
+    # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    conv = fc.Conv2d(16, 32, 3, rng=0)
+    bound = 1 / np.sqrt(16 * 9)
+    assert np.abs(conv.weight.data).max() <= bound
+    assert np.abs(conv.weight.data).max() > 0.95 * bound
+    assert np.abs(conv.bias.data).max() <= bound
+    lin = fc.Linear(100, 50, rng=0)
+    assert np.abs(lin.weight.data).max() <= 0.1 and lin.weight.data.std() > 0.05
+    tconv = fc.ConvTranspose2d(8, 4, 3, rng=0)  # fan_in = weight.shape[1] * KH * KW, as torch
+    assert np.abs(tconv.weight.data).max() <= 1 / np.sqrt(4 * 9)
+    assert (
+        fc.Conv2d(2, 2, 3, rng=5).weight.data.tolist()
+        == fc.Conv2d(2, 2, 3, rng=5).weight.data.tolist()
+    )
+
+
+def test_reset_parameters_redraws():
+    lin = fc.Linear(4, 4, rng=0)
+    before = lin.weight.data.copy()
+    lin.reset_parameters(rng=1)
+    assert not np.array_equal(before, lin.weight.data)
+    lin.reset_parameters(rng=0)
+    np.testing.assert_array_equal(before, lin.weight.data)
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def test_sequential_container_protocol():
+    seq = fc.Sequential(fc.Linear(3, 4, rng=0), fc.ReLU(), fc.Linear(4, 2, rng=1))
+    assert len(seq) == 3
+    assert isinstance(seq[1], fc.ReLU)
+    assert [type(layer).__name__ for layer in seq] == ["Linear", "ReLU", "Linear"]
+    assert [n for n, _ in seq.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert len(seq.parameters()) == 4
+    assert isinstance(seq[1:], fc.Sequential) and len(seq[1:]) == 2
+    seq.append(fc.Sigmoid())
+    assert len(seq) == 4
+    y = seq(rnd((5, 3)).astype(np.float32))
+    assert y.shape == (5, 2)
+
+
+def test_gradients_accumulate_until_zero_grad():
+    lin = fc.Linear(3, 2, dtype=F64, rng=0)
+    x, g = rnd((4, 3)), rnd((4, 2), seed=1)
+    lin(x)
+    lin.backward(g)
+    first = lin.weight.grad.copy()
+    lin(x)
+    lin.backward(g)
+    np.testing.assert_allclose(lin.weight.grad, 2 * first)
+    lin.zero_grad()
+    assert lin.weight.grad is None and lin.bias.grad is None
+
+
+def test_train_eval_propagates():
+    seq = fc.Sequential(fc.Dropout(0.5, rng=0), fc.Sequential(fc.BatchNorm2d(2)))
+    seq.eval()
+    assert not seq[0].training and not seq[1][0].training
+    seq.train()
+    assert seq[1][0].training
+
+
+def test_batchnorm_eval_uses_running_stats():
+    bn = fc.BatchNorm2d(2, dtype=F64)
+    x = rnd((8, 2, 4, 4), scale=3.0) + 2
+    for _ in range(50):
+        bn(x)
+    bn.eval()
+    y = bn(x)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=0.05)
+    assert bn.num_batches_tracked == 50
+
+
+def test_backward_before_forward_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"Linear.backward called before forward"):
+        fc.Linear(2, 2).backward(np.ones((1, 2), np.float32))
+
+
+def test_to_dtype_and_to_cpu():
+    seq = fc.Sequential(fc.Conv2d(1, 2, 3, rng=0), fc.BatchNorm2d(2))
+    seq.to(np.float64)
+    assert all(p.dtype == np.float64 for p in seq.parameters())
+    assert seq[1].running_mean.dtype == np.float64 and seq[0].dtype == np.float64
+    assert seq(rnd((1, 1, 5, 5))).dtype == np.float64
+    assert seq.to("cpu") is seq and seq.device == "cpu"
+    with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda'"):
+        seq.to("gpu")
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64"):
+        seq.to(np.int32)
+
+
+def test_to_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    from fastconv import dispatch
+
+    monkeypatch.setattr(dispatch, "cuda_status", lambda: (False, "no GPU here"))
+    with pytest.raises(RuntimeError, match=r"Linear.to\('cuda'\): no usable GPU: no GPU here"):
+        fc.Linear(2, 2).to("cuda")
+
+
+def test_load_state_dict_errors():
+    lin = fc.Linear(3, 2)
+    with pytest.raises(KeyError, match=r"missing keys \['bias'\], unexpected keys \['b'\]"):
+        lin.load_state_dict({"weight": np.zeros((2, 3)), "b": np.zeros(2)})
+    with pytest.raises(
+        ValueError,
+        match=r"weight has shape \(3, 2\) in the state dict but "
+        r"\(2, 3\) in the model",
+    ):
+        lin.load_state_dict({"weight": np.zeros((3, 2)), "bias": np.zeros(2)})
+    lin.load_state_dict({"weight": np.ones((2, 3))}, strict=False)
+    assert lin.weight.data.dtype == np.float32 and lin.weight.data.sum() == 6
+
+
+def test_repr_shows_non_default_arguments_only():
+    assert repr(fc.Conv2d(1, 6, 5)) == "Conv2d(1, 6, kernel_size=5)"
+    assert (
+        repr(fc.Conv2d(1, 6, 5, padding=2, bias=False))
+        == "Conv2d(1, 6, kernel_size=5, padding=2, bias=False)"
+    )
+    assert (
+        repr(fc.Conv2d(2, 4, (3, 1), stride=(2, 1), groups=2))
+        == "Conv2d(2, 4, kernel_size=(3, 1), stride=(2, 1), groups=2)"
+    )
+    assert repr(fc.MaxPool2d(2)) == "MaxPool2d(kernel_size=2)"
+    assert repr(fc.MaxPool2d(3, stride=2)) == "MaxPool2d(kernel_size=3, stride=2)"
+    assert (
+        repr(fc.AvgPool2d(2, count_include_pad=False))
+        == "AvgPool2d(kernel_size=2, count_include_pad=False)"
+    )
+    assert repr(fc.Linear(4, 3)) == "Linear(4, 3)"
+    assert repr(fc.Linear(4, 3, dtype=np.float64)) == "Linear(4, 3, dtype='float64')"
+    assert repr(fc.ReLU()) == "ReLU()"
+    assert repr(fc.LeakyReLU()) == "LeakyReLU()"
+    assert repr(fc.LeakyReLU(0.2)) == "LeakyReLU(negative_slope=0.2)"
+    assert repr(fc.Dropout(0.25)) == "Dropout(p=0.25)"
+    assert repr(fc.BatchNorm2d(8)) == "BatchNorm2d(8)"
+    assert repr(fc.BatchNorm2d(8, momentum=0.01)) == "BatchNorm2d(8, momentum=0.01)"
+    assert (
+        repr(fc.ConvTranspose2d(2, 3, 4, stride=2))
+        == "ConvTranspose2d(2, 3, kernel_size=4, stride=2)"
+    )
+    assert repr(fc.Conv1d(2, 3, 5)) == "Conv1d(2, 3, kernel_size=5)"
+    assert repr(fc.Sequential(fc.ReLU())) == "Sequential(\n  (0): ReLU()\n)"
+
+
+def test_parameter_repr():
+    assert repr(fc.Linear(2, 3).weight) == "Parameter(shape=(3, 2), dtype=float32, device='cpu')"
+
+
+@pytest.mark.parametrize(
+    "make,exc,msg",
+    [
+        (lambda: fc.Conv2d(3, 4, 3, groups=2), ValueError, r"Conv2d: groups=2 must divide"),
+        (lambda: fc.Conv2d(0, 4, 3), ValueError, r"Conv2d: in_channels must be positive"),
+        (lambda: fc.Conv2d(1.5, 4, 3), TypeError, r"Conv2d: in_channels must be an int"),
+        (lambda: fc.Conv2d(1, 4, 0), ValueError, r"Conv2d: kernel_size must be positive"),
+        (lambda: fc.Conv2d(1, 4, 3, padding="full"), ValueError, r"Conv2d: padding must be"),
+        (
+            lambda: fc.Conv2d(1, 4, 3, padding="same", stride=2),
+            ValueError,
+            r"Conv2d: padding='same' needs stride 1",
+        ),
+        (
+            lambda: fc.Conv2d(1, 4, 3, padding_mode="reflect"),
+            ValueError,
+            r"only padding_mode='zeros'",
+        ),
+        (lambda: fc.Conv2d(1, 4, 3, dtype=np.float16), TypeError, r"float32 or float64"),
+        (
+            lambda: fc.ConvTranspose2d(1, 4, 3, stride=2, output_padding=2),
+            ValueError,
+            r"ConvTranspose2d: output_padding must be smaller than stride",
+        ),
+        (
+            lambda: fc.Conv1d(1, 4, 3, padding="same", stride=2),
+            ValueError,
+            r"Conv1d: padding='same' needs stride 1",
+        ),
+        (lambda: fc.Conv1d(1, 4, 3, padding="circular"), ValueError, r"Conv1d: padding must be"),
+        (
+            lambda: fc.MaxPool2d(2, padding=2),
+            ValueError,
+            r"MaxPool2d: padding must be at most half the kernel size",
+        ),
+        (lambda: fc.Linear(0, 3), ValueError, r"Linear: in_features must be positive"),
+        (lambda: fc.Dropout(1.5), ValueError, r"Dropout: p must be in \[0, 1\]"),
+        (lambda: fc.Dropout(0.5, rng="seed"), TypeError, r"rng must be an int seed"),
+        (lambda: fc.BatchNorm2d(4, eps=0), ValueError, r"BatchNorm2d: eps must be in \(0, inf\]"),
+        (
+            lambda: fc.Sequential(fc.ReLU(), "relu"),
+            TypeError,
+            r"Sequential: item 1 is not a fastconv Layer",
+        ),
+    ],
+)
+def test_constructor_errors(make, exc, msg):
+    with pytest.raises(exc, match=msg):
+        make()
+
+
+def test_sequential_append_rejects_non_layers():
+    with pytest.raises(TypeError, match=r"Sequential.append: not a fastconv Layer"):
+        fc.Sequential().append(lambda x: x)
+
+
+def test_forward_errors_come_from_functional():
+    with pytest.raises(ValueError, match=r"conv2d: x has 2 channels but weight expects 1"):
+        fc.Conv2d(1, 2, 3)(np.ones((1, 2, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"linear: x has 3 features but weight expects 4"):
+        fc.Linear(4, 2)(np.ones((1, 3), np.float32))

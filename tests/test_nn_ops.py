@@ -1,0 +1,503 @@
+"""The layers' other math: CPU kernels (kernels/cpu/nn.py via fastconv.functional) against the
+oracle (fastconv.reference), the oracle against finite differences, and every validation rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastconv.kernels.cpu import nn as K
+
+import fastconv as fc
+from fastconv import functional as F
+from fastconv import reference as R
+from tests.helpers import DTYPES, assert_close, check_op, numerical_grad
+
+SHAPES = [(1,), (7,), (3, 5), (2, 3, 4, 5)]
+
+
+def rnd(shape, dtype=np.float64, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+# --------------------------------------------------------------------------- kernels vs oracle
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_matches_oracle(dtype, shape):
+    x = rnd(shape, dtype)
+    check_op(
+        F.relu, R.relu, (x,), lambda g, x: F.relu_backward(g, x), lambda g, x: R.relu_backward(g, x)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slope", [0.01, 0.2, -0.5])
+def test_leaky_relu_matches_oracle(dtype, slope):
+    x = rnd((4, 6), dtype)
+    check_op(
+        lambda x: F.leaky_relu(x, slope),
+        lambda x: R.leaky_relu(x, slope),
+        (x,),
+        lambda g, x: F.leaky_relu_backward(g, x, slope),
+        lambda g, x: R.leaky_relu_backward(g, x, slope),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sigmoid_tanh_match_oracle(dtype, shape):
+    x = rnd(shape, dtype, scale=3.0)
+    for f, fb, r, rb in (
+        (F.sigmoid, F.sigmoid_backward, R.sigmoid, R.sigmoid_backward),
+        (F.tanh, F.tanh_backward, R.tanh, R.tanh_backward),
+    ):
+        y = r(x)
+        check_op(f, r, (x,))
+        g = rnd(shape, dtype, seed=1)
+        assert_close(fb(g, y), rb(g, y), dtype, f.__name__ + " backward")
+
+
+def test_sigmoid_does_not_overflow():
+    x = np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0], np.float32)
+    with np.errstate(over="raise"):
+        y = F.sigmoid(x)
+    np.testing.assert_allclose(y, [0, 1.9287e-22, 0.5, 1, 1], rtol=1e-4, atol=0)
+
+
+def test_relu_gradient_is_zero_at_zero():
+    x = np.array([-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(F.relu_backward(np.ones(3), x), [0, 0, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,f,o", [(1, 1, 1), (5, 7, 3), (16, 64, 10)])
+def test_linear_matches_oracle(dtype, bias, n, f, o):
+    x, w = rnd((n, f), dtype), rnd((o, f), dtype, 1)
+    b = rnd((o,), dtype, 2) if bias else None
+    check_op(
+        lambda x, w: F.linear(x, w, b),
+        lambda x, w: R.linear(x, w, b),
+        (x, w),
+        lambda g, x, w: F.linear_backward(g, x, w),
+        lambda g, x, w: R.linear_backward(g, x, w),
+    )
+
+
+def test_linear_backward_mask_skips_outputs():
+    x, w, g = rnd((3, 4)), rnd((2, 4), seed=1), rnd((3, 2), seed=2)
+    gx, gw, gb = F.linear_backward(g, x, w, output_mask=(False, True, False))
+    assert gx is None and gb is None
+    assert_close(gw, R.linear_backward(g, x, w)[1])
+    assert K.linear_backward(g, x, w, (True, False, False))[1:] == (None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", [(1, 2), (8, 10), (33, 5)])
+def test_cross_entropy_matches_oracle(dtype, n, c):
+    z = rnd((n, c), dtype, scale=4.0)
+    labels = np.random.default_rng(3).integers(0, c, n)
+    loss, grad = F.cross_entropy(z, labels)
+    loss_ref, grad_ref = R.cross_entropy(z, labels)
+    assert isinstance(loss, float)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    assert loss == pytest.approx(loss_ref, rel=rtol, abs=rtol)
+    assert_close(grad, grad_ref, dtype, "grad_logits")
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    z = np.array([[1e4, 0.0, -1e4], [0.0, 3e4, 0.0]], np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss, grad = F.cross_entropy(z, np.array([0, 0]))
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    assert loss == pytest.approx(3e4 / 2, rel=1e-6)
+
+
+def test_cross_entropy_accepts_int32_and_uint8_labels():
+    z = rnd((4, 3))
+    ref = R.cross_entropy(z, np.array([0, 2, 1, 2]))[0]
+    for dt in (np.int32, np.uint8, np.int64):
+        assert F.cross_entropy(z, np.array([0, 2, 1, 2], dt))[0] == pytest.approx(ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mse_matches_oracle(dtype):
+    p, t = rnd((4, 5), dtype), rnd((4, 5), dtype, 1)
+    loss, grad = F.mse_loss(p, t)
+    loss_ref, grad_ref = R.mse_loss(p, t)
+    assert loss == pytest.approx(loss_ref, rel=1e-6)
+    assert_close(grad, grad_ref, dtype)
+    assert p.dtype == dtype  # inputs untouched
+    np.testing.assert_array_equal(p, rnd((4, 5), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_dtype", ["bool", "same"])
+def test_dropout_matches_oracle(dtype, mask_dtype):
+    x = rnd((3, 4, 5), dtype)
+    keep = np.random.default_rng(1).random(x.shape) > 0.3
+    keep = keep if mask_dtype == "bool" else keep.astype(dtype)
+    check_op(lambda x: F.dropout(x, keep, 1 / 0.7), lambda x: R.dropout(x, keep, 1 / 0.7), (x,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 1, 3), (5, 1, 2, 2)])
+def test_batch_norm2d_matches_oracle(dtype, training, affine, shape):
+    C = shape[1]
+    x = rnd(shape, dtype, scale=2.0) + 1.5
+    w = rnd((C,), dtype, 1) if affine else None
+    b = rnd((C,), dtype, 2) if affine else None
+    rm, rv = rnd((C,), dtype, 3), np.abs(rnd((C,), dtype, 4)) + 0.5
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, mean, invstd = F.batch_norm2d(x, rm, rv, w, b, training, 0.1, 1e-5)
+    y_ref, mean_ref, invstd_ref = R.batch_norm2d(x, w, b, rm2, rv2, training, 0.1, 1e-5)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(mean, mean_ref, dtype, "save_mean")
+    assert_close(invstd, invstd_ref, dtype, "save_invstd")
+    assert_close(rm, rm2, dtype, "running_mean")
+    assert_close(rv, rv2, dtype, "running_var")
+    g = rnd(shape, dtype, 5)
+    got = F.batch_norm2d_backward(g, x, w, mean, invstd, training)
+    ref = R.batch_norm2d_backward(g, x, w, mean_ref, invstd_ref, training)
+    for i, (a, e) in enumerate(zip(got, ref, strict=True)):
+        assert_close(a, e, dtype, f"gradient {i}")
+
+
+def test_batch_norm2d_updates_running_stats_like_torch():
+    torch = pytest.importorskip("torch")
+    x = rnd((4, 3, 5, 5), scale=2.0)
+    rm, rv = np.zeros(3), np.ones(3)
+    F.batch_norm2d(x, rm, rv, None, None, training=True, momentum=0.2)
+    trm, trv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, training=True, momentum=0.2)
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-12)
+
+
+def test_batch_norm2d_backward_mask():
+    x, g = rnd((2, 3, 2, 2)), rnd((2, 3, 2, 2), seed=1)
+    _, m, s = F.batch_norm2d(x, None, None, None, None, training=True)
+    out = F.batch_norm2d_backward(g, x, None, m, s, True, output_mask=(True, False, False))
+    assert out[0] is not None and out[1] is None and out[2] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "momentum,dampening,weight_decay,nesterov",
+    [
+        (0.0, 0.0, 0.0, False),
+        (0.9, 0.0, 0.0, False),
+        (0.9, 0.1, 1e-2, False),
+        (0.9, 0.0, 1e-3, True),
+        (0.0, 0.0, 0.1, False),
+    ],
+)
+@pytest.mark.parametrize("first", [True, False])
+def test_sgd_update_matches_oracle(dtype, momentum, dampening, weight_decay, nesterov, first):
+    p, g, buf = rnd((3, 4), dtype), rnd((3, 4), dtype, 1), rnd((3, 4), dtype, 2)
+    p_ref, buf_ref = R.sgd_update(
+        p, g, buf, 0.1, momentum, dampening, weight_decay, nesterov, first
+    )
+    F.sgd_update(
+        p, g, buf if momentum else None, 0.1, momentum, dampening, weight_decay, nesterov, first
+    )
+    assert_close(p, p_ref, dtype, "p")
+    if momentum:
+        assert_close(buf, buf_ref, dtype, "buf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("step", [1, 2, 10])
+def test_adam_update_matches_oracle(dtype, weight_decay, step):
+    p, g = rnd((5,), dtype), rnd((5,), dtype, 1)
+    m, v = rnd((5,), dtype, 2), np.abs(rnd((5,), dtype, 3))
+    p_ref, m_ref, v_ref = R.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+    F.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+    assert_close(p, p_ref, dtype, "p")
+    assert_close(m, m_ref, dtype, "m")
+    assert_close(v, v_ref, dtype, "v")
+
+
+def test_backend_reference_runs_the_oracle_in_place_too():
+    p, g, buf = rnd((4,)), rnd((4,), seed=1), rnd((4,), seed=2)
+    p2, buf2 = p.copy(), buf.copy()
+    F.sgd_update(p, g, buf, 0.1, 0.9, first=False, backend="reference")
+    F.sgd_update(p2, g, buf2, 0.1, 0.9, first=False)
+    assert_close(p, p2)
+    assert_close(buf, buf2)
+    m, v, m2, v2 = np.zeros(4), np.zeros(4), np.zeros(4), np.zeros(4)
+    F.adam_update(p, g, m, v, 1e-3, backend="reference")
+    F.adam_update(p2, g, m2, v2, 1e-3)
+    assert_close(p, p2)
+    x = rnd((3, 4))
+    assert_close(F.relu(x, backend="reference"), F.relu(x))
+    got = F.linear_backward(
+        x, rnd((3, 2)), rnd((4, 2)), output_mask=(True, False, True), backend="reference"
+    )
+    assert got[1] is None and got[0].shape == (3, 2)
+
+
+def test_conv1d_matches_conv2d_oracle():
+    x, w, b = rnd((2, 3, 11)), rnd((4, 3, 3), seed=1), rnd((4,), seed=2)
+    y = F.conv1d(x, w, b, stride=2, padding=1, dilation=2)
+    y_ref = R.conv2d(x[:, :, None], w[:, :, None], b, (1, 2), (0, 1), (1, 2))[:, :, 0]
+    assert_close(y, y_ref)
+    g = rnd(y.shape, seed=3)
+    got = F.conv1d_backward(g, x, w, stride=2, padding=1, dilation=2)
+    ref = R.conv2d_backward(g[:, :, None], x[:, :, None], w[:, :, None], (1, 2), (0, 1), (1, 2))
+    assert_close(got[0], ref[0][:, :, 0])
+    assert_close(got[1], ref[1][:, :, 0])
+    assert_close(got[2], ref[2])
+
+
+def test_flatten_keeps_the_batch_dimension():
+    x = rnd((2, 3, 4, 5))
+    assert F.flatten(x).shape == (2, 60)
+    assert np.shares_memory(F.flatten(x), x)
+
+
+# --------------------------------------------------------------------------- oracle vs finite differences
+
+
+def _fd_check(f_scalar, x, analytic, rtol=1e-6, atol=1e-8):
+    num = numerical_grad(f_scalar, x)
+    np.testing.assert_allclose(analytic, num, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh"])
+def test_oracle_activation_gradients_by_finite_differences(name):
+    x = rnd((3, 4), scale=2.0)
+    x[np.abs(x) < 1e-3] = 0.5  # keep away from the kink
+    g = rnd((3, 4), seed=1)
+    f = getattr(R, name)
+    if name in ("relu", "leaky_relu"):
+        analytic = getattr(R, name + "_backward")(g, x)
+    else:
+        analytic = getattr(R, name + "_backward")(g, f(x))
+    _fd_check(lambda: float((f(x) * g).sum()), x, analytic)
+
+
+def test_oracle_linear_gradients_by_finite_differences():
+    x, w, b, g = rnd((3, 4)), rnd((2, 4), seed=1), rnd((2,), seed=2), rnd((3, 2), seed=3)
+    gx, gw, gb = R.linear_backward(g, x, w)
+
+    def loss():
+        return float((R.linear(x, w, b) * g).sum())
+
+    _fd_check(loss, x, gx)
+    _fd_check(loss, w, gw)
+    _fd_check(loss, b, gb)
+
+
+def test_oracle_cross_entropy_and_mse_gradients_by_finite_differences():
+    z, labels = rnd((4, 5)), np.array([0, 4, 2, 2])
+    _fd_check(lambda: R.cross_entropy(z, labels)[0], z, R.cross_entropy(z, labels)[1])
+    p, t = rnd((3, 3)), rnd((3, 3), seed=1)
+    _fd_check(lambda: R.mse_loss(p, t)[0], p, R.mse_loss(p, t)[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_oracle_batch_norm_gradients_by_finite_differences(training):
+    x, w, b = rnd((3, 2, 2, 3)), rnd((2,), seed=1), rnd((2,), seed=2)
+    rm, rv = rnd((2,), seed=3), np.abs(rnd((2,), seed=4)) + 0.5
+    g = rnd(x.shape, seed=5)
+
+    def loss():
+        return float((R.batch_norm2d(x, w, b, rm.copy(), rv.copy(), training)[0] * g).sum())
+
+    _, mean, invstd = R.batch_norm2d(x, w, b, rm.copy(), rv.copy(), training)
+    gx, gw, gb = R.batch_norm2d_backward(g, x, w, mean, invstd, training)
+    _fd_check(loss, x, gx, rtol=1e-5, atol=1e-7)
+    _fd_check(loss, w, gw, rtol=1e-5, atol=1e-7)
+    _fd_check(loss, b, gb, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def test_elementwise_type_errors():
+    with pytest.raises(TypeError, match=r"relu: x must be a NumPy array.*list"):
+        F.relu([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"relu: x must be float32 or float64; got dtype int64"):
+        F.relu(np.arange(3))
+    with pytest.raises(TypeError, match=r"relu_backward: all inputs must have the same dtype"):
+        F.relu_backward(np.ones(3, np.float32), np.ones(3))
+    with pytest.raises(
+        ValueError,
+        match=r"tanh_backward: inputs must have the same shape; "
+        r"got grad_y.shape=\(3,\), y.shape=\(4,\)",
+    ):
+        F.tanh_backward(np.ones(3), np.ones(4))
+    with pytest.raises(TypeError, match=r"leaky_relu: negative_slope must be a number"):
+        F.leaky_relu(np.ones(3), "0.1")
+    with pytest.raises(ValueError, match=r"leaky_relu_backward: negative_slope must be in"):
+        F.leaky_relu_backward(np.ones(3), np.ones(3), float("nan"))
+
+
+def test_linear_errors():
+    with pytest.raises(
+        ValueError,
+        match=r"linear: x has 5 features but weight expects 4; "
+        r"x.shape=\(2, 5\), weight.shape=\(3, 4\)",
+    ):
+        F.linear(np.ones((2, 5)), np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"linear: x must be 2-D \(N, in_features\); got 3-D"):
+        F.linear(np.ones((2, 5, 1)), np.ones((3, 5)))
+    with pytest.raises(ValueError, match=r"linear: bias must have shape \(3,\)"):
+        F.linear(np.ones((2, 4)), np.ones((3, 4)), np.ones(2))
+    with pytest.raises(ValueError, match=r"linear: empty batch"):
+        F.linear(np.ones((0, 4)), np.ones((3, 4)))
+    with pytest.raises(
+        ValueError,
+        match=r"linear_backward: grad_y must have the linear output "
+        r"shape \(2, 3\); got grad_y.shape=\(2, 4\)",
+    ):
+        F.linear_backward(np.ones((2, 4)), np.ones((2, 4)), np.ones((3, 4)))
+    with pytest.raises(TypeError, match=r"linear_backward: all inputs must have the same dtype"):
+        F.linear_backward(np.ones((2, 3), np.float32), np.ones((2, 4)), np.ones((3, 4)))
+
+
+def test_cross_entropy_errors():
+    z = np.ones((3, 4))
+    with pytest.raises(TypeError, match=r"cross_entropy: labels must be integers"):
+        F.cross_entropy(z, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"cross_entropy: labels must be a NumPy array"):
+        F.cross_entropy(z, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"cross_entropy: labels must have shape \(3,\)"):
+        F.cross_entropy(z, np.array([0, 1]))
+    with pytest.raises(
+        ValueError,
+        match=r"cross_entropy: labels must be in \[0, 4\) for 4 "
+        r"classes; got values from -1 to 2",
+    ):
+        F.cross_entropy(z, np.array([0, -1, 2]))
+    with pytest.raises(ValueError, match=r"got values from 0 to 4"):
+        F.cross_entropy(z, np.array([0, 4, 2]))
+    with pytest.raises(ValueError, match=r"cross_entropy: logits must be 2-D"):
+        F.cross_entropy(np.ones(3), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"cross_entropy: empty batch"):
+        F.cross_entropy(np.ones((0, 3)), np.array([], np.int64))
+
+
+def test_dropout_errors():
+    x = np.ones((2, 3))
+    with pytest.raises(TypeError, match=r"dropout: keep_mask must be bool or the dtype of x"):
+        F.dropout(x, np.ones((2, 3), np.int64), 2.0)
+    with pytest.raises(ValueError, match=r"dropout: keep_mask must have the shape of x"):
+        F.dropout(x, np.ones((3, 2), bool), 2.0)
+    with pytest.raises(TypeError, match=r"dropout: keep_mask must be a NumPy array"):
+        F.dropout(x, [[True] * 3] * 2, 2.0)
+    with pytest.raises(ValueError, match=r"dropout: scale must be in \[0, inf\]"):
+        F.dropout(x, np.ones((2, 3), bool), -1.0)
+
+
+def test_mse_errors():
+    with pytest.raises(ValueError, match=r"mse_loss: inputs must have the same shape"):
+        F.mse_loss(np.ones(3), np.ones(4))
+
+
+def test_batch_norm_errors():
+    x = np.ones((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"batch_norm2d: running_mean must have shape \(3,\)"):
+        F.batch_norm2d(x, np.zeros(2), np.ones(2), training=True)
+    with pytest.raises(ValueError, match=r"both be given or both be None"):
+        F.batch_norm2d(x, np.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match=r"evaluation mode needs running_mean"):
+        F.batch_norm2d(x, None, None, training=False)
+    with pytest.raises(ValueError, match=r"more than one value per channel"):
+        F.batch_norm2d(np.ones((1, 3, 1, 1)), None, None, training=True)
+    with pytest.raises(ValueError, match=r"batch_norm2d: momentum must be in \[0, 1\]"):
+        F.batch_norm2d(x, None, None, training=True, momentum=1.5)
+    with pytest.raises(ValueError, match=r"batch_norm2d: eps must be in \(0, inf\]"):
+        F.batch_norm2d(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match=r"running_mean is updated in place"):
+        F.batch_norm2d(x, np.zeros(6)[::2], np.ones(3), training=True)
+    with pytest.raises(TypeError, match=r"batch_norm2d: all inputs must have the same dtype"):
+        F.batch_norm2d(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=True)
+    with pytest.raises(
+        ValueError,
+        match=r"batch_norm2d_backward: grad_y must have the "
+        r"batch_norm2d output shape",
+    ):
+        F.batch_norm2d_backward(np.ones((2, 3, 4, 3)), x, None, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"save_mean and save_invstd"):
+        F.batch_norm2d_backward(x, x, None, None, np.ones(3))
+
+
+def test_update_errors():
+    p, g = np.ones(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"sgd_update: momentum=0.9 needs a momentum buffer"):
+        F.sgd_update(p, g, None, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"sgd_update: nesterov needs momentum > 0"):
+        F.sgd_update(p, g, np.zeros(3), 0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match=r"sgd_update: lr must be in \[0, inf\]; got lr=-1"):
+        F.sgd_update(p, g, None, -1)
+    with pytest.raises(ValueError, match=r"sgd_update: inputs must have the same shape"):
+        F.sgd_update(p, np.ones(4), None, 0.1)
+    with pytest.raises(ValueError, match=r"sgd_update: p is updated in place and must be"):
+        F.sgd_update(np.ones(6)[::2], g, None, 0.1)
+    ro = np.ones(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"p is updated in place"):
+        F.sgd_update(ro, g, None, 0.1)
+    with pytest.raises(ValueError, match=r"adam_update: step must be an int >= 1"):
+        F.adam_update(p, g, np.zeros(3), np.zeros(3), 0.1, step=0)
+    with pytest.raises(ValueError, match=r"adam_update: beta1 must be in \[0, 1\)"):
+        F.adam_update(p, g, np.zeros(3), np.zeros(3), 0.1, beta1=1.0)
+    with pytest.raises(ValueError, match=r"adam_update: the moment buffers m and v"):
+        F.adam_update(p, g, None, np.zeros(3), 0.1)
+    with pytest.raises(ValueError, match=r"adam_update: m is updated in place"):
+        F.adam_update(p, g, np.zeros(6)[::2], np.zeros(3), 0.1)
+
+
+def test_conv1d_errors():
+    with pytest.raises(ValueError, match=r"conv1d: x must be 3-D \(N, C, L\)"):
+        F.conv1d(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3)))
+    with pytest.raises(ValueError, match=r"conv1d: x has 2 channels but weight expects 3"):
+        F.conv1d(np.ones((1, 2, 8)), np.ones((1, 3, 3)))
+    with pytest.raises(
+        ValueError,
+        match=r"conv1d_backward: grad_y must have the conv1d output "
+        r"shape \(1, 1, 6\)",
+    ):
+        F.conv1d_backward(np.ones((1, 1, 5)), np.ones((1, 2, 8)), np.ones((1, 2, 3)))
+
+
+def test_flatten_errors():
+    with pytest.raises(TypeError, match=r"flatten: x must be a NumPy array"):
+        F.flatten([1, 2])
+    with pytest.raises(ValueError, match=r"flatten: x must have a batch dimension"):
+        F.flatten(np.array(1.0))
+
+
+def test_device_only_ops_give_a_clear_error_when_a_backend_lacks_them(monkeypatch):
+    import types
+
+    from fastconv import dispatch
+
+    monkeypatch.setattr(dispatch, "backend_ops", lambda op, be: types.SimpleNamespace())
+    with pytest.raises(
+        NotImplementedError,
+        match=r"mse_loss: the 'cpu' backend does not "
+        r"implement mse_loss",
+    ):
+        F.mse_loss(np.ones(2), np.ones(2))
+
+
+def test_public_names_are_exported():
+    for name in (
+        "relu",
+        "linear",
+        "cross_entropy",
+        "dropout",
+        "batch_norm2d",
+        "sgd_update",
+        "adam_update",
+        "conv1d",
+    ):
+        assert getattr(fc, name) is getattr(F, name)
+    assert set(K.__all__) <= set(dir(__import__("fastconv.kernels.cpu.ops", fromlist=["x"])))
