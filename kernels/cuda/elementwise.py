@@ -1,0 +1,309 @@
+"""Elementwise, reduction, loss and optimizer kernels a training step needs, on the GPU.
+
+Notation: N batch, C (or K) channels, H x W (or OH x OW) pixels, P = H*W; L classes. The
+elementwise kernels see their arrays flattened to 1-D (contiguous), one element per thread.
+
+Reductions are deterministic: ``sum_axes02`` gives each output one block whose threads add
+fixed strided subsets in order and then combine them in a fixed binary tree; ``sum_splits``
+adds split partial sums in the order s = 0, 1, ...; no kernel uses atomics.
+
+Scalars (learning rates, slopes, scales) arrive as Python floats, so the update arithmetic runs
+in float64 and is rounded once on the store, as the float64 oracle does.
+"""
+
+import math
+
+from numba import cuda
+
+from .launch import REDUCE_THREADS
+
+# --------------------------------------------------------------------------- activations
+
+
+@cuda.jit(cache=True)
+def relu_forward(x, y):
+    """One thread: y[e] = max(x[e], 0) (NaN propagates)."""
+    e = cuda.grid(1)
+    if e < x.size:
+        v = x[e]
+        if v < 0:
+            y[e] = 0
+        else:
+            y[e] = v
+
+
+@cuda.jit(cache=True)
+def relu_backward(gy, x, gx):
+    """One thread: gx[e] = gy[e] where x[e] > 0, else 0."""
+    e = cuda.grid(1)
+    if e < x.size:
+        if x[e] > 0:
+            gx[e] = gy[e]
+        else:
+            gx[e] = 0
+
+
+@cuda.jit(cache=True)
+def leaky_relu_forward(x, y, slope):
+    """One thread: y[e] = x[e] if x[e] > 0 else slope * x[e]."""
+    e = cuda.grid(1)
+    if e < x.size:
+        v = x[e]
+        if v > 0:
+            y[e] = v
+        else:
+            y[e] = slope * v
+
+
+@cuda.jit(cache=True)
+def leaky_relu_backward(gy, x, gx, slope):
+    """One thread: gx[e] = gy[e] if x[e] > 0 else slope * gy[e]."""
+    e = cuda.grid(1)
+    if e < x.size:
+        if x[e] > 0:
+            gx[e] = gy[e]
+        else:
+            gx[e] = slope * gy[e]
+
+
+@cuda.jit(cache=True)
+def sigmoid_forward(x, y):
+    """One thread: y[e] = 1 / (1 + exp(-x[e]))."""
+    e = cuda.grid(1)
+    if e < x.size:
+        y[e] = 1.0 / (1.0 + math.exp(-x[e]))
+
+
+@cuda.jit(cache=True)
+def sigmoid_backward(gy, y, gx):
+    """One thread: gx[e] = gy[e] * y[e] * (1 - y[e]) from the forward output y."""
+    e = cuda.grid(1)
+    if e < y.size:
+        v = y[e]
+        gx[e] = gy[e] * v * (1.0 - v)
+
+
+@cuda.jit(cache=True)
+def tanh_forward(x, y):
+    """One thread: y[e] = tanh(x[e])."""
+    e = cuda.grid(1)
+    if e < x.size:
+        y[e] = math.tanh(x[e])
+
+
+@cuda.jit(cache=True)
+def tanh_backward(gy, y, gx):
+    """One thread: gx[e] = gy[e] * (1 - y[e]^2) from the forward output y."""
+    e = cuda.grid(1)
+    if e < y.size:
+        v = y[e]
+        gx[e] = gy[e] * (1.0 - v * v)
+
+
+@cuda.jit(cache=True)
+def dropout(x, mask, y, scale):
+    """One thread: y[e] = x[e] * mask[e] * scale (mask: the kept positions, 0/1 or bool)."""
+    e = cuda.grid(1)
+    if e < x.size:
+        y[e] = x[e] * mask[e] * scale
+
+
+@cuda.jit(cache=True)
+def bias_act(x, b, y, P, relu):
+    """One thread: y[e] = x[e] + b[k] for the channel k of flat NCHW index e (P = pixels per
+    plane), then ReLU if asked. y may be x (in place)."""
+    e = cuda.grid(1)
+    if e < x.size:
+        v = x[e] + b[(e // P) % b.size]
+        if relu and v < 0:
+            y[e] = 0
+        else:
+            y[e] = v
+
+
+@cuda.jit(cache=True)
+def add_inplace(a, b):
+    """One thread: a[e] += b[e]."""
+    e = cuda.grid(1)
+    if e < a.size:
+        a[e] += b[e]
+
+
+@cuda.jit(cache=True)
+def fill(a, value):
+    """One thread: a[e] = value."""
+    e = cuda.grid(1)
+    if e < a.size:
+        a[e] = value
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+@cuda.jit(cache=True)
+def sum_axes02(a, out, scale):
+    """One block per b: out[b] = scale * sum_{i, j} a[i, b, j]. Thread t adds the flat
+    (i, j) indices t, t + T, t + 2T, ... in order (T = REDUCE_THREADS); the T partial sums are
+    then combined in a fixed binary tree. Launch with exactly REDUCE_THREADS threads."""
+    A, B, Cc = a.shape
+    buf = cuda.shared.array(REDUCE_THREADS, a.dtype)
+    acc = cuda.local.array(1, a.dtype)
+    b = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    acc[0] = 0
+    if b < B:
+        for e in range(t, A * Cc, REDUCE_THREADS):
+            acc[0] += a[e // Cc, b, e % Cc]
+    buf[t] = acc[0]
+    cuda.syncthreads()
+    half = REDUCE_THREADS // 2
+    while half > 0:
+        if t < half:
+            buf[t] += buf[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0 and b < B:
+        out[b] = buf[0] * scale
+
+
+@cuda.jit(cache=True)
+def sum_splits(part, out):
+    """One thread: out[e] = part[0, e] + part[1, e] + ... + part[S-1, e], in that order."""
+    S, E = part.shape
+    e = cuda.grid(1)
+    if e < E:
+        v = part[0, e]
+        for s in range(1, S):
+            v += part[s, e]
+        out[e] = v
+
+
+# --------------------------------------------------------------------------- loss
+
+
+@cuda.jit(cache=True)
+def cross_entropy_rows(z, labels, grad, losses, inv_n):
+    """One thread per row n: losses[n] = logsumexp(z[n]) - z[n, label] and
+    grad[n] = (softmax(z[n]) - onehot(label)) * inv_n, computed in float64.
+    A label outside [0, L) gives a NaN loss and a NaN gradient row (no out-of-range read)."""
+    N, L = z.shape
+    n = cuda.grid(1)
+    if n < N:
+        lab = labels[n]
+        if lab < 0 or lab >= L:
+            losses[n] = math.nan
+            for j in range(L):
+                grad[n, j] = math.nan
+            return
+        m = float(z[n, 0])
+        for j in range(1, L):
+            v = float(z[n, j])
+            if v > m:
+                m = v
+        s = 0.0
+        for j in range(L):
+            s += math.exp(float(z[n, j]) - m)
+        lse = m + math.log(s)
+        losses[n] = lse - float(z[n, lab])
+        for j in range(L):
+            p = math.exp(float(z[n, j]) - lse)
+            if j == lab:
+                p -= 1.0
+            grad[n, j] = p * inv_n
+
+
+@cuda.jit(cache=True)
+def mse_rows(pred, target, grad, sq, two_over_n):
+    """One thread: d = pred[e] - target[e] in float64; sq[e] = d^2, grad[e] = d * 2/numel."""
+    e = cuda.grid(1)
+    if e < pred.size:
+        d = float(pred[e]) - float(target[e])
+        sq[e] = d * d
+        grad[e] = d * two_over_n
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+@cuda.jit(cache=True)
+def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One thread: PyTorch's SGD step for element e, in place on p (and buf with momentum)."""
+    e = cuda.grid(1)
+    if e < p.size:
+        gv = g[e] + weight_decay * p[e]
+        if momentum != 0.0:
+            if first:
+                bv = gv
+            else:
+                bv = momentum * buf[e] + (1.0 - dampening) * gv
+            buf[e] = bv
+            if nesterov:
+                gv = gv + momentum * bv
+            else:
+                gv = bv
+        p[e] = p[e] - lr * gv
+
+
+@cuda.jit(cache=True)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
+    """One thread: PyTorch's Adam step (L2 weight decay; bc1 = 1 - beta1^t, bc2 = 1 - beta2^t)
+    for element e, in place on p, m and v."""
+    e = cuda.grid(1)
+    if e < p.size:
+        gv = g[e] + weight_decay * p[e]
+        mv = beta1 * m[e] + (1.0 - beta1) * gv
+        vv = beta2 * v[e] + (1.0 - beta2) * gv * gv
+        m[e] = mv
+        v[e] = vv
+        p[e] = p[e] - lr * (mv / bc1) / (math.sqrt(vv / bc2) + eps)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@cuda.jit(cache=True)
+def copy1(src, dst):
+    """One thread: dst[i] = src[i] (src may be strided; dst contiguous)."""
+    e = cuda.grid(1)
+    if e < dst.size:
+        dst[e] = src[e]
+
+
+@cuda.jit(cache=True)
+def copy2(src, dst):
+    """One thread: dst[i, j] = src[i, j] for flat index e of dst."""
+    e = cuda.grid(1)
+    if e < dst.size:
+        B = dst.shape[1]
+        dst[e // B, e % B] = src[e // B, e % B]
+
+
+@cuda.jit(cache=True)
+def copy3(src, dst):
+    """One thread: dst[i, j, k] = src[i, j, k] for flat index e of dst."""
+    e = cuda.grid(1)
+    if e < dst.size:
+        B = dst.shape[1]
+        Cc = dst.shape[2]
+        i = e // (B * Cc)
+        j = (e // Cc) % B
+        k = e % Cc
+        dst[i, j, k] = src[i, j, k]
+
+
+@cuda.jit(cache=True)
+def copy4(src, dst):
+    """One thread: dst[n, c, h, w] = src[n, c, h, w] for flat index e of dst."""
+    e = cuda.grid(1)
+    if e < dst.size:
+        C = dst.shape[1]
+        H = dst.shape[2]
+        W = dst.shape[3]
+        w = e % W
+        h = (e // W) % H
+        c = (e // (W * H)) % C
+        n = e // (W * H * C)
+        dst[n, c, h, w] = src[n, c, h, w]
+
+
+COPY = {1: copy1, 2: copy2, 3: copy3, 4: copy4}

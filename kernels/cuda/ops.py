@@ -1,0 +1,468 @@
+"""The CUDA backend: the op signatures every backend module shares, on top of the @cuda.jit kernels.
+
+Same contract as ``kernels/cpu/ops.py`` and ``kernels/cpu/nn.py``: arrays arrive validated by
+``fastconv.functional`` (float32/float64, one dtype, shapes checked) with a geometry from
+``fastconv.shapes``; results come back in the input dtype.
+
+Where the data lives decides where the results go: NumPy inputs are copied to the GPU and the
+results returned as NumPy arrays; device inputs (numba device arrays, or anything exposing
+``__cuda_array_interface__`` such as CuPy arrays and PyTorch tensors) are used in place,
+zero-copy (a contiguous device copy is made only for non-contiguous ones), and the results are
+numba device arrays. The only device-to-host transfer of a training step is the loss value of
+``cross_entropy`` / ``mse_loss`` (``cross_entropy_device`` keeps even that on the GPU).
+
+Notation: x (N, C, H, W), w (K, CG, KH, KW), y / gy (N, K, OH, OW), G groups, CG = C/G,
+KG = K/G, P = OH*OW, R = CG*KH*KW, Rt = C*KH*KW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from . import direct, im2col, pool
+from . import elementwise as ew
+from . import gemm as gm
+from . import launch as L
+from ._compat import as_device
+
+ALGORITHMS = ("im2col", "direct")
+
+__all__ = [
+    "adam_update",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "bias_relu",
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_bias_relu",
+    "cross_entropy",
+    "cross_entropy_device",
+    "dropout",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "linear",
+    "linear_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "mse_loss",
+    "relu",
+    "relu_backward",
+    "sgd_update",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+]
+
+# --------------------------------------------------------------------------- placement
+
+
+def _dev(a: Any) -> Any:
+    """``a`` as a C-contiguous numba device array (host arrays copied in; device zero-copy)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return cuda.to_device(np.ascontiguousarray(a))
+    d = as_device(a)
+    if d.is_c_contiguous():
+        return d
+    out = cuda.device_array(tuple(d.shape), d.dtype)
+    if len(d.shape) not in ew.COPY:
+        raise ValueError(f"cannot make a contiguous copy of a {len(d.shape)}-D device array")
+    L.launch(ew.COPY[len(d.shape)], *L.grid_1d(out.size), d, out)
+    return out
+
+
+def _inputs(*arrays: Any) -> tuple[bool, list]:
+    """(host, device arrays): host is True when any input was a NumPy array."""
+    host = any(isinstance(a, np.ndarray) for a in arrays)
+    return host, [_dev(a) for a in arrays]
+
+
+def _out(host: bool, *arrays: Any) -> Any:
+    """Results where the inputs came from: copied back for host calls."""
+    res = tuple(a.copy_to_host() if host and a is not None else a for a in arrays)
+    return res[0] if len(res) == 1 else res
+
+
+def _empty(shape: tuple[int, ...], dtype: Any) -> Any:
+    return cuda.device_array(tuple(int(s) for s in shape), np.dtype(dtype))
+
+
+_dummies: dict[np.dtype, Any] = {}
+
+
+def _dummy(dtype: Any) -> Any:
+    """A 1-element device array standing in for an absent bias (kernels need an array)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _dummies:
+        _dummies[dtype] = cuda.to_device(np.zeros(1, dtype))
+    return _dummies[dtype]
+
+
+def _flat(a: Any) -> Any:
+    return a.reshape(int(np.prod(a.shape)))
+
+
+def to_device(a: np.ndarray) -> Any:
+    """Copy a host array to the GPU (contiguous). Device arrays pass through zero-copy."""
+    return _dev(a)
+
+
+def synchronize() -> None:
+    """Wait for every launched kernel (timing; the ops themselves never need it)."""
+    cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- GEMM
+
+
+def _gemm(A, B, C, *, ta=False, tb=False, bias=None, bias_mode=0, relu=False):
+    """C (Z, M, Nn) = op(A[z % BA]) @ op(B[z % BB]) (+ bias, ReLU); see gemm.py."""
+    Z, M, Nn = (int(s) for s in C.shape)
+    Kd = int(A.shape[1] if ta else A.shape[2])
+    BA, BB = int(A.shape[0]), int(B.shape[0])
+    plan = L.gemm_plan(M, Nn, Kd, Z)
+    kernel = gm.KERNELS[plan.config]
+    b = _dummy(C.dtype) if bias is None else bias
+    mode = 0 if bias is None else bias_mode
+    if plan.S == 1:
+        L.launch(kernel, plan.blocks, plan.threads, A, B, C, b, mode, bool(relu), bool(ta),
+                 bool(tb), BA, BB, 1, plan.ksplit)
+        return
+    part = _empty((plan.S * Z, M, Nn), C.dtype)
+    L.launch(kernel, plan.blocks, plan.threads, A, B, part, b, 0, False, bool(ta), bool(tb),
+             BA, BB, plan.S, plan.ksplit)
+    L.launch(gm.splitk_reduce, *L.grid_1d(Z * M * Nn), part, C, b, mode, bool(relu), BA, plan.S)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _sum_channels(a3: Any, out: Any, scale: float = 1.0) -> None:
+    """out[b] = scale * sum over a3[:, b, :] (deterministic block reduction)."""
+    L.launch(ew.sum_axes02, int(a3.shape[1]), L.REDUCE_THREADS, a3, out, scale)
+
+
+def _conv_forward(x, w, b, g, algorithm, relu):
+    y = _empty(g.y_shape, x.dtype)
+    bias = _dummy(x.dtype) if b is None else b
+    if algorithm == "direct":
+        t = L.direct_forward_tiles(g)
+        tiles = L.ceil_div(g.OH, t.TH) * L.ceil_div(g.OW, t.TW)
+        blocks = g.G * L.ceil_div(g.KG, t.cb) * g.N * tiles
+        L.launch(direct.conv2d_forward, blocks, t.TH * t.TW, x, w, bias, y, b is not None,
+                 bool(relu), g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.CC,
+                 t.KHB, t.KWB)
+        return y
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    cols = _empty((g.N * g.C * g.KH * g.KW * P,), x.dtype)  # NRP layout (N, Rt, P)
+    L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, True, g.KH, g.KW, g.OH, g.OW,
+             g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+    # y[n, g] (KG, P) = w[g] (KG, R) @ cols[n, g] (R, P), for all N*G pairs in one launch
+    _gemm(w.reshape(g.G, g.KG, R), cols.reshape(g.N * g.G, R, P), y.reshape(g.N * g.G, g.KG, P),
+          bias=b, bias_mode=1, relu=relu)
+    return y
+
+
+def conv2d(x, w, b, g, algorithm):
+    """Forward convolution. b may be None. Returns y (N, K, OH, OW)."""
+    host, (x, w, b) = _inputs(x, w, b)
+    return _out(host, _conv_forward(x, w, b, g, algorithm, False))
+
+
+def conv2d_bias_relu(x, w, b, g, algorithm):
+    """relu(conv2d(x, w, b)) in one pass: bias and ReLU fused into the kernels' epilogue."""
+    host, (x, w, b) = _inputs(x, w, b)
+    return _out(host, _conv_forward(x, w, b, g, algorithm, True))
+
+
+def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
+    """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x (or w) may be
+    None when only grad_x (or grad_w) is asked for."""
+    need_x, need_w, need_b = mask
+    host, (gy, x, w) = _inputs(gy, x, w)
+    dt = gy.dtype
+    gx = gw = gb = None
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    if need_b:
+        gb = _empty((g.K,), dt)
+        _sum_channels(gy.reshape(g.N, g.K, P), gb)
+    if algorithm == "direct":
+        if need_x:
+            t = L.direct_backward_data_tiles(g)
+            tiles = L.ceil_div(g.H, t.TH) * L.ceil_div(g.W, t.TW)
+            blocks = g.G * L.ceil_div(g.CG, t.cb) * g.N * tiles
+            gx = _empty(g.x_shape, dt)
+            L.launch(direct.conv2d_backward_data, blocks, t.TH * t.TW, gy, w, gx, g.sh, g.sw,
+                     g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.CC, t.KHB, t.KWB)
+        if need_w:
+            t = L.direct_backward_filter_tiles(g)
+            bands = L.ceil_div(g.KH, t.KHB) * L.ceil_div(g.KW, t.KWB)
+            blocks = g.G * L.ceil_div(g.KG, t.cb) * g.CG * bands * t.S
+            part = _empty((t.S,) + g.w_shape, dt)
+            L.launch(direct.conv2d_backward_filter, blocks, t.KHB * t.KWB * t.lanes, gy, x,
+                     part, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.KHB,
+                     t.KWB, t.S, t.lanes)
+            if t.S == 1:
+                gw = part.reshape(g.w_shape)
+            else:
+                gw = _empty(g.w_shape, dt)
+                E = g.K * R
+                L.launch(ew.sum_splits, *L.grid_1d(E), part.reshape(t.S, E), gw.reshape(E))
+        return _out(host, gx, gw, gb)
+    NP = g.N * P
+    gym = _empty((g.K, NP), dt)  # (N, K, P) -> (K, N*P)
+    L.launch(im2col.nk_to_kn, *L.grid_1d(gym.size), gy.reshape(g.N, g.K, P), gym)
+    gym3 = gym.reshape(g.G, g.KG, NP)
+    if need_w:
+        cols = _empty((g.C * g.KH * g.KW * NP,), dt)  # RNP layout (Rt, N*P)
+        L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, False, g.KH, g.KW, g.OH, g.OW,
+                 g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+        gw = _empty(g.w_shape, dt)
+        # gw[g] (KG, R) = gy[g] (KG, N*P) @ cols[g]^T (N*P, R)
+        _gemm(gym3, cols.reshape(g.G, R, NP), gw.reshape(g.G, g.KG, R), tb=True)
+    if need_x:
+        gcols = _empty((g.G, R, NP), dt)
+        # gcols[g] (R, N*P) = w[g]^T (R, KG) @ gy[g] (KG, N*P)
+        _gemm(w.reshape(g.G, g.KG, R), gym3, gcols, ta=True)
+        gx = _empty(g.x_shape, dt)
+        L.launch(im2col.col2im, *L.grid_1d(gx.size), gcols.reshape(g.G * R * NP), gx, g.KH,
+                 g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+    return _out(host, gx, gw, gb)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def max_pool2d(x, g):
+    host, (x,) = _inputs(x)
+    y = _empty(g.y_shape, x.dtype)
+    L.launch(pool.max_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph,
+             g.pw)
+    return _out(host, y)
+
+
+def max_pool2d_backward(gy, x, g):
+    host, (gy, x) = _inputs(gy, x)
+    gx = _empty(g.x_shape, x.dtype)
+    L.launch(pool.max_pool2d_backward, *L.grid_1d(gx.size), gy, x, gx, g.KH, g.KW, g.sh, g.sw,
+             g.ph, g.pw)
+    return _out(host, gx)
+
+
+def avg_pool2d(x, g):
+    host, (x,) = _inputs(x)
+    y = _empty(g.y_shape, x.dtype)
+    L.launch(pool.avg_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph,
+             g.pw, bool(g.count_include_pad))
+    return _out(host, y)
+
+
+def avg_pool2d_backward(gy, x, g):
+    host, (gy,) = _inputs(gy)
+    gx = _empty(g.x_shape, gy.dtype)
+    L.launch(pool.avg_pool2d_backward, *L.grid_1d(gx.size), gy, gx, g.KH, g.KW, g.sh, g.sw,
+             g.ph, g.pw, bool(g.count_include_pad))
+    return _out(host, gx)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _unary(kernel, x, *scalars):
+    host, (x,) = _inputs(x)
+    y = _empty(x.shape, x.dtype)
+    L.launch(kernel, *L.grid_1d(y.size), _flat(x), _flat(y), *scalars)
+    return _out(host, y)
+
+
+def _binary(kernel, a, b, *scalars):
+    host, (a, b) = _inputs(a, b)
+    out = _empty(a.shape, a.dtype)
+    L.launch(kernel, *L.grid_1d(out.size), _flat(a), _flat(b), _flat(out), *scalars)
+    return _out(host, out)
+
+
+def relu(x):
+    """max(x, 0). Shape: any -> same."""
+    return _unary(ew.relu_forward, x)
+
+
+def relu_backward(gy, x):
+    """gy where x > 0, else 0."""
+    return _binary(ew.relu_backward, gy, x)
+
+
+def leaky_relu(x, slope):
+    return _unary(ew.leaky_relu_forward, x, float(slope))
+
+
+def leaky_relu_backward(gy, x, slope):
+    return _binary(ew.leaky_relu_backward, gy, x, float(slope))
+
+
+def sigmoid(x):
+    return _unary(ew.sigmoid_forward, x)
+
+
+def sigmoid_backward(gy, y):
+    """From the forward output y: gy * y * (1 - y)."""
+    return _binary(ew.sigmoid_backward, gy, y)
+
+
+def tanh(x):
+    return _unary(ew.tanh_forward, x)
+
+
+def tanh_backward(gy, y):
+    """From the forward output y: gy * (1 - y^2)."""
+    return _binary(ew.tanh_backward, gy, y)
+
+
+def dropout(x, keep_mask, scale):
+    """y = x * keep_mask * scale; the backward pass is the same call on grad_y."""
+    host, (x, m) = _inputs(x, keep_mask)
+    y = _empty(x.shape, x.dtype)
+    L.launch(ew.dropout, *L.grid_1d(y.size), _flat(x), _flat(m), _flat(y), float(scale))
+    return _out(host, y)
+
+
+def bias_relu(x, b, relu=True):
+    """x + b[channel] (NCHW or (N, F)), then ReLU when ``relu``; one fused pass."""
+    host, (x, b) = _inputs(x, b)
+    y = _empty(x.shape, x.dtype)
+    P = int(np.prod(x.shape[2:])) if len(x.shape) > 2 else 1
+    L.launch(ew.bias_act, *L.grid_1d(y.size), _flat(x), b, _flat(y), P, bool(relu))
+    return _out(host, y)
+
+
+def add_bias_(y, b):
+    """y += b[channel], IN PLACE on a device array y (NCHW); used by conv_transpose2d."""
+    d, bd = as_device(y), _dev(b)
+    P = int(np.prod(d.shape[2:])) if len(d.shape) > 2 else 1
+    L.launch(ew.bias_act, *L.grid_1d(d.size), _flat(d), bd, _flat(d), P, False)
+    return y
+
+
+def add_(a, b):
+    """a += b, IN PLACE on a device array a (gradient accumulation)."""
+    d = as_device(a)
+    _, (bd,) = _inputs(b)
+    L.launch(ew.add_inplace, *L.grid_1d(d.size), _flat(d), _flat(bd))
+    return a
+
+
+def zeros(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A zero-filled device array."""
+    out = _empty(shape, dtype)
+    L.launch(ew.fill, *L.grid_1d(out.size), _flat(out), 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(x, w, b):
+    """y = x @ w.T + b (bias fused in the GEMM epilogue). Shape: x (N, F), w (O, F) -> (N, O)."""
+    host, (x, w, b) = _inputs(x, w, b)
+    (N, F), O = x.shape, int(w.shape[0])
+    y = _empty((N, O), x.dtype)
+    # (N, F) @ (F, O): B = w read transposed
+    _gemm(x.reshape(1, N, F), w.reshape(1, O, F), y.reshape(1, N, O), tb=True, bias=b,
+          bias_mode=2)
+    return _out(host, y)
+
+
+def linear_backward(gy, x, w, mask):
+    """(gx, gw, gb) of ``linear``, None where ``mask`` says not needed.
+
+    gx = gy @ w  (N, O) @ (O, F);  gw = gy^T @ x  (O, N) @ (N, F);  gb = gy summed over N.
+    """
+    need_x, need_w, need_b = mask
+    host, (gy, x, w) = _inputs(gy, x, w)
+    N, O = (int(s) for s in gy.shape)
+    gx = gw = gb = None
+    if need_x:
+        F = int(w.shape[1])
+        gx = _empty((N, F), gy.dtype)
+        _gemm(gy.reshape(1, N, O), w.reshape(1, O, F), gx.reshape(1, N, F))
+    if need_w:
+        F = int(x.shape[1])
+        gw = _empty((O, F), gy.dtype)
+        _gemm(gy.reshape(1, N, O), x.reshape(1, N, F), gw.reshape(1, O, F), ta=True)
+    if need_b:
+        gb = _empty((O,), gy.dtype)
+        _sum_channels(gy.reshape(N, O, 1), gb)
+    return _out(host, gx, gw, gb)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def cross_entropy_device(logits, labels):
+    """Mean softmax cross-entropy with the loss left on the GPU: (loss (1,) float64 device
+    array, grad_logits). No host round trip at all."""
+    _, (z, lab) = _inputs(logits, labels)
+    N, Lc = (int(s) for s in z.shape)
+    grad = _empty((N, Lc), z.dtype)
+    losses = _empty((N,), np.float64)
+    L.launch(ew.cross_entropy_rows, *L.grid_1d(N), z, lab, grad, losses, 1.0 / N)
+    loss = _empty((1,), np.float64)
+    _sum_channels(losses.reshape(N, 1, 1), loss, 1.0 / N)
+    return loss, grad
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy: (loss as a Python float, grad_logits).
+
+    The loss float is the one device-to-host copy (8 bytes); see ``cross_entropy_device``.
+    Shape: logits (N, L), labels (N,) ints in [0, L) -> (float, (N, L)).
+    """
+    host = isinstance(logits, np.ndarray)
+    loss, grad = cross_entropy_device(logits, labels)
+    return float(loss.copy_to_host()[0]), _out(host, grad)
+
+
+def mse_loss(pred, target):
+    """Mean squared error: (loss as a Python float, grad_pred = 2 (pred - target) / numel)."""
+    host, (p, t) = _inputs(pred, target)
+    n = int(p.size)
+    grad = _empty(p.shape, p.dtype)
+    sq = _empty((n,), np.float64)
+    L.launch(ew.mse_rows, *L.grid_1d(n), _flat(p), _flat(t), _flat(grad), sq, 2.0 / n)
+    loss = _empty((1,), np.float64)
+    _sum_channels(sq.reshape(n, 1, 1), loss, 1.0 / n)
+    return float(loss.copy_to_host()[0]), _out(host, grad)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _inplace(host_arrays, dev_arrays):
+    """Copy in-place results back into the caller's NumPy arrays."""
+    for h, d in zip(host_arrays, dev_arrays):
+        if isinstance(h, np.ndarray):
+            d.copy_to_host(h)
+
+
+def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One PyTorch SGD step, IN PLACE on p (and buf when momentum != 0). Returns None."""
+    _, (pd, gd, bd) = _inputs(p, grad, buf)
+    if bd is None:
+        bd = pd  # never read or written when momentum == 0
+    L.launch(ew.sgd_update, *L.grid_1d(pd.size), _flat(pd), _flat(gd), _flat(bd), float(lr),
+             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first))
+    _inplace((p, buf), (pd, bd))
+
+
+def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One PyTorch Adam step, IN PLACE on p, m and v (step >= 1). Returns None."""
+    _, (pd, gd, md, vd) = _inputs(p, grad, m, v)
+    bc1, bc2 = 1.0 - float(beta1) ** int(step), 1.0 - float(beta2) ** int(step)
+    L.launch(ew.adam_update, *L.grid_1d(pd.size), _flat(pd), _flat(gd), _flat(md), _flat(vd),
+             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bc1, bc2)
+    _inplace((p, m, v), (pd, md, vd))
