@@ -12,8 +12,7 @@ import time
 import pytest
 
 import fastconv as fc
-from benchmarks.cases import CONV_LAYERS, conv_case
-from benchmarks.compare import machine_info
+from fastconv.bench import CONV_LAYERS, conv_case, machine_info
 
 IMPLS = ["reference", "cpu-im2col", "cpu-direct", "torch"]
 INFO = machine_info()
