@@ -68,10 +68,15 @@ def leaky_relu_backward(gy, x, gx, slope):
 
 @cuda.jit(cache=True)
 def sigmoid_forward(x, y):
-    """One thread: y[e] = 1 / (1 + exp(-x[e]))."""
+    """One thread: y[e] = 1 / (1 + exp(-x[e])), through exp(-|x|) so nothing overflows."""
     e = cuda.grid(1)
     if e < x.size:
-        y[e] = 1.0 / (1.0 + math.exp(-x[e]))
+        v = x[e]
+        q = math.exp(-abs(v))
+        if v >= 0:
+            y[e] = 1.0 / (1.0 + q)
+        else:
+            y[e] = q / (1.0 + q)
 
 
 @cuda.jit(cache=True)

@@ -3,10 +3,11 @@
 Notation: C (Z, M, Nn) = op(A[z % BA]) @ op(B[z % BB]), op = transpose when ``ta`` / ``tb``:
 A is (BA, M, Kd) or, transposed, (BA, Kd, M); B is (BB, Kd, Nn) or (BB, Nn, Kd). Broadcasting
 the batch index (z % BA) lets one launch run every (image, group) pair of a convolution with
-the filters of that group. In convolution terms (see ops.py):
-    forward   y[n, g]  (KG, P)  = w[g] (KG, R) @ cols[n, g] (R, P)         Z = N*G, BA = G
-    grad_w    gw[g]    (KG, R)  = gy[g] (KG, N*P) @ cols[g]^T (N*P, R)     split-K over N*P
-    grad_cols cols[g]  (R, N*P) = w[g]^T (R, KG) @ gy[g] (KG, N*P)
+the filters of that group. In convolution terms (see im2col.py and ops.py):
+    forward   y[n, g]     (KG, P) = w[g] (KG, R) @ cols[n, g] (R, P)       Z = N*G, BA = G
+    grad_w    part[n, g]  (KG, R) = gy[n, g] (KG, P) @ cols[n, g]^T (P, R) Z = N*G, then summed
+                                                                           over n in order
+    grad_cols gcols[n, g] (R, P)  = w[g]^T (R, KG) @ gy[n, g] (KG, P)      Z = N*G, BA = G
 with R = CG*KH*KW, P = OH*OW. Linear layers are the Z = 1 case.
 
 Tiling (launch.GEMM_CONFIGS): a block computes a BM x BN tile of C, staging BK-deep slices of
@@ -14,10 +15,11 @@ A (as [k, m]) and B (as [k, n]) in shared memory; each thread keeps a TM x TN ti
 local array (register blocking), at rows tr + a*(BM/TM) and columns tc + b*(BN/TN), so that
 neighbouring threads read neighbouring shared-memory words and write neighbouring C columns.
 
-Split-K: when the tiles alone give too few blocks (filter gradients: small C, reduction over
-N*P), the reduction is cut into S slices of ``ksplit``; slice s writes part[s*batch + z] and
-``splitk_reduce`` adds the slices in the order s = 0, 1, ..., S-1. Each C element is thus a
-fixed sequence of additions: no atomics, bit-identical run to run.
+Split-K: when the tiles alone give too few blocks and the reduction is deep (a Linear
+layer's weight gradient: a small C, a reduction over the batch), the reduction is cut into
+S slices of ``ksplit``; slice s writes part[s*batch + z] and ``splitk_reduce`` adds the
+slices in the order s = 0, 1, ..., S-1. Each C element is thus a fixed sequence of
+additions: no atomics, bit-identical run to run.
 
 The epilogue fuses a bias (bias_mode 1: per row, bias[(z % BA)*M + i], a conv's output channel;
 bias_mode 2: per column, bias[j], a Linear layer's output) and an optional ReLU.

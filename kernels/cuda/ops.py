@@ -147,10 +147,28 @@ def _sum_channels(a3: Any, out: Any, scale: float = 1.0) -> None:
     L.launch(ew.sum_axes02, int(a3.shape[1]), L.REDUCE_THREADS, a3, out, scale)
 
 
-def _conv_forward(x, w, b, g, algorithm, relu):
+def _cols(x, x_id, g, saved):
+    """The (N, Rt, P) column matrix of x (flat): the forward pass's, when ``saved`` holds it for
+    this very input object, else built (and left in ``saved`` when one is given)."""
+    if saved is not None and saved.get("x") is x_id and saved.get("g") == g:
+        cols = saved.get("cuda_cols")
+        if cols is not None and cols.dtype == x.dtype:
+            return cols
+    cols = _empty((g.N * g.C * g.KH * g.KW * g.OH * g.OW,), x.dtype)
+    L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw,
+             g.ph, g.pw, g.dh, g.dw)
+    if saved is not None:
+        saved.clear()
+        saved.update(x=x_id, g=g, cuda_cols=cols)
+    return cols
+
+
+def _conv_forward(x, x_id, w, b, g, algorithm, relu, saved=None):
     y = _empty(g.y_shape, x.dtype)
     bias = _dummy(x.dtype) if b is None else b
     if algorithm == "direct":
+        if saved is not None:
+            saved.clear()
         t = L.direct_forward_tiles(g)
         tiles = L.ceil_div(g.OH, t.TH) * L.ceil_div(g.OW, t.TW)
         blocks = g.G * L.ceil_div(g.KG, t.cb) * g.N * tiles
@@ -158,36 +176,39 @@ def _conv_forward(x, w, b, g, algorithm, relu):
                  bool(relu), g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.CC,
                  t.KHB, t.KWB)
         return y
-    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
-    cols = _empty((g.N * g.C * g.KH * g.KW * P,), x.dtype)  # NRP layout (N, Rt, P)
-    L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, True, g.KH, g.KW, g.OH, g.OW,
-             g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
-    # y[n, g] (KG, P) = w[g] (KG, R) @ cols[n, g] (R, P), for all N*G pairs in one launch
-    _gemm(w.reshape(g.G, g.KG, R), cols.reshape(g.N * g.G, R, P), y.reshape(g.N * g.G, g.KG, P),
-          bias=b, bias_mode=1, relu=relu)
+    P, R, NG = g.OH * g.OW, g.CG * g.KH * g.KW, g.N * g.G
+    cols = _cols(x, x_id, g, saved)
+    # y[n, g] (KG, P) = w[g] (KG, R) @ cols[n, g] (R, P), all N*G pairs in one launch
+    _gemm(w.reshape(g.G, g.KG, R), cols.reshape(NG, R, P), y.reshape(NG, g.KG, P), bias=b,
+          bias_mode=1, relu=relu)
     return y
 
 
-def conv2d(x, w, b, g, algorithm):
-    """Forward convolution. b may be None. Returns y (N, K, OH, OW)."""
-    host, (x, w, b) = _inputs(x, w, b)
-    return _out(host, _conv_forward(x, w, b, g, algorithm, False))
+def conv2d(x, w, b, g, algorithm, saved=None):
+    """Forward convolution. b may be None. Returns y (N, K, OH, OW).
+
+    ``saved``: an optional dict the caller keeps until ``conv2d_backward`` of the same x; the
+    im2col path leaves its column matrix there so the backward pass does not rebuild it.
+    """
+    host, (xd, w, b) = _inputs(x, w, b)
+    return _out(host, _conv_forward(xd, x, w, b, g, algorithm, False, saved))
 
 
-def conv2d_bias_relu(x, w, b, g, algorithm):
+def conv2d_bias_relu(x, w, b, g, algorithm, saved=None):
     """relu(conv2d(x, w, b)) in one pass: bias and ReLU fused into the kernels' epilogue."""
-    host, (x, w, b) = _inputs(x, w, b)
-    return _out(host, _conv_forward(x, w, b, g, algorithm, True))
+    host, (xd, w, b) = _inputs(x, w, b)
+    return _out(host, _conv_forward(xd, x, w, b, g, algorithm, True, saved))
 
 
-def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
+def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
     """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x (or w) may be
-    None when only grad_x (or grad_w) is asked for."""
+    None when only grad_x (or grad_w) is asked for; ``saved`` is the forward pass's dict."""
     need_x, need_w, need_b = mask
+    x_id = x
     host, (gy, x, w) = _inputs(gy, x, w)
     dt = gy.dtype
     gx = gw = gb = None
-    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    P, R, NG = g.OH * g.OW, g.CG * g.KH * g.KW, g.N * g.G
     if need_b:
         gb = _empty((g.K,), dt)
         _sum_channels(gy.reshape(g.N, g.K, P), gb)
@@ -207,32 +228,31 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True)):
             L.launch(direct.conv2d_backward_filter, blocks, t.KHB * t.KWB * t.lanes, gy, x,
                      part, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.KHB,
                      t.KWB, t.S, t.lanes)
-            if t.S == 1:
-                gw = part.reshape(g.w_shape)
-            else:
-                gw = _empty(g.w_shape, dt)
-                E = g.K * R
-                L.launch(ew.sum_splits, *L.grid_1d(E), part.reshape(t.S, E), gw.reshape(E))
+            gw = part.reshape(g.w_shape) if t.S == 1 else _sum_leading(part, t.S, g.w_shape)
         return _out(host, gx, gw, gb)
-    NP = g.N * P
-    gym = _empty((g.K, NP), dt)  # (N, K, P) -> (K, N*P)
-    L.launch(im2col.nk_to_kn, *L.grid_1d(gym.size), gy.reshape(g.N, g.K, P), gym)
-    gym3 = gym.reshape(g.G, g.KG, NP)
+    gy3 = gy.reshape(NG, g.KG, P)
     if need_w:
-        cols = _empty((g.C * g.KH * g.KW * NP,), dt)  # RNP layout (Rt, N*P)
-        L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, False, g.KH, g.KW, g.OH, g.OW,
-                 g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
-        gw = _empty(g.w_shape, dt)
-        # gw[g] (KG, R) = gy[g] (KG, N*P) @ cols[g]^T (N*P, R)
-        _gemm(gym3, cols.reshape(g.G, R, NP), gw.reshape(g.G, g.KG, R), tb=True)
+        cols = _cols(x, x_id, g, saved)
+        part = _empty((NG, g.KG, R), dt)
+        # part[n, g] (KG, R) = gy[n, g] (KG, P) @ cols[n, g]^T (P, R); gw = sum over n, in order
+        _gemm(gy3, cols.reshape(NG, R, P), part, tb=True)
+        gw = part.reshape(g.w_shape) if g.N == 1 else _sum_leading(part, g.N, g.w_shape)
     if need_x:
-        gcols = _empty((g.G, R, NP), dt)
-        # gcols[g] (R, N*P) = w[g]^T (R, KG) @ gy[g] (KG, N*P)
-        _gemm(w.reshape(g.G, g.KG, R), gym3, gcols, ta=True)
+        gcols = _empty((NG, R, P), dt)
+        # gcols[n, g] (R, P) = w[g]^T (R, KG) @ gy[n, g] (KG, P)
+        _gemm(w.reshape(g.G, g.KG, R), gy3, gcols, ta=True)
         gx = _empty(g.x_shape, dt)
-        L.launch(im2col.col2im, *L.grid_1d(gx.size), gcols.reshape(g.G * R * NP), gx, g.KH,
-                 g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+        L.launch(im2col.col2im, *L.grid_1d(gx.size), gcols.reshape(NG * R * P), gx, g.KH, g.KW,
+                 g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
     return _out(host, gx, gw, gb)
+
+
+def _sum_leading(part, S, shape):
+    """sum over the S leading blocks of part (split partial sums), in the order 0, 1, ..."""
+    E = int(np.prod(shape))
+    out = _empty(shape, part.dtype)
+    L.launch(ew.sum_splits, *L.grid_1d(E), part.reshape(S, E), out.reshape(E))
+    return out
 
 
 # --------------------------------------------------------------------------- pooling

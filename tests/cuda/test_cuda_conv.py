@@ -136,6 +136,28 @@ def test_backward_masks(algorithm):
     assert_close(got[2], gb_ref, what="grad_b")
 
 
+def test_saved_columns_are_reused():
+    """The forward pass leaves its column matrix in ``saved``; backward reuses it."""
+    from fastconv.kernels.cuda import ops
+
+    cfg = NAMED["groups"]
+    x, w, b = _arrays(cfg, np.float64, 8)
+    p = conv_params(cfg)
+    g = shapes.conv2d_geometry("t", x.shape, w.shape, p["stride"], p["padding"],
+                               p["dilation"], p["groups"])
+    xd, wd, bd = to_device(x, w, b)
+    saved = {}
+    y = ops.conv2d(xd, wd, bd, g, "im2col", saved)
+    cols = saved["cuda_cols"]
+    gy = np.random.default_rng(9).standard_normal(g.y_shape)
+    (gyd,) = to_device(gy)
+    got = ops.conv2d_backward(gyd, xd, wd, g, "im2col", (True, True, True), saved)
+    assert saved["cuda_cols"] is cols
+    assert_close(y, reference.conv2d(x, w, b, **p))
+    for a, e in zip(got, reference.conv2d_backward(gy, x, w, **p)):
+        assert_close(a, e)
+
+
 @pytest.mark.parametrize("algorithm", ALGOS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_bias_relu(algorithm, dtype):
