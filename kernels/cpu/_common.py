@@ -1,6 +1,13 @@
 """Tiny helpers shared by the CPU kernels."""
 
 from numba import njit
+from numba import uint64 as U
+
+# Indexing note: Numba wraps negative signed indices (a[-1]), which costs a compare-and-select
+# per access and stops LLVM from vectorising the inner loops. The hot loops therefore index flat
+# (ravelled) arrays with offsets cast to uint64 via U(...), never mixing uint64 with int64 in
+# arithmetic (Numba would promote the mix to float64). Measured 3-4x on im2col alone.
+__all__ = ["FASTMATH", "U", "valid_range"]
 
 # Conv kernels may reassociate and contract (FMA): the loops are fixed, so results stay
 # deterministic run to run, and NaN/inf still propagate (no 'nnan'/'ninf' flags).

@@ -13,7 +13,7 @@ written as zeros here and skipped in col2im.
 import numpy as np
 from numba import njit, prange
 
-from ._common import valid_range
+from ._common import U, valid_range
 
 
 @njit(parallel=True, cache=True)
@@ -21,25 +21,35 @@ def im2col(x, cols, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
     """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), filled in place. One thread fills whole rows."""
     N, C, H, W = x.shape
     P = OH * OW
+    NP = N * P
+    xf = x.ravel()
+    cf = cols.ravel()
     for r in prange(C * KH * KW):
         c = r // (KH * KW)
         kh = (r // KW) % KH
         kw = r % KW
         ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
+        oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
         for n in range(N):
-            for oh in range(OH):
-                j0 = n * P + oh * OW
-                ih = oh * sh - ph + kh * dh
-                if ih < 0 or ih >= H:
-                    for ow in range(OW):
-                        cols[r, j0 + ow] = 0
-                    continue
+            row = U(r * NP + n * P)  # start of this sample's block in row r
+            for j in range(oh_lo * OW):  # output rows whose input row is in the top padding
+                cf[row + U(j)] = 0
+            for j in range(oh_hi * OW, P):  # ... bottom padding
+                cf[row + U(j)] = 0
+            for oh in range(oh_lo, oh_hi):
+                dst = row + U(oh * OW)
+                src = U(((n * C + c) * H + oh * sh - ph + kh * dh) * W + ow_lo * sw - pw + kw * dw)
                 for ow in range(ow_lo):
-                    cols[r, j0 + ow] = 0
-                for ow in range(ow_lo, ow_hi):
-                    cols[r, j0 + ow] = x[n, c, ih, ow * sw - pw + kw * dw]
+                    cf[dst + U(ow)] = 0
+                dst_in = dst + U(ow_lo)
+                if sw == 1:
+                    for i in range(ow_hi - ow_lo):
+                        cf[dst_in + U(i)] = xf[src + U(i)]
+                else:
+                    for i in range(ow_hi - ow_lo):
+                        cf[dst_in + U(i)] = xf[src + U(i * sw)]
                 for ow in range(ow_hi, OW):
-                    cols[r, j0 + ow] = 0
+                    cf[dst + U(ow)] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -49,7 +59,10 @@ def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
     One thread owns one (n, c) plane, so the sum is race-free and its order fixed (deterministic).
     """
     P = OH * OW
+    NP = N * P
     out = np.zeros((N, C, H, W), dtype=cols.dtype)
+    of = out.ravel()
+    cf = cols.ravel()
     for nc in prange(N * C):
         n = nc // C
         c = nc % C
@@ -59,10 +72,14 @@ def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
                 r = (c * KH + kh) * KW + kw
                 ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
                 for oh in range(oh_lo, oh_hi):
-                    ih = oh * sh - ph + kh * dh
-                    j0 = n * P + oh * OW
-                    for ow in range(ow_lo, ow_hi):
-                        out[n, c, ih, ow * sw - pw + kw * dw] += cols[r, j0 + ow]
+                    src = U(r * NP + n * P + oh * OW + ow_lo)
+                    dst = U((nc * H + oh * sh - ph + kh * dh) * W + ow_lo * sw - pw + kw * dw)
+                    if sw == 1:
+                        for i in range(ow_hi - ow_lo):
+                            of[dst + U(i)] += cf[src + U(i)]
+                    else:
+                        for i in range(ow_hi - ow_lo):
+                            of[dst + U(i * sw)] += cf[src + U(i)]
     return out
 
 
@@ -70,12 +87,16 @@ def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
 def kn_to_nk(a, b, N, K, P):
     """(K, N*P) -> (N, K, P) plus bias b (K,): the GEMM result back into NCHW order."""
     out = np.empty((N, K, P), dtype=a.dtype)
+    af = a.ravel()
+    of = out.ravel()
     for nk in prange(N * K):
         n = nk // K
         k = nk % K
         bk = b[k]
+        src = U(k * N * P + n * P)
+        dst = U(nk * P)
         for p in range(P):
-            out[n, k, p] = a[k, n * P + p] + bk
+            of[dst + U(p)] = af[src + U(p)] + bk
     return out
 
 
@@ -86,11 +107,15 @@ def nk_to_kn_sum(a, out, gb):
     grad_y into the GEMM layout of cols; the bias gradient comes free with the same pass.
     """
     N, K, P = a.shape
+    af = a.ravel()
+    of = out.ravel()
     for k in prange(K):
         acc = 0.0
         for n in range(N):
+            src = U((n * K + k) * P)
+            dst = U(k * N * P + n * P)
             for p in range(P):
-                v = a[n, k, p]
-                out[k, n * P + p] = v
+                v = af[src + U(p)]
+                of[dst + U(p)] = v
                 acc += v
         gb[k] = acc

@@ -11,10 +11,10 @@ Average pooling divisor (PyTorch's): with count_include_pad, the window clipped 
 input (h1 = min(h0 + KH, H + ph)); without, the number of real input pixels in the window.
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
+
+from ._common import U
 
 
 @njit(inline="always", cache=True)
@@ -27,32 +27,40 @@ def _window(o, s, p, k, size):
 
 
 @njit(inline="always", cache=True)
-def _argmax(x, n, c, r0, r1, c0, c1):
-    """Row-major first maximum of x[n, c, r0:r1, c0:c1] (first NaN if any)."""
-    best = x[n, c, r0, c0]
-    br, bc = r0, c0
+def _argmax(xf, base, W, r0, r1, c0, c1):
+    """Flat index of the row-major first maximum of plane ``base`` in [r0, r1) x [c0, c1)
+    (the first NaN if any), and its value.
+
+    Written with selects, not branches: on real data the comparison is a coin flip, and a
+    mispredicted branch per pixel made this 3x slower.
+    """
+    bi = base + U(r0 * W + c0)
+    best = xf[bi]
     for r in range(r0, r1):
+        row = base + U(r * W)
         for q in range(c0, c1):
-            v = x[n, c, r, q]
-            if v > best or (math.isnan(v) and not math.isnan(best)):
-                best = v
-                br, bc = r, q
-    return best, br, bc
+            i = row + U(q)
+            v = xf[i]
+            take = (v > best) | ((v != v) & (best == best))  # v != v: a NaN beats numbers
+            best = v if take else best
+            bi = i if take else bi
+    return best, bi
 
 
 @njit(parallel=True, cache=True)
 def max_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw):
     N, C, H, W = x.shape
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    xf = x.ravel()
+    yf = y.ravel()
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
+        base = U(nc * H * W)
         for oh in range(OH):
             r0, r1, _ = _window(oh, sh, ph, KH, H)
             for ow in range(OW):
                 c0, c1, _ = _window(ow, sw, pw, KW, W)
-                best, _, _ = _argmax(x, n, c, r0, r1, c0, c1)
-                y[n, c, oh, ow] = best
+                best, _ = _argmax(xf, base, W, r0, r1, c0, c1)
+                yf[U((nc * OH + oh) * OW + ow)] = best
     return y
 
 
@@ -61,15 +69,17 @@ def max_pool2d_backward(gy, x, KH, KW, sh, sw, ph, pw):
     N, C, H, W = x.shape
     OH, OW = gy.shape[2], gy.shape[3]
     gx = np.zeros_like(x)
+    xf = x.ravel()
+    gxf = gx.ravel()
+    gyf = gy.ravel()
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
+        base = U(nc * H * W)
         for oh in range(OH):
             r0, r1, _ = _window(oh, sh, ph, KH, H)
             for ow in range(OW):
                 c0, c1, _ = _window(ow, sw, pw, KW, W)
-                _, br, bc = _argmax(x, n, c, r0, r1, c0, c1)
-                gx[n, c, br, bc] += gy[n, c, oh, ow]
+                _, bi = _argmax(xf, base, W, r0, r1, c0, c1)
+                gxf[bi] += gyf[U((nc * OH + oh) * OW + ow)]
     return gx
 
 
@@ -77,9 +87,10 @@ def max_pool2d_backward(gy, x, KH, KW, sh, sw, ph, pw):
 def avg_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw, count_include_pad):
     N, C, H, W = x.shape
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    xf = x.ravel()
+    yf = y.ravel()
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
+        base = U(nc * H * W)
         for oh in range(OH):
             r0, r1, eh = _window(oh, sh, ph, KH, H)
             for ow in range(OW):
@@ -87,9 +98,10 @@ def avg_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw, count_include_pad):
                 div = eh * ew if count_include_pad else (r1 - r0) * (c1 - c0)
                 acc = 0.0
                 for r in range(r0, r1):
+                    row = base + U(r * W)
                     for q in range(c0, c1):
-                        acc += x[n, c, r, q]
-                y[n, c, oh, ow] = acc / div
+                        acc += xf[row + U(q)]
+                yf[U((nc * OH + oh) * OW + ow)] = acc / div
     return y
 
 
@@ -97,16 +109,18 @@ def avg_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw, count_include_pad):
 def avg_pool2d_backward(gy, H, W, KH, KW, sh, sw, ph, pw, count_include_pad):
     N, C, OH, OW = gy.shape
     gx = np.zeros((N, C, H, W), dtype=gy.dtype)
+    gxf = gx.ravel()
+    gyf = gy.ravel()
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
+        base = U(nc * H * W)
         for oh in range(OH):
             r0, r1, eh = _window(oh, sh, ph, KH, H)
             for ow in range(OW):
                 c0, c1, ew = _window(ow, sw, pw, KW, W)
                 div = eh * ew if count_include_pad else (r1 - r0) * (c1 - c0)
-                g = gy[n, c, oh, ow] / div
+                g = gyf[U((nc * OH + oh) * OW + ow)] / div
                 for r in range(r0, r1):
+                    row = base + U(r * W)
                     for q in range(c0, c1):
-                        gx[n, c, r, q] += g
+                        gxf[row + U(q)] += g
     return gx
