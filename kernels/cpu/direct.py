@@ -17,7 +17,7 @@ Every output element is owned by one thread and summed in a fixed order: determi
 import numpy as np
 from numba import njit, prange
 
-from ._common import FASTMATH, valid_range
+from ._common import FASTMATH, U, valid_range
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -27,24 +27,33 @@ def conv2d_forward(x, w, b, OH, OW, sh, sw, ph, pw, dh, dw, G):
     K, CG, KH, KW = w.shape
     KG = K // G
     y = np.empty((N, K, OH, OW), dtype=x.dtype)
+    xf = x.ravel()
+    yf = y.ravel()
+    P = OH * OW
     for nk in prange(N * K):
         n = nk // K
         k = nk % K
         c0 = (k // KG) * CG
+        yb = U(nk * P)
         b0 = b[k]
-        for oh in range(OH):
-            for ow in range(OW):
-                y[n, k, oh, ow] = b0
+        for p in range(P):
+            yf[yb + U(p)] = b0
         for c in range(CG):
+            xb = (n * C + c0 + c) * H
             for kh in range(KH):
                 oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
                 for kw in range(KW):
                     ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
                     wv = w[k, c, kh, kw]
                     for oh in range(oh_lo, oh_hi):
-                        ih = oh * sh - ph + kh * dh
-                        for ow in range(ow_lo, ow_hi):
-                            y[n, k, oh, ow] += wv * x[n, c0 + c, ih, ow * sw - pw + kw * dw]
+                        dst = yb + U(oh * OW + ow_lo)
+                        src = U((xb + oh * sh - ph + kh * dh) * W + ow_lo * sw - pw + kw * dw)
+                        if sw == 1:
+                            for i in range(ow_hi - ow_lo):
+                                yf[dst + U(i)] += wv * xf[src + U(i)]
+                        else:
+                            for i in range(ow_hi - ow_lo):
+                                yf[dst + U(i)] += wv * xf[src + U(i * sw)]
     return y
 
 
@@ -56,21 +65,29 @@ def conv2d_backward_data(gy, w, H, W, sh, sw, ph, pw, dh, dw, G):
     KG = K // G
     C = CG * G
     gx = np.zeros((N, C, H, W), dtype=gy.dtype)
+    gxf = gx.ravel()
+    gyf = gy.ravel()
     for nc in prange(N * C):
         n = nc // C
         c = nc % C
         g = c // CG
         cl = c - g * CG
         for k in range(g * KG, (g + 1) * KG):
+            gb = (n * K + k) * OH
             for kh in range(KH):
                 oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
                 for kw in range(KW):
                     ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
                     wv = w[k, cl, kh, kw]
                     for oh in range(oh_lo, oh_hi):
-                        ih = oh * sh - ph + kh * dh
-                        for ow in range(ow_lo, ow_hi):
-                            gx[n, c, ih, ow * sw - pw + kw * dw] += wv * gy[n, k, oh, ow]
+                        src = U((gb + oh) * OW + ow_lo)
+                        dst = U((nc * H + oh * sh - ph + kh * dh) * W + ow_lo * sw - pw + kw * dw)
+                        if sw == 1:
+                            for i in range(ow_hi - ow_lo):
+                                gxf[dst + U(i)] += wv * gyf[src + U(i)]
+                        else:
+                            for i in range(ow_hi - ow_lo):
+                                gxf[dst + U(i * sw)] += wv * gyf[src + U(i)]
     return gx
 
 
@@ -82,6 +99,8 @@ def conv2d_backward_filter(gy, x, KH, KW, sh, sw, ph, pw, dh, dw, G):
     CG = C // G
     KG = K // G
     gw = np.zeros((K, CG, KH, KW), dtype=gy.dtype)
+    xf = x.ravel()
+    gyf = gy.ravel()
     for kc in prange(K * CG):
         k = kc // CG
         cl = kc % CG
@@ -93,8 +112,16 @@ def conv2d_backward_filter(gy, x, KH, KW, sh, sw, ph, pw, dh, dw, G):
                 acc = gw[k, cl, kh, kw]
                 for n in range(N):
                     for oh in range(oh_lo, oh_hi):
-                        ih = oh * sh - ph + kh * dh
-                        for ow in range(ow_lo, ow_hi):
-                            acc += gy[n, k, oh, ow] * x[n, c, ih, ow * sw - pw + kw * dw]
+                        src_y = U(((n * K + k) * OH + oh) * OW + ow_lo)
+                        src_x = U(
+                            ((n * C + c) * H + oh * sh - ph + kh * dh) * W
+                            + ow_lo * sw - pw + kw * dw
+                        )
+                        if sw == 1:
+                            for i in range(ow_hi - ow_lo):
+                                acc += gyf[src_y + U(i)] * xf[src_x + U(i)]
+                        else:
+                            for i in range(ow_hi - ow_lo):
+                                acc += gyf[src_y + U(i)] * xf[src_x + U(i * sw)]
                 gw[k, cl, kh, kw] = acc
     return gw
