@@ -133,7 +133,7 @@ def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
     calls = []
     real_measure = autotune.measure
 
-    def spy(candidates, repeats=3):
+    def spy(candidates, repeats=5):
         calls.append(sorted(candidates))
         return real_measure(candidates, repeats)
 
