@@ -227,6 +227,125 @@ def mse_rows(pred, target, grad, sq, two_over_n):
         grad[e] = d * two_over_n
 
 
+# --------------------------------------------------------------------------- batch norm
+# x viewed as (N, C, P) with per-channel statistics over M = N*P values, computed in float64
+# (``st`` is a float64 (2, C) buffer: row 0 the mean, row 1 the inverse standard deviation).
+
+
+@cuda.jit(device=True, inline=True)
+def _block_sum(buf, t, v):
+    """Fixed-order tree sum of one value per thread (REDUCE_THREADS threads); every thread
+    gets the total. Two syncthreads per level; the buffer is free again on return."""
+    buf[t] = v
+    cuda.syncthreads()
+    half = REDUCE_THREADS // 2
+    while half > 0:
+        if t < half:
+            buf[t] += buf[t + half]
+        cuda.syncthreads()
+        half //= 2
+    total = buf[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(cache=True)
+def batch_norm_stats(x, st, rmean, rvar, has_running, momentum, eps):
+    """One block per channel c: mean and biased variance of x[:, c, :] (two passes, fixed-order
+    sums), st[0, c] = mean, st[1, c] = 1/sqrt(var + eps); with running statistics, thread 0
+    updates them in place (unbiased variance, PyTorch's momentum rule)."""
+    N, C, P = x.shape
+    buf = cuda.shared.array(REDUCE_THREADS, st.dtype)
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    M = N * P
+    acc = 0.0
+    for e in range(t, M, REDUCE_THREADS):
+        acc += float(x[e // P, c, e % P])
+    mean = _block_sum(buf, t, acc) / M
+    acc = 0.0
+    for e in range(t, M, REDUCE_THREADS):
+        d = float(x[e // P, c, e % P]) - mean
+        acc += d * d
+    var = _block_sum(buf, t, acc) / M
+    if t == 0:
+        st[0, c] = mean
+        st[1, c] = 1.0 / math.sqrt(var + eps)
+        if has_running:
+            rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean
+            rvar[c] = (1.0 - momentum) * rvar[c] + momentum * var * M / max(M - 1, 1)
+
+
+@cuda.jit(cache=True)
+def batch_norm_running_stats(rmean, rvar, st, eps):
+    """One thread per channel c: st[:, c] from the running statistics (evaluation)."""
+    c = cuda.grid(1)
+    if c < rmean.size:
+        st[0, c] = float(rmean[c])
+        st[1, c] = 1.0 / math.sqrt(float(rvar[c]) + eps)
+
+
+@cuda.jit(cache=True)
+def batch_norm_apply(x, st, w, b, has_w, has_b, y):
+    """One thread: y[n, c, p] = (x - mean[c]) * invstd[c] * w[c] + b[c] (float64 inside)."""
+    N, C, P = x.shape
+    e = cuda.grid(1)
+    if e < N * C * P:
+        p = e % P
+        c = (e // P) % C
+        n = e // (P * C)
+        v = (float(x[n, c, p]) - st[0, c]) * st[1, c]
+        if has_w:
+            v *= w[c]
+        if has_b:
+            v += b[c]
+        y[n, c, p] = v
+
+
+@cuda.jit(cache=True)
+def batch_norm_grad_sums(gy, x, mean, invstd, sums):
+    """One block per channel c: sums[0, c] = sum gy, sums[1, c] = sum gy * xhat with
+    xhat = (x - mean[c]) * invstd[c], both in float64 and in a fixed order."""
+    N, C, P = x.shape
+    buf = cuda.shared.array(REDUCE_THREADS, sums.dtype)
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    m = float(mean[c])
+    s = float(invstd[c])
+    a0 = 0.0
+    a1 = 0.0
+    for e in range(t, N * P, REDUCE_THREADS):
+        g = float(gy[e // P, c, e % P])
+        a0 += g
+        a1 += g * (float(x[e // P, c, e % P]) - m) * s
+    t0 = _block_sum(buf, t, a0)
+    t1 = _block_sum(buf, t, a1)
+    if t == 0:
+        sums[0, c] = t0
+        sums[1, c] = t1
+
+
+@cuda.jit(cache=True)
+def batch_norm_grad_x(gy, x, mean, invstd, w, has_w, sums, training, gx):
+    """One thread: gx = w invstd (gy - sum(gy)/M - xhat sum(gy xhat)/M) in training,
+    w invstd gy in evaluation (float64 inside)."""
+    N, C, P = x.shape
+    e = cuda.grid(1)
+    if e < N * C * P:
+        p = e % P
+        c = (e // P) % C
+        n = e // (P * C)
+        k = float(invstd[c])
+        if has_w:
+            k *= w[c]
+        g = float(gy[n, c, p])
+        if training:
+            M = N * P
+            xhat = (float(x[n, c, p]) - float(mean[c])) * float(invstd[c])
+            g = g - sums[0, c] / M - xhat * sums[1, c] / M
+        gx[n, c, p] = k * g
+
+
 # --------------------------------------------------------------------------- optimizers
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "adam_update",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "bias_relu",
     "conv2d",
     "conv2d_backward",
@@ -457,6 +459,67 @@ def mse_loss(pred, target):
     loss = _empty((1,), np.float64)
     _sum_channels(sq.reshape(n, 1, 1), loss, 1.0 / n)
     return float(loss.copy_to_host()[0]), _out(host, grad)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
+    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd).
+
+    Training normalises with the batch statistics (biased variance) and updates the running
+    statistics IN PLACE (unbiased variance, PyTorch's momentum rule); evaluation uses them.
+    Statistics in float64 with fixed-order block sums. w, b may be None.
+    Shape: x (N, C, H, W), w/b/running_* (C,) -> y (N, C, H, W), save_mean/save_invstd (C,).
+    """
+    host, (xd, wd, bd, rm, rv) = _inputs(x, w, b, running_mean, running_var)
+    N, C = int(xd.shape[0]), int(xd.shape[1])
+    P = int(np.prod(xd.shape[2:]))
+    x3 = xd.reshape(N, C, P)
+    st = _empty((2, C), np.float64)
+    dummy = _dummy(xd.dtype)
+    if training:
+        has_running = rm is not None
+        L.launch(ew.batch_norm_stats, C, L.REDUCE_THREADS, x3, st, rm if has_running else dummy,
+                 rv if has_running else dummy, has_running, float(momentum), float(eps))
+        if has_running:
+            _inplace((running_mean, running_var), (rm, rv))
+    else:
+        L.launch(ew.batch_norm_running_stats, *L.grid_1d(C), rm, rv, st, float(eps))
+    y = _empty(xd.shape, xd.dtype)
+    L.launch(ew.batch_norm_apply, *L.grid_1d(y.size), x3, st, dummy if wd is None else wd,
+             dummy if bd is None else bd, wd is not None, bd is not None, y.reshape(N, C, P))
+    save = _empty((2, C), xd.dtype)
+    L.launch(ew.copy2, *L.grid_1d(2 * C), st, save)
+    return _out(host, y, save[0], save[1])
+
+
+def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
+    """(gx, gw, gb) of ``batch_norm2d``; entries are None where ``mask`` says not needed.
+
+    With xhat = (x - mean) * invstd, per channel over its M values: gb = sum gy,
+    gw = sum gy * xhat, and gx = w invstd (gy - gb/M - xhat gw/M) in training (the batch
+    statistics depend on x), w invstd gy in evaluation.
+    """
+    need_x, need_w, need_b = mask
+    host, (gyd, xd, wd, md, sd) = _inputs(gy, x, w, save_mean, save_invstd)
+    N, C = int(xd.shape[0]), int(xd.shape[1])
+    P = int(np.prod(xd.shape[2:]))
+    gy3, x3 = gyd.reshape(N, C, P), xd.reshape(N, C, P)
+    sums = _empty((2, C), np.float64)
+    L.launch(ew.batch_norm_grad_sums, C, L.REDUCE_THREADS, gy3, x3, md, sd, sums)
+    gx = gw = gb = None
+    if need_x:
+        gx = _empty(xd.shape, xd.dtype)
+        L.launch(ew.batch_norm_grad_x, *L.grid_1d(gx.size), gy3, x3, md, sd,
+                 _dummy(xd.dtype) if wd is None else wd, wd is not None, sums, bool(training),
+                 gx.reshape(N, C, P))
+    if need_w or need_b:
+        out = _empty((2, C), xd.dtype)
+        L.launch(ew.copy2, *L.grid_1d(2 * C), sums, out)
+        gb = out[0] if need_b else None
+        gw = out[1] if need_w else None
+    return _out(host, gx, gw, gb)
 
 
 # --------------------------------------------------------------------------- optimizers

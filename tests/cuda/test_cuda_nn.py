@@ -263,3 +263,44 @@ def test_adam_update(dtype, weight_decay, step):
     F.adam_update(pd, gd, md, vd, *args)
     for got, exp, what in ((pd, p_ref, "p"), (md, m_ref, "m"), (vd, v_ref, "v")):
         assert_close(got, exp, what=what)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm2d(dtype, training, affine):
+    rng = _rng(30)
+    x = (rng.standard_normal((3, 2, 3, 2)) * 2 + 1).astype(dtype)
+    w = rng.standard_normal(2).astype(dtype) if affine else None
+    b = rng.standard_normal(2).astype(dtype) if affine else None
+    rm, rv = rng.standard_normal(2).astype(dtype), (rng.random(2) + 0.5).astype(dtype)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    y_ref, mean_ref, invstd_ref = reference.batch_norm2d(x, w, b, rm_ref, rv_ref, training,
+                                                         0.1, 1e-5)
+    xd, rmd, rvd = to_device(x, rm, rv)
+    wd, bd = to_device(w, b)
+    y, mean, invstd = F.batch_norm2d(xd, rmd, rvd, wd, bd, training, 0.1, 1e-5)
+    assert is_numba_device(y)
+    for got, exp, what in ((y, y_ref, "y"), (mean, mean_ref, "mean"),
+                           (invstd, invstd_ref, "invstd"), (rmd, rm_ref, "running_mean"),
+                           (rvd, rv_ref, "running_var")):
+        assert_close(got, exp, what=what)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    got = F.batch_norm2d_backward(gy, x, w, to_host(mean), to_host(invstd), training,
+                                  backend="cuda")
+    exp = reference.batch_norm2d_backward(gy, x, w, to_host(mean), to_host(invstd), training)
+    for a, e, what in zip(got, exp, ("gx", "gw", "gb")):
+        assert_close(a, e, what=what)
+
+
+def test_batch_norm2d_host_running_stats_update_in_place():
+    x = _rng(31).standard_normal((2, 3, 2, 2))
+    rm, rv = np.zeros(3), np.ones(3)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    reference.batch_norm2d(x, None, None, rm_ref, rv_ref, True, 0.1, 1e-5)
+    F.batch_norm2d(x, rm, rv, None, None, True, backend="cuda")
+    assert_close(rm, rm_ref)
+    assert_close(rv, rv_ref)
