@@ -1,6 +1,11 @@
 """A whole training step on the GPU: device parameters, forward, loss, backward, optimizer step,
 compared with the same step on the CPU."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -97,3 +102,39 @@ def test_step_has_one_device_to_host_copy(monkeypatch):
     losses, _ = _steps(model, optimizer, x, y, 1)
     assert np.isfinite(losses[0])
     assert copies == [(1,)], copies
+
+
+def test_fit_on_device_matches_cpu():
+    """training.fit (shuffling, batching, evaluation) with device parameters: same history."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    y = np.array([0, 1, 2, 1])
+    hist = {}
+    for device in ("cpu", "cuda"):
+        model = _tiny_lenet(np.float64)
+        if device == "cuda":
+            model.to("cuda")
+        opt = fc.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        hist[device] = fc.training.fit(model, opt, (x, y), (x, y), epochs=1, batch_size=2,
+                                       rng=0, progress=False, log=None)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(hist["cuda"][key], hist["cpu"][key], rtol=1e-9)
+
+
+MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "mnist")
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason="no MNIST files at ../shared/data/mnist")
+def test_cli_train_backend_cuda(tmp_path):
+    """`fastconv train --backend cuda` end to end on real MNIST (a short run)."""
+    out = tmp_path / "metrics.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "fastconv", "train", "--backend", "cuda", "--epochs", "1",
+         "--train-limit", "2048", "--data-dir", MNIST, "--no-progress", "--metrics-json",
+         str(out)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics, metrics
