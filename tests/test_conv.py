@@ -13,6 +13,17 @@ from tests.strategies import arrays, conv_configs
 ALGOS = ("im2col", "direct")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def always_parallel():
+    """Small calls run on one thread (ops.SERIAL_BELOW); the configurations here are small, so
+    make every call take the multi-threaded path, the one where a race would show."""
+    from fastconv.kernels.cpu import ops
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "SERIAL_BELOW", 0)
+        yield
+
+
 def _params(cfg):
     return {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
 
@@ -230,3 +241,16 @@ def test_saved_columns_reused_only_for_the_same_input(algorithm, dtype):
     assert_close(got[1], reference.conv2d_backward(gy, x2, w, **p)[1], dtype)
     if algorithm == "im2col":
         assert saved["x"] is x2
+
+
+def test_serial_path_for_small_calls_matches():
+    """With the default threshold this call runs on one thread; same answer as the oracle."""
+    from fastconv.kernels.cpu import ops
+
+    cfg = NAMED["batch1_odd"]
+    g = fc.shapes.conv2d_geometry("t", cfg["x_shape"], cfg["w_shape"])
+    assert g.flops() // 2 < 1 << 16
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "SERIAL_BELOW", 1 << 16)
+        for algorithm in ALGOS:
+            _check(cfg, np.float64, algorithm)

@@ -11,6 +11,17 @@ from tests.helpers import DTYPES, assert_close, check_op
 from tests.strategies import pool_configs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def always_parallel():
+    """Small calls run on one thread (ops.SERIAL_BELOW); the configurations here are small, so
+    make every call take the multi-threaded path, the one where a race would show."""
+    from fastconv.kernels.cpu import ops
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "SERIAL_BELOW", 0)
+        yield
+
+
 def _check(kind, cfg, dtype, seed=0, x=None, **extra):
     rng = np.random.default_rng(seed)
     if x is None:

@@ -6,14 +6,34 @@ and a geometry from ``fastconv.shapes``; it returns new arrays in the input dtyp
 Notation: x (N, C, H, W), w (K, CG, KH, KW), y / gy (N, K, OH, OW), P = OH*OW, CG = C/G, KG = K/G.
 """
 
+import contextlib
 import threading
 
+import numba
 import numpy as np
 
 from . import direct, im2col, pool
 
 ALGORITHMS = ("im2col", "direct")
 _local = threading.local()
+# Below this much work (multiply-adds or elements touched) a call runs on one thread: waking
+# the OpenMP pool costs 10-50 us a parallel region, more than such a call takes alone
+# (batch-1 inference is all small calls).
+SERIAL_BELOW = 1 << 16
+
+
+@contextlib.contextmanager
+def threads_for(work):
+    """Run the enclosed kernels on one thread when ``work`` is small."""
+    n = numba.get_num_threads()
+    if work >= SERIAL_BELOW or n == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)
 
 
 def workspace(name, shape, dtype):
@@ -49,6 +69,12 @@ def _im2col(x, g, saved=None):
 
 
 def conv2d(x, w, b, g, algorithm, saved=None):
+    """Forward convolution (see ``_conv2d``)."""
+    with threads_for(g.flops() // 2):
+        return _conv2d(x, w, b, g, algorithm, saved)
+
+
+def _conv2d(x, w, b, g, algorithm, saved=None):
     """Forward convolution. b may be None. Returns y (N, K, OH, OW).
 
     ``saved``: an optional dict the caller keeps until ``conv2d_backward`` of the same x; the
@@ -77,6 +103,12 @@ def conv2d(x, w, b, g, algorithm, saved=None):
 
 
 def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
+    """Gradients of the convolution (see ``_conv2d_backward``)."""
+    with threads_for(g.flops() // 2):
+        return _conv2d_backward(gy, x, w, g, algorithm, mask, saved)
+
+
+def _conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
     """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x may be None
     when only grad_x is asked for; ``saved`` is the dict given to the forward pass, if any."""
     need_x, need_w, need_b = mask
@@ -118,23 +150,27 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
 
 
 def max_pool2d(x, g):
-    return pool.max_pool2d_forward(x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+    with threads_for(x.size):
+        return pool.max_pool2d_forward(x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
 
 
 def max_pool2d_backward(gy, x, g):
-    return pool.max_pool2d_backward(gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
+    with threads_for(x.size):
+        return pool.max_pool2d_backward(gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
 
 
 def avg_pool2d(x, g):
-    return pool.avg_pool2d_forward(
-        x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
-    )
+    with threads_for(x.size):
+        return pool.avg_pool2d_forward(
+            x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
+        )
 
 
 def avg_pool2d_backward(gy, x, g):
-    return pool.avg_pool2d_backward(
-        gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
-    )
+    with threads_for(x.size):
+        return pool.avg_pool2d_backward(
+            gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
+        )
 
 
 from .nn import *  # noqa: E402,F401,F403 — activations, linear, losses, optimizer updates
