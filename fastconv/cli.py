@@ -27,22 +27,42 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "rmsprop": 1e-3, "adagrad": 1e-2}
 def _parser() -> argparse.ArgumentParser:
     from . import models, optim
 
-    p = argparse.ArgumentParser(prog="fastconv", description="Train and evaluate small CNNs "
-                                "on hand-written kernels.")
+    p = argparse.ArgumentParser(
+        prog="fastconv", description="Train and evaluate small CNNs on hand-written kernels."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", choices=sorted(models.MODELS), default=None,
-                        help="network from the model zoo (default lenet5, or the saved one)")
-        sp.add_argument("--dataset", choices=sorted(DATASETS), default=None,
-                        help="mnist (digits) or fashion (default mnist, or the saved one)")
-        sp.add_argument("--data-dir", default=None,
-                        help="folder with the .gz files (default $FASTCONV_DATA, then the cache)")
+        sp.add_argument(
+            "--model",
+            choices=sorted(models.MODELS),
+            default=None,
+            help="network from the model zoo (default lenet5, or the saved one)",
+        )
+        sp.add_argument(
+            "--dataset",
+            choices=sorted(DATASETS),
+            default=None,
+            help="mnist (digits) or fashion (default mnist, or the saved one)",
+        )
+        sp.add_argument(
+            "--data-dir",
+            default=None,
+            help="folder with the .gz files (default $FASTCONV_DATA, then the cache)",
+        )
         sp.add_argument("--batch-size", type=int, default=64)
-        sp.add_argument("--backend", choices=("auto", "cpu", "cuda", "reference"),
-                        default="auto", help="kernel backend; cuda moves the model to the GPU")
-        sp.add_argument("--threads", type=int, default=None,
-                        help="Numba threads (default: Numba's, i.e. all cores)")
+        sp.add_argument(
+            "--backend",
+            choices=("auto", "cpu", "cuda", "reference"),
+            default="auto",
+            help="kernel backend; cuda moves the model to the GPU",
+        )
+        sp.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="Numba threads (default: Numba's, i.e. all cores)",
+        )
         sp.add_argument("--metrics-json", default=None, help="write results as JSON here")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -50,25 +70,45 @@ def _parser() -> argparse.ArgumentParser:
     common(t)
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd")
-    t.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: sgd 0.05, adam/rmsprop 1e-3, adagrad 1e-2)")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: sgd 0.05, adam/rmsprop 1e-3, adagrad 1e-2)",
+    )
     t.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--lr-decay", type=float, default=1.0,
-                   help="multiply the learning rate by this after every epoch")
-    t.add_argument("--augment", choices=("none", "shift", "expand"), default="none",
-                   help="shift: random +-2 px per image and epoch; expand: Nielsen's expanded "
-                        "data (each image plus four 1-px shifts)")
+    t.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        help="multiply the learning rate by this after every epoch",
+    )
+    t.add_argument(
+        "--augment",
+        choices=("none", "shift", "expand"),
+        default="none",
+        help="shift: random +-2 px per image and epoch; expand: Nielsen's expanded "
+        "data (each image plus four 1-px shifts)",
+    )
     t.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling, dropout")
-    t.add_argument("--train-limit", type=int, default=None,
-                   help="use only the first N training images (quick runs)")
+    t.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="use only the first N training images (quick runs)",
+    )
     t.add_argument("--save", default=None, help="write the trained weights (.npz)")
-    t.add_argument("--checkpoint", default=None,
-                   help="checkpoint file, written atomically after every epoch")
+    t.add_argument(
+        "--checkpoint", default=None, help="checkpoint file, written atomically after every epoch"
+    )
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    t.add_argument("--plot-dir", default=None,
-                   help="write training curves, first-layer filters and feature maps (PNG; "
-                        "needs the 'plot' extra, matplotlib)")
+    t.add_argument(
+        "--plot-dir",
+        default=None,
+        help="write training curves, first-layer filters and feature maps (PNG; "
+        "needs the 'plot' extra, matplotlib)",
+    )
 
     e = sub.add_parser("evaluate", help="evaluate saved weights on the test set")
     common(e)
@@ -76,8 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, backends, GPU, threads")
 
-    b = sub.add_parser("bench", help="benchmarks (fastconv.bench), if installed",
-                       add_help=False)
+    b = sub.add_parser("bench", help="benchmarks (fastconv.bench), if installed", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -107,13 +146,18 @@ def _write_json(path: str | None, data: dict) -> None:
             f.write("\n")
 
 
-def _backend_context(args):
+def _check_backend(args) -> None:
     from . import dispatch
 
     if args.backend == "cuda":
         ok, why = dispatch.cuda_status()
         if not ok:
             raise SystemExit(f"fastconv: --backend cuda is not available: {why}")
+
+
+def _backend_context(args):
+    from . import dispatch
+
     return dispatch.using(backend=args.backend)
 
 
@@ -127,6 +171,7 @@ def cmd_train(args) -> int:
     args.dataset = args.dataset or "mnist"
     if args.resume and not args.checkpoint:
         raise SystemExit("fastconv: --resume needs --checkpoint FILE")
+    _check_backend(args)
     if args.plot_dir and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("fastconv: --plot-dir needs matplotlib: pip install 'fastconv[plot]'")
     _set_threads(args.threads)
@@ -142,17 +187,30 @@ def cmd_train(args) -> int:
     if args.optimizer in ("sgd", "rmsprop"):
         kw["momentum"] = args.momentum
     opt = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **kw)
-    print(f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
-          f"{args.optimizer} lr={lr}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"augment={args.augment}, seed {args.seed}, backend {args.backend}", flush=True)
+    print(
+        f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
+        f"{args.optimizer} lr={lr}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"augment={args.augment}, seed {args.seed}, backend {args.backend}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     with _backend_context(args):
         hist = training.fit(
-            model, opt, (x_train, y_train), (x_test, y_test), epochs=args.epochs,
-            batch_size=args.batch_size, rng=args.seed,
-            augment=None if args.augment == "none" else args.augment, mean=mean, std=std,
-            lr_decay=args.lr_decay, checkpoint=args.checkpoint, resume=args.resume,
-            progress=not args.no_progress, log=lambda s: print(s, flush=True),
+            model,
+            opt,
+            (x_train, y_train),
+            (x_test, y_test),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            rng=args.seed,
+            augment=None if args.augment == "none" else args.augment,
+            mean=mean,
+            std=std,
+            lr_decay=args.lr_decay,
+            checkpoint=args.checkpoint,
+            resume=args.resume,
+            progress=not args.no_progress,
+            log=lambda s: print(s, flush=True),
         )
     total = time.perf_counter() - t0
     meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std}
@@ -180,15 +238,20 @@ def cmd_train(args) -> int:
 
         written = plots.save_all(args.plot_dir, model, hist, x_test[:1], mean, std)
         print("plots: " + ", ".join(str(w) for w in written))
-    print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
-          f"({np.mean(secs):.1f} s/epoch)")
+    print(
+        f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
+        f"({np.mean(secs):.1f} s/epoch)"
+    )
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from . import models, training
 
+    _check_backend(args)
     _set_threads(args.threads)
+    if not os.path.isfile(args.load):
+        raise SystemExit(f"fastconv: --load {args.load}: no such file")
     with np.load(args.load, allow_pickle=False) as f:
         meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
     args.model = args.model or meta.get("model") or "lenet5"
@@ -200,16 +263,26 @@ def cmd_evaluate(args) -> int:
     mean, std = training.STATS[DATASETS[args.dataset]]
     t0 = time.perf_counter()
     with _backend_context(args):
-        loss, acc = training.evaluate(model, x_test, y_test, batch_size=max(args.batch_size, 1),
-                                      mean=mean, std=std)
+        loss, acc = training.evaluate(
+            model, x_test, y_test, batch_size=max(args.batch_size, 1), mean=mean, std=std
+        )
     secs = time.perf_counter() - t0
-    print(f"{args.model} on {args.dataset} test set: accuracy {acc:.4f}, loss {loss:.4f} "
-          f"({len(x_test) / secs:.0f} img/s)")
-    _write_json(args.metrics_json, {
-        "command": "evaluate", "model": args.model, "dataset": args.dataset,
-        "test_accuracy": acc, "test_loss": loss, "images_per_second": len(x_test) / secs,
-        "environment": _environment(),
-    })
+    print(
+        f"{args.model} on {args.dataset} test set: accuracy {acc:.4f}, loss {loss:.4f} "
+        f"({len(x_test) / secs:.0f} img/s)"
+    )
+    _write_json(
+        args.metrics_json,
+        {
+            "command": "evaluate",
+            "model": args.model,
+            "dataset": args.dataset,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "images_per_second": len(x_test) / secs,
+            "environment": _environment(),
+        },
+    )
     return 0
 
 
@@ -247,8 +320,11 @@ def cmd_info(args) -> int:
     try:
         from threadpoolctl import threadpool_info
 
-        blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
-                for i in threadpool_info() if i.get("user_api") == "blas"]
+        blas = [
+            f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
+            for i in threadpool_info()
+            if i.get("user_api") == "blas"
+        ]
     except Exception:  # threadpoolctl is optional
         blas = []
     bench = importlib.util.find_spec("fastconv.bench") is not None
@@ -270,9 +346,11 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     if importlib.util.find_spec("fastconv.bench") is None:
-        print("fastconv bench: not available in this build (no fastconv.bench module); "
-              "run the benchmarks from a source checkout: python -m benchmarks.compare",
-              file=sys.stderr)
+        print(
+            "fastconv bench: not available in this build (no fastconv.bench module); "
+            "run the benchmarks from a source checkout: python -m benchmarks.compare",
+            file=sys.stderr,
+        )
         return 2
     from . import bench
 

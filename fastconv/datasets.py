@@ -114,8 +114,10 @@ def md5sum(path: str | os.PathLike, *, decompressed: bool = False) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except (OSError, EOFError) as e:
-        raise DatasetError(f"{path}: cannot be read ({e}); the file is corrupt or truncated: "
-                           f"delete it and download it again") from None
+        raise DatasetError(
+            f"{path}: cannot be read ({e}); the file is corrupt or truncated: "
+            f"delete it and download it again"
+        ) from None
     return h.hexdigest()
 
 
@@ -134,18 +136,25 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DatasetError(f"{path}: cannot be read as a gzip file ({e}); the file is corrupt or "
-                           f"truncated: delete it and download it again") from None
+        raise DatasetError(
+            f"{path}: cannot be read as a gzip file ({e}); the file is corrupt or "
+            f"truncated: delete it and download it again"
+        ) from None
     if len(raw) < 4:
         raise DatasetError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
     (magic,) = struct.unpack(">I", raw[:4])
     zero, dtype_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
-    if zero != 0 or dtype_code != 0x08 or ndim < 1 or (
-        expected_magic is not None and magic != expected_magic
+    if (
+        zero != 0
+        or dtype_code != 0x08
+        or ndim < 1
+        or (expected_magic is not None and magic != expected_magic)
     ):
         want = f" (expected {expected_magic})" if expected_magic is not None else ""
-        raise DatasetError(f"{path}: bad IDX magic number {magic}{want}; not an unsigned-byte "
-                           f"IDX file of the expected kind")
+        raise DatasetError(
+            f"{path}: bad IDX magic number {magic}{want}; not an unsigned-byte "
+            f"IDX file of the expected kind"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
@@ -165,8 +174,9 @@ def _read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nd
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise DatasetError(f"{images_path}: expected 28x28 images; got dimensions {x.shape}")
     if y.shape[0] != x.shape[0]:
-        raise DatasetError(f"{labels_path}: {y.shape[0]} labels for {x.shape[0]} images in "
-                           f"{images_path.name}")
+        raise DatasetError(
+            f"{labels_path}: {y.shape[0]} labels for {x.shape[0]} images in {images_path.name}"
+        )
     if y.size and int(y.max()) > 9:
         raise DatasetError(f"{labels_path}: label {int(y.max())} is outside 0-9")
     return x.reshape(-1, 1, 28, 28), y.astype(np.int64)
@@ -234,8 +244,10 @@ def _download(url: str, dest: Path) -> None:
 
     with urllib.request.urlopen(url, timeout=30) as r:
         total = int(r.headers.get("Content-Length") or 0) or None
-        with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                          desc=dest.name, leave=False) as bar:
+        with (
+            open(dest, "wb") as f,
+            tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar,
+        ):
             for block in iter(lambda: r.read(1 << 16), b""):
                 f.write(block)
                 bar.update(len(block))
@@ -321,8 +333,9 @@ def load_mnist(
         if not download:
             raise DatasetError(_missing_message(target, kind, []))
         directory = download_mnist(target, kind)
-    x_train, y_train = _read_split(directory / FILES["train_images"],
-                                   directory / FILES["train_labels"])
+    x_train, y_train = _read_split(
+        directory / FILES["train_images"], directory / FILES["train_labels"]
+    )
     x_test, y_test = _read_split(directory / FILES["test_images"], directory / FILES["test_labels"])
     return x_train, y_train, x_test, y_test
 

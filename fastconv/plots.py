@@ -75,8 +75,9 @@ def filters(path: str | os.PathLike, model: Layer) -> Path:
     return Path(path)
 
 
-def feature_maps(path: str | os.PathLike, model: Layer, image: np.ndarray, mean: float,
-                 std: float) -> Path:
+def feature_maps(
+    path: str | os.PathLike, model: Layer, image: np.ndarray, mean: float, std: float
+) -> Path:
     """The first convolution's output for one uint8 image (1, 1, H, W), after the layer."""
     from .training import normalize
 
@@ -101,8 +102,14 @@ def feature_maps(path: str | os.PathLike, model: Layer, image: np.ndarray, mean:
     return Path(path)
 
 
-def save_all(directory: str | os.PathLike, model: Layer, history: dict[str, list],
-             image: Any, mean: float, std: float) -> list[Path]:
+def save_all(
+    directory: str | os.PathLike,
+    model: Layer,
+    history: dict[str, list],
+    image: Any,
+    mean: float,
+    std: float,
+) -> list[Path]:
     """Write curves.png, filters.png and feature_maps.png into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

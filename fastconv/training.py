@@ -40,7 +40,9 @@ AUGMENTATIONS = (None, "none", "shift", "expand")
 
 
 def normalize(
-    x: np.ndarray, mean: float = STATS["digits"][0], std: float = STATS["digits"][1],
+    x: np.ndarray,
+    mean: float = STATS["digits"][0],
+    std: float = STATS["digits"][1],
     dtype: Any = np.float32,
 ) -> np.ndarray:
     """uint8 images -> (x / 255 - mean) / std in ``dtype``. Shape: any -> same."""
@@ -94,8 +96,13 @@ def _place(model: Layer, a: np.ndarray) -> Any:
 
 
 def evaluate(
-    model: Layer, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000,
-    mean: float = STATS["digits"][0], std: float = STATS["digits"][1],
+    model: Layer,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 1000,
+    mean: float = STATS["digits"][0],
+    std: float = STATS["digits"][1],
     loss_fn: Any = None,
 ) -> tuple[float, float]:
     """(mean loss, accuracy in [0, 1]) of ``model`` in evaluation mode on uint8 images.
@@ -173,8 +180,13 @@ def load_model(path: str | os.PathLike, model: Layer | None = None) -> tuple[Lay
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: Layer, optimizer: Optimizer, epoch: int,
-    rng: np.random.Generator, history: dict | None = None, meta: dict | None = None,
+    path: str | os.PathLike,
+    model: Layer,
+    optimizer: Optimizer,
+    epoch: int,
+    rng: np.random.Generator,
+    history: dict | None = None,
+    meta: dict | None = None,
 ) -> None:
     """Everything a resumed run needs, written atomically: model, optimizer state, completed
     epochs, the loop's generator and the model's own generators (Dropout), and the history."""
@@ -214,8 +226,10 @@ def load_checkpoint(
                 _, i, name = k.split("/", 2)
                 opt_state.setdefault(int(i), {})[name] = f[k]
     if meta.get("optim_type") != type(optimizer).__name__:
-        raise ValueError(f"{path}: checkpoint holds a {meta.get('optim_type')} optimizer state, "
-                         f"not {type(optimizer).__name__}")
+        raise ValueError(
+            f"{path}: checkpoint holds a {meta.get('optim_type')} optimizer state, "
+            f"not {type(optimizer).__name__}"
+        )
     for i, s in meta["optim_scalars"].items():
         opt_state.setdefault(int(i), {}).update(s)
     model.load_state_dict(model_state)
@@ -288,8 +302,14 @@ def fit(
     gen = _init.spawn(rng) if not isinstance(rng, np.random.Generator) else rng
     loss_fn = loss_fn or CrossEntropyLoss()
     dtype = _model_dtype(model)
-    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
-            "images_per_second")
+    keys = (
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "seconds",
+        "images_per_second",
+    )
     history: dict[str, list] = {k: [] for k in keys}
     base_lr, start = optimizer.lr, 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
@@ -309,8 +329,14 @@ def fit(
         optimizer.lr = base_lr * lr_decay**epoch
         order = gen.permutation(n)
         seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                   disable=not progress, leave=True, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
         t0 = time.perf_counter()
         for step in range(steps):
             idx = order[step * batch_size : (step + 1) * batch_size]
@@ -330,8 +356,12 @@ def fit(
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                img_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.4f}",
+                    acc=f"{correct / seen:.4f}",
+                    img_s=f"{rate:.0f}",
+                    refresh=False,
+                )
         seconds = time.perf_counter() - t0
         bar.close()
         history["train_loss"].append(loss_sum / seen)
@@ -345,12 +375,15 @@ def fit(
         history["test_loss"].append(tl)
         history["test_accuracy"].append(ta)
         if log:
-            log(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f} "
+            log(
+                f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f} "
                 f"acc {correct / seen:.4f} | test loss {tl:.4f} acc {ta:.4f} | "
-                f"{seconds:.1f} s, {seen / seconds:.0f} img/s")
+                f"{seconds:.1f} s, {seen / seconds:.0f} img/s"
+            )
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history,
-                            meta={"base_lr": base_lr})
+            save_checkpoint(
+                checkpoint, model, optimizer, epoch + 1, gen, history, meta={"base_lr": base_lr}
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
     return history

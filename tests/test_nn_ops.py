@@ -260,7 +260,7 @@ def test_flatten_keeps_the_batch_dimension():
     assert np.shares_memory(F.flatten(x), x)
 
 
-# --------------------------------------------------------------------------- oracle vs finite differences
+# ------------------------------------------------------------- oracle vs finite differences
 
 
 def _fd_check(f_scalar, x, analytic, rtol=1e-6, atol=1e-8):
