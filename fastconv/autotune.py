@@ -8,14 +8,16 @@ the measurement. ``dispatch.select`` stays pure: it is handed the remembered cho
 - ``FASTCONV_AUTOTUNE=0`` turns measuring off: "auto" then uses the documented heuristic
   (``dispatch.cpu_conv_algorithm``); choices already cached are not used either.
 - ``FASTCONV_CACHE_DIR`` moves the cache (default ``$XDG_CACHE_HOME/fastconv`` or
-  ``~/.cache/fastconv``). The file name carries a format version and the fastconv version, so
-  an upgrade re-tunes.
+  ``~/.cache/fastconv``). The file name carries a format version, the fastconv version and a
+  digest of the CPU kernel sources, so an upgrade or an edited kernel re-tunes.
 - Concurrent processes are safe: writers take an exclusive ``flock`` on a lock file, merge with
   what is on disk, write a temporary file and ``os.replace`` it (readers never see half a file).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -47,10 +49,25 @@ def cache_dir() -> Path:
     return Path(base) / "fastconv"
 
 
+@functools.cache
+def kernel_digest() -> str:
+    """Short digest of the CPU kernel sources: a changed kernel invalidates old timings."""
+    h = hashlib.sha1()
+    cpu = Path(__file__).resolve().parent / "kernels" / "cpu"
+    if not cpu.is_dir():  # editable installs map fastconv.kernels to the top-level kernels/
+        from .kernels import cpu as _cpu
+
+        cpu = Path(_cpu.__file__).parent
+    for f in sorted(cpu.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cache_path() -> Path:
     from . import __version__
 
-    return cache_dir() / f"autotune-v{FORMAT}-fastconv{__version__}.json"
+    return cache_dir() / f"autotune-v{FORMAT}-fastconv{__version__}-{kernel_digest()}.json"
 
 
 def threads() -> int:
