@@ -44,14 +44,27 @@ def like(a: Any, host: np.ndarray) -> Any:
     return to_device(host) if is_device(a) else host
 
 
+def _cuda_op(name: str):
+    """The CUDA backend's helper ``name`` if it has one (None otherwise)."""
+    return getattr(dispatch.backend_ops(name, "cuda"), name, None)
+
+
 def zeros_like(a: Any) -> Any:
-    return like(a, np.zeros(tuple(a.shape), np.dtype(a.dtype)))
+    """Zeros of a's shape and dtype, where a is (optimizer state buffers)."""
+    shape, dtype = tuple(int(s) for s in a.shape), np.dtype(a.dtype)
+    if is_device(a):
+        zeros = _cuda_op("zeros")
+        if zeros is not None:
+            return zeros(shape, dtype)
+    return like(a, np.zeros(shape, dtype))
 
 
 def add(dst: Any, src: Any) -> Any:
-    """dst + src, in place on the host. Only used when gradients accumulate over several
-    backward calls without zero_grad(), so the device path may take the simple round trip."""
+    """dst += src (gradient accumulation over several backward calls without zero_grad())."""
     if isinstance(dst, np.ndarray):
         dst += src
         return dst
-    return to_device(to_host(dst) + to_host(src))
+    add_ = _cuda_op("add_")
+    if add_ is not None:
+        return add_(dst, src)
+    return to_device(to_host(dst) + to_host(src))  # rare path: a simple round trip
