@@ -683,9 +683,7 @@ def _conv1d_args(op, x, weight, stride, padding, dilation):
 
 
 def _single(op: str, name: str, value: Any, minimum: int) -> tuple[int]:
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        value = value[0]
-    return (shapes.pair(op, name, value, minimum=minimum)[0],)
+    return (shapes.single(op, name, value, minimum=minimum),)
 
 
 def conv1d(

@@ -519,9 +519,7 @@ class ConvTranspose2d(_ConvBase):
 
 
 def _single(op: str, name: str, v: Any, minimum: int) -> int:
-    if isinstance(v, (tuple, list)) and len(v) == 1:
-        v = v[0]
-    return shapes.pair(op, name, v, minimum=minimum)[0]
+    return shapes.single(op, name, v, minimum=minimum)
 
 
 class Conv1d(_ConvBase):

@@ -586,3 +586,12 @@ def check_update(op: str, p: Any, grad: Any, **state: Any) -> Any:
                 f"native-byte-order array"
             )
     return grad
+
+
+def single(op: str, name: str, value: Any, *, minimum: int) -> int:
+    """A 1-D size: ``3`` or ``(3,)`` -> ``3``; anything else or below ``minimum`` raises."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not _is_int(value):
+        raise TypeError(f"{op}: {name} must be an int or a 1-tuple of ints; got {value!r}")
+    return pair(op, name, value, minimum=minimum)[0]

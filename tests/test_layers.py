@@ -437,6 +437,12 @@ def test_parameter_repr():
         ),
         (lambda: fc.Conv1d(1, 4, 3, padding="circular"), ValueError, r"Conv1d: padding must be"),
         (
+            lambda: fc.Conv1d(1, 4, (3, 3)),
+            TypeError,
+            r"Conv1d: kernel_size must be an int or a "
+            r"1-tuple",
+        ),
+        (
             lambda: fc.MaxPool2d(2, padding=2),
             ValueError,
             r"MaxPool2d: padding must be at most half the kernel size",

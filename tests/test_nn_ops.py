@@ -455,6 +455,15 @@ def test_update_errors():
 
 
 def test_conv1d_errors():
+    with pytest.raises(
+        TypeError,
+        match=r"conv1d: stride must be an int or a 1-tuple of ints; "
+        r"got \(2, 2\)",
+    ):
+        F.conv1d(np.ones((1, 2, 8)), np.ones((1, 2, 3)), stride=(2, 2))
+    with pytest.raises(ValueError, match=r"conv1d: dilation must be positive"):
+        F.conv1d(np.ones((1, 2, 8)), np.ones((1, 2, 3)), dilation=(0,))
+    assert F.conv1d(np.ones((1, 2, 8)), np.ones((1, 2, 3)), padding=(1,)).shape == (1, 1, 8)
     with pytest.raises(ValueError, match=r"conv1d: x must be 3-D \(N, C, L\)"):
         F.conv1d(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3)))
     with pytest.raises(ValueError, match=r"conv1d: x has 2 channels but weight expects 3"):
