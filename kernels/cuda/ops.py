@@ -549,3 +549,54 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     L.launch(ew.adam_update, *L.grid_1d(pd.size), _flat(pd), _flat(gd), _flat(md), _flat(vd),
              float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bc1, bc2)
     _inplace((p, m, v), (pd, md, vd))
+
+
+# --------------------------------------------------------------------------- compilation
+
+
+def warmup(dtypes: tuple[Any, ...] = (np.float32,)) -> float:
+    """Compile (or load from Numba's on-disk cache) every kernel for ``dtypes`` by running each
+    op once on tiny device arrays, so a benchmark or a training loop's first step does not pay
+    for it. Returns the seconds it took (the cold-start cost when nothing was cached).
+
+    The kernels are compiled lazily per argument types rather than with eager signatures at
+    import, so importing this module stays cheap and the CPU path never compiles CUDA code.
+    """
+    import time
+
+    from fastconv import shapes
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    for dtype in dtypes:
+        def arr(*shape):
+            return _dev(rng.standard_normal(shape).astype(dtype))
+
+        x, w, b = arr(2, 2, 5, 5), arr(4, 2, 3, 3), arr(4)
+        g = shapes.conv2d_geometry("warmup", x.shape, w.shape, 1, 1, 1, 1)
+        for algorithm in ALGORITHMS:
+            y = conv2d(x, w, b, g, algorithm)
+            conv2d_bias_relu(x, w, b, g, algorithm)
+            conv2d_backward(y, x, w, g, algorithm)
+        wide = shapes.conv2d_geometry("warmup", x.shape, (20, 2, 1, 1), 1, 0, 1, 1)
+        conv2d(x, arr(20, 2, 1, 1), None, wide, "im2col")  # the other GEMM tile config
+        pg = shapes.pool2d_geometry("warmup", x.shape, 2)
+        for fwd, bwd in ((max_pool2d, max_pool2d_backward), (avg_pool2d, avg_pool2d_backward)):
+            bwd(fwd(x, pg), x, pg)
+        relu_backward(relu(x), x)
+        leaky_relu_backward(leaky_relu(x, 0.1), x, 0.1)
+        sigmoid_backward(x, sigmoid(x))
+        tanh_backward(x, tanh(x))
+        dropout(x, _dev(np.ones(x.shape, bool)), 2.0)
+        h, lw, lb = arr(3, 6), arr(5, 6), arr(5)
+        linear_backward(linear(h, lw, lb), h, lw, (True, True, True))
+        cross_entropy_device(arr(3, 5), _dev(np.array([0, 1, 4])))
+        mse_loss(h, h)
+        rm, rv = _dev(np.zeros(2, dtype)), _dev(np.ones(2, dtype))
+        _, mean, invstd = batch_norm2d(x, None, None, rm, rv, True, 0.1, 1e-5)
+        batch_norm2d_backward(x, x, None, mean, invstd, True, (True, True, True))
+        p, gr, m, v = arr(7), arr(7), _dev(np.zeros(7, dtype)), _dev(np.zeros(7, dtype))
+        sgd_update(p, gr, m, 0.1, 0.9, 0.0, 0.0, False, False)
+        adam_update(p, gr, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    cuda.synchronize()
+    return time.perf_counter() - t0
