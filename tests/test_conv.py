@@ -100,6 +100,9 @@ NAMED = {
     "kernel_equals_padded_input": dict(
         x_shape=(1, 1, 3, 3), w_shape=(1, 1, 5, 5), stride=1, padding=1, dilation=1, groups=1
     ),
+    "long_reduction": dict(  # N*OH*OW > 2 * ops.GEMM_CHUNK: the blocked grad_w GEMM
+        x_shape=(12, 2, 28, 28), w_shape=(3, 2, 3, 3), stride=1, padding=1, dilation=1, groups=1
+    ),
     "padding_larger_than_kernel": dict(
         x_shape=(1, 1, 4, 4), w_shape=(2, 1, 2, 2), stride=2, padding=3, dilation=1, groups=1
     ),
