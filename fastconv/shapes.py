@@ -119,8 +119,13 @@ def out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, dilation:
 
 
 def is_device_array(a: Any) -> bool:
-    """True for numba device arrays and anything exposing ``__cuda_array_interface__``."""
-    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+    """True for numba device arrays (the simulator's too) and anything exposing
+    ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return bool(getattr(type(a), "__cuda_ndarray__", False)) or hasattr(
+        a, "__cuda_array_interface__"
+    )
 
 
 def _shape_of(a: Any) -> tuple[int, ...]:
@@ -142,7 +147,7 @@ def check_array(op: str, name: str, a: Any, ndim: int, layout: str) -> Any:
         raise TypeError(
             f"{op}: {name} must be a NumPy array or a CUDA device array; got {type(a).__name__}"
         )
-    dtype = np.dtype(arr.dtype)
+    dtype = dtype_of(arr)
     if dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: {name} must be float32 or float64; got dtype {dtype} "
@@ -160,8 +165,19 @@ def check_array(op: str, name: str, a: Any, ndim: int, layout: str) -> Any:
     return arr
 
 
+def dtype_of(a: Any) -> np.dtype:
+    """NumPy dtype of a host or device array (PyTorch tensors carry torch dtypes: read the
+    CUDA array interface's typestr instead)."""
+    if isinstance(a, np.ndarray):
+        return a.dtype
+    try:
+        return np.dtype(a.dtype)
+    except TypeError:
+        return np.dtype(a.__cuda_array_interface__["typestr"])
+
+
 def check_same_dtype(op: str, **arrays: Any) -> None:
-    items = [(k, np.dtype(v.dtype).newbyteorder("=")) for k, v in arrays.items() if v is not None]
+    items = [(k, dtype_of(v).newbyteorder("=")) for k, v in arrays.items() if v is not None]
     if len({d for _, d in items}) > 1:
         desc = ", ".join(f"{k}.dtype={d}" for k, d in items)
         raise TypeError(f"{op}: all inputs must have the same dtype; got {desc}")
