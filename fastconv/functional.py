@@ -51,7 +51,7 @@ def conv2d(
         stride, dilation: int or (h, w), positive. padding: int, (h, w), 'same' (stride 1 only)
             or 'valid'; zero padding. groups: number of channel groups (C for depthwise).
         backend: "auto" | "reference" | "cpu" | "cuda". algorithm: "auto" | "im2col" | "direct".
-        saved: optional dict the caller keeps until ``conv2d_backward`` (layers do). The CPU
+        saved: optional dict the caller keeps until ``conv2d_backward`` (layers do). The
             im2col path leaves its column matrix there, and the backward pass given the same
             dict and the very same ``x`` object reuses it instead of rebuilding it. The
             gradients are then those of the forward call's input, even if ``x`` was changed
@@ -65,9 +65,7 @@ def conv2d(
     x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
 
     def run(be, algo, keep=None):
-        if be == "cpu":
-            return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo, keep)
-        return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo)
+        return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo, keep)
 
     be, algo = dispatch.choose(
         op,
@@ -114,10 +112,7 @@ def conv2d_backward(
     mask = tuple(bool(m) for m in output_mask)
 
     def run(be, algo, keep=None):
-        ops = dispatch.backend_ops(op, be)
-        if be == "cpu":
-            return ops.conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
-        return ops.conv2d_backward(grad_y, x, weight, g, algo, mask)
+        return dispatch.backend_ops(op, be).conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
 
     be, algo = dispatch.choose(
         op,
