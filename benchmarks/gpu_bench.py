@@ -184,8 +184,7 @@ def time_numba(fn: Callable[[], Any], reps: int, smoke: bool) -> dict:
         end.synchronize()
         walls.append(time.perf_counter() - t0)
         gpus.append(cuda.event_elapsed_time(start, end) / 1e3)
-    return {"first_s": first, "wall_s": statistics.median(walls),
-            "gpu_s": statistics.median(gpus)}
+    return {"first_s": first, "wall_s": statistics.median(walls), "gpu_s": statistics.median(gpus)}
 
 
 def time_torch(torch: Any, fn: Callable[[], Any], reps: int, smoke: bool) -> dict:
@@ -211,8 +210,7 @@ def time_torch(torch: Any, fn: Callable[[], Any], reps: int, smoke: bool) -> dic
         end.synchronize()
         walls.append(time.perf_counter() - t0)
         gpus.append(start.elapsed_time(end) / 1e3)
-    return {"first_s": first, "wall_s": statistics.median(walls),
-            "gpu_s": statistics.median(gpus)}
+    return {"first_s": first, "wall_s": statistics.median(walls), "gpu_s": statistics.median(gpus)}
 
 
 def launch_overhead(reps: int, smoke: bool) -> dict:
@@ -284,8 +282,13 @@ def conv_layers(reps: int, smoke: bool, torch: Any) -> list[dict]:
 
             for mode, fn, f in (("forward", fwd, flops), ("forward+backward", fwd_bwd, 3 * flops)):
                 r = time_numba(fn, reps, smoke)
-                r.update(layer=name, library=f"fastconv cuda {algo}", mode=mode,
-                         launches=launches_per_call(fn), flops=int(f))
+                r.update(
+                    layer=name,
+                    library=f"fastconv cuda {algo}",
+                    mode=mode,
+                    launches=launches_per_call(fn),
+                    flops=int(f),
+                )
                 rows.append(r)
         if torch is not None:
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -304,8 +307,10 @@ def conv_layers(reps: int, smoke: bool, torch: Any) -> list[dict]:
                 return torch.autograd.grad(y, (tx, tw, tb), tgy)
 
             label = "pytorch cudnn" if dev == "cuda" else "pytorch cpu"
-            for mode, fn, f in (("forward", t_fwd, flops), ("forward+backward", t_fwd_bwd,
-                                                             3 * flops)):
+            for mode, fn, f in (
+                ("forward", t_fwd, flops),
+                ("forward+backward", t_fwd_bwd, 3 * flops),
+            ):
                 r = time_torch(torch, fn, reps, smoke)
                 r.update(layer=name, library=label, mode=mode, launches=None, flops=int(f))
                 rows.append(r)
@@ -315,9 +320,18 @@ def conv_layers(reps: int, smoke: bool, torch: Any) -> list[dict]:
 def _torch_lenet(torch: Any, fc_model: Any, dev: str) -> Any:
     nn = torch.nn
     model = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
     )
     state = {k: torch.tensor(v) for k, v in fc_model.state_dict().items()}
     model.load_state_dict(state)
@@ -332,13 +346,18 @@ def training(reps: int, smoke: bool, torch: Any) -> list[dict]:
 
     rows = []
     rng = np.random.default_rng(1)
-    for batch in ((2,) if smoke else TRAIN_BATCHES):
+    for batch in (2,) if smoke else TRAIN_BATCHES:
         x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
         y = rng.integers(0, 10, batch)
         model = fc.models.lenet5(rng=0)
         if smoke:  # the simulator cannot run 28x28 LeNet in reasonable time
-            model = fc.Sequential(fc.Conv2d(1, 2, 3, padding=1, rng=0), fc.ReLU(),
-                                  fc.MaxPool2d(2), fc.Flatten(), fc.Linear(2 * 4 * 4, 10, rng=0))
+            model = fc.Sequential(
+                fc.Conv2d(1, 2, 3, padding=1, rng=0),
+                fc.ReLU(),
+                fc.MaxPool2d(2),
+                fc.Flatten(),
+                fc.Linear(2 * 4 * 4, 10, rng=0),
+            )
             x = x[:, :, :8, :8].copy()
         model.to("cuda")
         opt = fc.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -372,8 +391,11 @@ def training(reps: int, smoke: bool, torch: Any) -> list[dict]:
                 return loss.item()
 
             r = time_torch(torch, t_step, reps, smoke)
-            r.update(batch=batch, library="pytorch cudnn" if dev == "cuda" else "pytorch cpu",
-                     launches=None)
+            r.update(
+                batch=batch,
+                library="pytorch cudnn" if dev == "cuda" else "pytorch cpu",
+                launches=None,
+            )
             r["images_per_s"] = batch / r["wall_s"]
             rows.append(r)
     return rows
@@ -386,8 +408,9 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.3f}"
 
 
-def report(info: dict, overhead: dict, compile_s: float, layers: list[dict],
-           train: list[dict]) -> str:
+def report(
+    info: dict, overhead: dict, compile_s: float, layers: list[dict], train: list[dict]
+) -> str:
     lines = [
         f"# fastconv CUDA benchmark — {info.get('device')} — {info['date']}",
         "",
@@ -407,8 +430,9 @@ def report(info: dict, overhead: dict, compile_s: float, layers: list[dict],
         "first call s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    peer = {(r["layer"], r["mode"]): r["wall_s"] for r in layers
-            if r["library"].startswith("pytorch")}
+    peer = {
+        (r["layer"], r["mode"]): r["wall_s"] for r in layers if r["library"].startswith("pytorch")
+    }
     for r in layers:
         ref = peer.get((r["layer"], r["mode"]))
         ratio = f"{r['wall_s'] / ref:.2f}x" if ref else "-"
@@ -422,8 +446,7 @@ def report(info: dict, overhead: dict, compile_s: float, layers: list[dict],
         "",
         "## LeNet-5 training throughput (forward, loss, backward, SGD momentum step)",
         "",
-        "| batch | library | images/s | wall ms/step | gpu ms/step | launches/step | "
-        "vs PyTorch |",
+        "| batch | library | images/s | wall ms/step | gpu ms/step | launches/step | vs PyTorch |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     tpeer = {r["batch"]: r["images_per_s"] for r in train if r["library"].startswith("pytorch")}
@@ -439,12 +462,18 @@ def report(info: dict, overhead: dict, compile_s: float, layers: list[dict],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     p.add_argument("--reps", type=int, default=30, help="timed calls per figure (median)")
-    p.add_argument("--smoke", action="store_true",
-                   help="one call per case on tiny shapes (runs on the simulator; no figures)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one call per case on tiny shapes (runs on the simulator; no figures)",
+    )
     args = p.parse_args(argv)
 
     ok, why = gpu_status()
@@ -471,9 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", str(info.get("device", "gpu"))).strip("-").lower()
     stem = out / f"gpu_{slug}_{info['date'][:10]}"
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"environment": info, "compile_s": compile_s, "launch_overhead": overhead,
-         "conv_layers": layers, "training": train}, indent=2, default=float) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "environment": info,
+                "compile_s": compile_s,
+                "launch_overhead": overhead,
+                "conv_layers": layers,
+                "training": train,
+            },
+            indent=2,
+            default=float,
+        )
+        + "\n"
+    )
     print(f"gpu_bench: wrote {stem}.md and {stem}.json")
     return 0
 

@@ -1,7 +1,7 @@
 """fastconv: convolutional networks on hand-written kernels (Numba CPU and CUDA).
 
-    import fastconv as fc
-    y = fc.conv2d(x, w, b, stride=1, padding=2)
+import fastconv as fc
+y = fc.conv2d(x, w, b, stride=1, padding=2)
 """
 
 import os

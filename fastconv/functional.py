@@ -226,7 +226,8 @@ def conv_transpose2d(
     """Transposed convolution (PyTorch's argument order): the backward-data pass of ``conv2d``.
 
     Shape:
-        x (N, C_in, H, W), weight (C_in, C_out/groups, KH, KW), bias (C_out,) -> y (N, C_out, OH, OW)
+        x (N, C_in, H, W), weight (C_in, C_out/groups, KH, KW), bias (C_out,)
+        -> y (N, C_out, OH, OW)
         with OH = (H-1)*sh - 2*ph + dh*(KH-1) + oph + 1 (likewise OW).
     """
     op = "conv_transpose2d"

@@ -62,7 +62,7 @@ class ConvGeom(NamedTuple):
         return (self.N, self.K, self.OH, self.OW)
 
     def flops(self) -> int:
-        """Multiply-adds x 2 of the forward pass (backward data and backward filter cost the same)."""
+        """2 x multiply-adds of the forward pass (backward data and filter cost the same)."""
         return 2 * self.N * self.K * self.OH * self.OW * self.CG * self.KH * self.KW
 
 
@@ -214,7 +214,9 @@ def conv2d_geometry(
     if len(x_shape) != 4:
         raise ValueError(f"{op}: x must be 4-D (N, C, H, W); got x.shape={x_shape}")
     if len(w_shape) != 4:
-        raise ValueError(f"{op}: weight must be 4-D (K, C/groups, KH, KW); got weight.shape={w_shape}")
+        raise ValueError(
+            f"{op}: weight must be 4-D (K, C/groups, KH, KW); got weight.shape={w_shape}"
+        )
     _check_nonempty(op, "x", x_shape)
     if min(w_shape) == 0:
         raise ValueError(f"{op}: weight has a zero-sized dimension; weight.shape={w_shape}")
@@ -250,7 +252,9 @@ def conv2d_geometry(
             th, tw = ekh - 1, ekw - 1
             pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
         else:
-            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
+            raise ValueError(
+                f"{op}: padding must be an int, a pair, 'same' or 'valid'; got {padding!r}"
+            )
     else:
         ph, pw = pair(op, "padding", padding, minimum=0)
         pads = (ph, ph, pw, pw)
@@ -292,7 +296,9 @@ def check_grad(op: str, grad_y: Any, expected: tuple[int, ...], what: str) -> An
 
 
 def shape_tuple(op: str, name: str, shape: Any) -> tuple[int, int, int, int]:
-    if not (isinstance(shape, (tuple, list)) and len(shape) == 4 and all(_is_int(s) for s in shape)):
+    if not (
+        isinstance(shape, (tuple, list)) and len(shape) == 4 and all(_is_int(s) for s in shape)
+    ):
         raise TypeError(f"{op}: {name} must be a tuple of 4 ints; got {shape!r}")
     return tuple(int(s) for s in shape)
 
@@ -346,12 +352,15 @@ def pool2d_geometry(
 def check_pool2d(op, x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True):
     """Validate a pooling call; return (x, geometry)."""
     x = check_array(op, "x", x, 4, "(N, C, H, W)")
-    g = pool2d_geometry(op, _shape_of(x), kernel_size, stride, padding, ceil_mode, count_include_pad)
+    g = pool2d_geometry(
+        op, _shape_of(x), kernel_size, stride, padding, ceil_mode, count_include_pad
+    )
     return x, g
 
 
-
-def conv_transpose2d_geometry(op, x_shape, w_shape, stride, padding, output_padding, dilation, groups):
+def conv_transpose2d_geometry(
+    op, x_shape, w_shape, stride, padding, output_padding, dilation, groups
+):
     """Geometry of the convolution whose backward-data pass is this transposed convolution.
 
     x (N, C_in, H, W) and weight (C_in, C_out/G, KH, KW) as in PyTorch; the output
@@ -431,8 +440,14 @@ def check_elementwise(op: str, **arrays: Any) -> list:
 
 
 def check_number(
-    op: str, name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
-    lo_open: bool = False, hi_open: bool = False,
+    op: str,
+    name: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
 ) -> float:
     """A real number inside [lo, hi] (open ends where asked); returns it as a float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):

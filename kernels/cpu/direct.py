@@ -115,7 +115,9 @@ def conv2d_backward_filter(gy, x, KH, KW, sh, sw, ph, pw, dh, dw, G):
                         src_y = U(((n * K + k) * OH + oh) * OW + ow_lo)
                         src_x = U(
                             ((n * C + c) * H + oh * sh - ph + kh * dh) * W
-                            + ow_lo * sw - pw + kw * dw
+                            + ow_lo * sw
+                            - pw
+                            + kw * dw
                         )
                         if sw == 1:
                             for i in range(ow_hi - ow_lo):

@@ -32,8 +32,7 @@ from .launch import KB, SMEM_W, SMEM_X
 
 
 @cuda.jit(cache=True)
-def conv2d_forward(x, w, b, y, has_bias, relu, sh, sw, ph, pw, dh, dw, G,
-                   TH, TW, cb, CC, KHB, KWB):
+def conv2d_forward(x, w, b, y, has_bias, relu, sh, sw, ph, pw, dh, dw, G, TH, TW, cb, CC, KHB, KWB):
     """One thread: y[n, k0:k0+cb, oh, ow] for one output pixel and cb output channels of one
     group (bias and ReLU fused in the epilogue).
 
@@ -212,8 +211,7 @@ def conv2d_backward_data(gy, w, gx, sh, sw, ph, pw, dh, dw, G, TH, TW, cb, CC, K
 
 
 @cuda.jit(cache=True)
-def conv2d_backward_filter(gy, x, part, sh, sw, ph, pw, dh, dw, G, TH, TW, cb, KHB, KWB, S,
-                           lanes):
+def conv2d_backward_filter(gy, x, part, sh, sw, ph, pw, dh, dw, G, TH, TW, cb, KHB, KWB, S, lanes):
     """One thread: for one tap (kh, kw) of a KHB x KWB band, input channel cl and cb output
     channels, the sum over the pixels p = lane, lane + lanes, ... of every output tile of the
     images in split s; lane 0 then adds the lanes in order and writes part[s, k, cl, kh, kw].

@@ -132,12 +132,42 @@ def _gemm(A, B, C, *, ta=False, tb=False, bias=None, bias_mode=0, relu=False):
     b = _dummy(C.dtype) if bias is None else bias
     mode = 0 if bias is None else bias_mode
     if plan.S == 1:
-        L.launch(kernel, plan.blocks, plan.threads, A, B, C, b, mode, bool(relu), bool(ta),
-                 bool(tb), BA, BB, 1, plan.ksplit)
+        L.launch(
+            kernel,
+            plan.blocks,
+            plan.threads,
+            A,
+            B,
+            C,
+            b,
+            mode,
+            bool(relu),
+            bool(ta),
+            bool(tb),
+            BA,
+            BB,
+            1,
+            plan.ksplit,
+        )
         return
     part = _empty((plan.S * Z, M, Nn), C.dtype)
-    L.launch(kernel, plan.blocks, plan.threads, A, B, part, b, 0, False, bool(ta), bool(tb),
-             BA, BB, plan.S, plan.ksplit)
+    L.launch(
+        kernel,
+        plan.blocks,
+        plan.threads,
+        A,
+        B,
+        part,
+        b,
+        0,
+        False,
+        bool(ta),
+        bool(tb),
+        BA,
+        BB,
+        plan.S,
+        plan.ksplit,
+    )
     L.launch(gm.splitk_reduce, *L.grid_1d(Z * M * Nn), part, C, b, mode, bool(relu), BA, plan.S)
 
 
@@ -157,8 +187,22 @@ def _cols(x, x_id, g, saved):
         if cols is not None and cols.dtype == x.dtype:
             return cols
     cols = _empty((g.N * g.C * g.KH * g.KW * g.OH * g.OW,), x.dtype)
-    L.launch(im2col.im2col, *L.grid_1d(cols.size), x, cols, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw,
-             g.ph, g.pw, g.dh, g.dw)
+    L.launch(
+        im2col.im2col,
+        *L.grid_1d(cols.size),
+        x,
+        cols,
+        g.KH,
+        g.KW,
+        g.OH,
+        g.OW,
+        g.sh,
+        g.sw,
+        g.ph,
+        g.pw,
+        g.dh,
+        g.dw,
+    )
     if saved is not None:
         saved.clear()
         saved.update(x=x_id, g=g, cuda_cols=cols)
@@ -174,15 +218,42 @@ def _conv_forward(x, x_id, w, b, g, algorithm, relu, saved=None):
         t = L.direct_forward_tiles(g)
         tiles = L.ceil_div(g.OH, t.TH) * L.ceil_div(g.OW, t.TW)
         blocks = g.G * L.ceil_div(g.KG, t.cb) * g.N * tiles
-        L.launch(direct.conv2d_forward, blocks, t.TH * t.TW, x, w, bias, y, b is not None,
-                 bool(relu), g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.CC,
-                 t.KHB, t.KWB)
+        L.launch(
+            direct.conv2d_forward,
+            blocks,
+            t.TH * t.TW,
+            x,
+            w,
+            bias,
+            y,
+            b is not None,
+            bool(relu),
+            g.sh,
+            g.sw,
+            g.ph,
+            g.pw,
+            g.dh,
+            g.dw,
+            g.G,
+            t.TH,
+            t.TW,
+            t.cb,
+            t.CC,
+            t.KHB,
+            t.KWB,
+        )
         return y
     P, R, NG = g.OH * g.OW, g.CG * g.KH * g.KW, g.N * g.G
     cols = _cols(x, x_id, g, saved)
     # y[n, g] (KG, P) = w[g] (KG, R) @ cols[n, g] (R, P), all N*G pairs in one launch
-    _gemm(w.reshape(g.G, g.KG, R), cols.reshape(NG, R, P), y.reshape(NG, g.KG, P), bias=b,
-          bias_mode=1, relu=relu)
+    _gemm(
+        w.reshape(g.G, g.KG, R),
+        cols.reshape(NG, R, P),
+        y.reshape(NG, g.KG, P),
+        bias=b,
+        bias_mode=1,
+        relu=relu,
+    )
     return y
 
 
@@ -220,16 +291,54 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
             tiles = L.ceil_div(g.H, t.TH) * L.ceil_div(g.W, t.TW)
             blocks = g.G * L.ceil_div(g.CG, t.cb) * g.N * tiles
             gx = _empty(g.x_shape, dt)
-            L.launch(direct.conv2d_backward_data, blocks, t.TH * t.TW, gy, w, gx, g.sh, g.sw,
-                     g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.CC, t.KHB, t.KWB)
+            L.launch(
+                direct.conv2d_backward_data,
+                blocks,
+                t.TH * t.TW,
+                gy,
+                w,
+                gx,
+                g.sh,
+                g.sw,
+                g.ph,
+                g.pw,
+                g.dh,
+                g.dw,
+                g.G,
+                t.TH,
+                t.TW,
+                t.cb,
+                t.CC,
+                t.KHB,
+                t.KWB,
+            )
         if need_w:
             t = L.direct_backward_filter_tiles(g)
             bands = L.ceil_div(g.KH, t.KHB) * L.ceil_div(g.KW, t.KWB)
             blocks = g.G * L.ceil_div(g.KG, t.cb) * g.CG * bands * t.S
             part = _empty((t.S,) + g.w_shape, dt)
-            L.launch(direct.conv2d_backward_filter, blocks, t.KHB * t.KWB * t.lanes, gy, x,
-                     part, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G, t.TH, t.TW, t.cb, t.KHB,
-                     t.KWB, t.S, t.lanes)
+            L.launch(
+                direct.conv2d_backward_filter,
+                blocks,
+                t.KHB * t.KWB * t.lanes,
+                gy,
+                x,
+                part,
+                g.sh,
+                g.sw,
+                g.ph,
+                g.pw,
+                g.dh,
+                g.dw,
+                g.G,
+                t.TH,
+                t.TW,
+                t.cb,
+                t.KHB,
+                t.KWB,
+                t.S,
+                t.lanes,
+            )
             gw = part.reshape(g.w_shape) if t.S == 1 else _sum_leading(part, t.S, g.w_shape)
         return _out(host, gx, gw, gb)
     gy3 = gy.reshape(NG, g.KG, P)
@@ -244,8 +353,22 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
         # gcols[n, g] (R, P) = w[g]^T (R, KG) @ gy[n, g] (KG, P)
         _gemm(w.reshape(g.G, g.KG, R), gy3, gcols, ta=True)
         gx = _empty(g.x_shape, dt)
-        L.launch(im2col.col2im, *L.grid_1d(gx.size), gcols.reshape(NG * R * P), gx, g.KH, g.KW,
-                 g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+        L.launch(
+            im2col.col2im,
+            *L.grid_1d(gx.size),
+            gcols.reshape(NG * R * P),
+            gx,
+            g.KH,
+            g.KW,
+            g.OH,
+            g.OW,
+            g.sh,
+            g.sw,
+            g.ph,
+            g.pw,
+            g.dh,
+            g.dw,
+        )
     return _out(host, gx, gw, gb)
 
 
@@ -263,32 +386,54 @@ def _sum_leading(part, S, shape):
 def max_pool2d(x, g):
     host, (x,) = _inputs(x)
     y = _empty(g.y_shape, x.dtype)
-    L.launch(pool.max_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph,
-             g.pw)
+    L.launch(pool.max_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
     return _out(host, y)
 
 
 def max_pool2d_backward(gy, x, g):
     host, (gy, x) = _inputs(gy, x)
     gx = _empty(g.x_shape, x.dtype)
-    L.launch(pool.max_pool2d_backward, *L.grid_1d(gx.size), gy, x, gx, g.KH, g.KW, g.sh, g.sw,
-             g.ph, g.pw)
+    L.launch(
+        pool.max_pool2d_backward, *L.grid_1d(gx.size), gy, x, gx, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw
+    )
     return _out(host, gx)
 
 
 def avg_pool2d(x, g):
     host, (x,) = _inputs(x)
     y = _empty(g.y_shape, x.dtype)
-    L.launch(pool.avg_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph,
-             g.pw, bool(g.count_include_pad))
+    L.launch(
+        pool.avg_pool2d_forward,
+        *L.grid_1d(y.size),
+        x,
+        y,
+        g.KH,
+        g.KW,
+        g.sh,
+        g.sw,
+        g.ph,
+        g.pw,
+        bool(g.count_include_pad),
+    )
     return _out(host, y)
 
 
 def avg_pool2d_backward(gy, x, g):
     host, (gy,) = _inputs(gy)
     gx = _empty(g.x_shape, gy.dtype)
-    L.launch(pool.avg_pool2d_backward, *L.grid_1d(gx.size), gy, gx, g.KH, g.KW, g.sh, g.sw,
-             g.ph, g.pw, bool(g.count_include_pad))
+    L.launch(
+        pool.avg_pool2d_backward,
+        *L.grid_1d(gx.size),
+        gy,
+        gx,
+        g.KH,
+        g.KW,
+        g.sh,
+        g.sw,
+        g.ph,
+        g.pw,
+        bool(g.count_include_pad),
+    )
     return _out(host, gx)
 
 
@@ -394,8 +539,7 @@ def linear(x, w, b):
     (N, F), O = x.shape, int(w.shape[0])
     y = _empty((N, O), x.dtype)
     # (N, F) @ (F, O): B = w read transposed
-    _gemm(x.reshape(1, N, F), w.reshape(1, O, F), y.reshape(1, N, O), tb=True, bias=b,
-          bias_mode=2)
+    _gemm(x.reshape(1, N, F), w.reshape(1, O, F), y.reshape(1, N, O), tb=True, bias=b, bias_mode=2)
     return _out(host, y)
 
 
@@ -480,15 +624,34 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     dummy = _dummy(xd.dtype)
     if training:
         has_running = rm is not None
-        L.launch(ew.batch_norm_stats, C, L.REDUCE_THREADS, x3, st, rm if has_running else dummy,
-                 rv if has_running else dummy, has_running, float(momentum), float(eps))
+        L.launch(
+            ew.batch_norm_stats,
+            C,
+            L.REDUCE_THREADS,
+            x3,
+            st,
+            rm if has_running else dummy,
+            rv if has_running else dummy,
+            has_running,
+            float(momentum),
+            float(eps),
+        )
         if has_running:
             _inplace((running_mean, running_var), (rm, rv))
     else:
         L.launch(ew.batch_norm_running_stats, *L.grid_1d(C), rm, rv, st, float(eps))
     y = _empty(xd.shape, xd.dtype)
-    L.launch(ew.batch_norm_apply, *L.grid_1d(y.size), x3, st, dummy if wd is None else wd,
-             dummy if bd is None else bd, wd is not None, bd is not None, y.reshape(N, C, P))
+    L.launch(
+        ew.batch_norm_apply,
+        *L.grid_1d(y.size),
+        x3,
+        st,
+        dummy if wd is None else wd,
+        dummy if bd is None else bd,
+        wd is not None,
+        bd is not None,
+        y.reshape(N, C, P),
+    )
     save = _empty((2, C), xd.dtype)
     L.launch(ew.copy2, *L.grid_1d(2 * C), st, save)
     return _out(host, y, save[0], save[1])
@@ -511,9 +674,19 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
     gx = gw = gb = None
     if need_x:
         gx = _empty(xd.shape, xd.dtype)
-        L.launch(ew.batch_norm_grad_x, *L.grid_1d(gx.size), gy3, x3, md, sd,
-                 _dummy(xd.dtype) if wd is None else wd, wd is not None, sums, bool(training),
-                 gx.reshape(N, C, P))
+        L.launch(
+            ew.batch_norm_grad_x,
+            *L.grid_1d(gx.size),
+            gy3,
+            x3,
+            md,
+            sd,
+            _dummy(xd.dtype) if wd is None else wd,
+            wd is not None,
+            sums,
+            bool(training),
+            gx.reshape(N, C, P),
+        )
     if need_w or need_b:
         out = _empty((2, C), xd.dtype)
         L.launch(ew.copy2, *L.grid_1d(2 * C), sums, out)
@@ -537,8 +710,19 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
     _, (pd, gd, bd) = _inputs(p, grad, buf)
     if bd is None:
         bd = pd  # never read or written when momentum == 0
-    L.launch(ew.sgd_update, *L.grid_1d(pd.size), _flat(pd), _flat(gd), _flat(bd), float(lr),
-             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first))
+    L.launch(
+        ew.sgd_update,
+        *L.grid_1d(pd.size),
+        _flat(pd),
+        _flat(gd),
+        _flat(bd),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(first),
+    )
     _inplace((p, buf), (pd, bd))
 
 
@@ -546,8 +730,21 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """One PyTorch Adam step, IN PLACE on p, m and v (step >= 1). Returns None."""
     _, (pd, gd, md, vd) = _inputs(p, grad, m, v)
     bc1, bc2 = 1.0 - float(beta1) ** int(step), 1.0 - float(beta2) ** int(step)
-    L.launch(ew.adam_update, *L.grid_1d(pd.size), _flat(pd), _flat(gd), _flat(md), _flat(vd),
-             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bc1, bc2)
+    L.launch(
+        ew.adam_update,
+        *L.grid_1d(pd.size),
+        _flat(pd),
+        _flat(gd),
+        _flat(md),
+        _flat(vd),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bc1,
+        bc2,
+    )
     _inplace((p, m, v), (pd, md, vd))
 
 
@@ -569,6 +766,7 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32,)) -> float:
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     for dtype in dtypes:
+
         def arr(*shape):
             return _dev(rng.standard_normal(shape).astype(dtype))
 

@@ -113,8 +113,7 @@ def avg_pool2d_forward(x, y, KH, KW, sh, sw, ph, pw, count_include_pad):
         for r in range(max(h0, 0), min(h0 + KH, H)):
             for q in range(max(w0, 0), min(w0 + KW, W)):
                 acc[0] += x[n, c, r, q]
-        y[n, c, oh, ow] = acc[0] / _divisor(oh, ow, KH, KW, sh, sw, ph, pw, H, W,
-                                            count_include_pad)
+        y[n, c, oh, ow] = acc[0] / _divisor(oh, ow, KH, KW, sh, sw, ph, pw, H, W, count_include_pad)
 
 
 @cuda.jit(cache=True)
@@ -137,6 +136,7 @@ def avg_pool2d_backward(gy, gx, KH, KW, sh, sw, ph, pw, count_include_pad):
         ow_hi = min(OW - 1, (iw + pw) // sw)
         for oh in range(oh_lo, oh_hi + 1):
             for ow in range(ow_lo, ow_hi + 1):
-                acc[0] += gy[n, c, oh, ow] / _divisor(oh, ow, KH, KW, sh, sw, ph, pw, H, W,
-                                                      count_include_pad)
+                acc[0] += gy[n, c, oh, ow] / _divisor(
+                    oh, ow, KH, KW, sh, sw, ph, pw, H, W, count_include_pad
+                )
         gx[n, c, ih, iw] = acc[0]

@@ -50,15 +50,25 @@ def _check(cfg, dtype, algorithm, seed=0, bias=True):
 
 @pytest.mark.parametrize("algorithm", ALGOS)
 @few(14)
-@given(cfg=tiny_conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       bias=st.booleans())
+@given(
+    cfg=tiny_conv_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    bias=st.booleans(),
+)
 def test_conv2d_random(algorithm, cfg, dtype, seed, bias):
     _check(cfg, dtype, algorithm, seed, bias)
 
 
 def _cfg(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
-    return dict(x_shape=x_shape, w_shape=w_shape, stride=stride, padding=padding,
-                dilation=dilation, groups=groups)
+    return dict(
+        x_shape=x_shape,
+        w_shape=w_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
 
 
 NAMED = {
@@ -98,10 +108,14 @@ def test_conv2d_direct_tiling(name):
 
     cfg = DIRECT_ONLY[name]
     p = conv_params(cfg)
-    g = shapes.conv2d_geometry("t", cfg["x_shape"], cfg["w_shape"], p["stride"], p["padding"],
-                               p["dilation"], p["groups"])
-    tiles = [launch.direct_forward_tiles(g), launch.direct_backward_data_tiles(g),
-             launch.direct_backward_filter_tiles(g)]
+    g = shapes.conv2d_geometry(
+        "t", cfg["x_shape"], cfg["w_shape"], p["stride"], p["padding"], p["dilation"], p["groups"]
+    )
+    tiles = [
+        launch.direct_forward_tiles(g),
+        launch.direct_backward_data_tiles(g),
+        launch.direct_backward_filter_tiles(g),
+    ]
     if name == "banded_kernel" and launch.TILE_SET == "small":
         assert all((t.KHB, t.KWB) != (g.KH, g.KW) for t in tiles)
     _check(cfg, np.float64, "direct", seed=len(name))
@@ -130,8 +144,9 @@ def test_backward_masks(algorithm):
     gw = fc.conv2d_backward_weight(gy, x, w.shape, **p, backend="cuda", algorithm=algorithm)
     assert_close(gx, gx_ref, what="grad_x")
     assert_close(gw, gw_ref, what="grad_w")
-    got = fc.conv2d_backward(gy, x, w, **p, backend="cuda", algorithm=algorithm,
-                             output_mask=(False, False, True))
+    got = fc.conv2d_backward(
+        gy, x, w, **p, backend="cuda", algorithm=algorithm, output_mask=(False, False, True)
+    )
     assert got[0] is None and got[1] is None
     assert_close(got[2], gb_ref, what="grad_b")
 
@@ -143,8 +158,9 @@ def test_saved_columns_are_reused():
     cfg = NAMED["groups"]
     x, w, b = _arrays(cfg, np.float64, 8)
     p = conv_params(cfg)
-    g = shapes.conv2d_geometry("t", x.shape, w.shape, p["stride"], p["padding"],
-                               p["dilation"], p["groups"])
+    g = shapes.conv2d_geometry(
+        "t", x.shape, w.shape, p["stride"], p["padding"], p["dilation"], p["groups"]
+    )
     xd, wd, bd = to_device(x, w, b)
     saved = {}
     y = ops.conv2d(xd, wd, bd, g, "im2col", saved)
@@ -166,8 +182,9 @@ def test_fused_bias_relu(algorithm, dtype):
     cfg = NAMED["batch1_odd"]
     x, w, b = _arrays(cfg, dtype, 7)
     p = conv_params(cfg)
-    g = shapes.conv2d_geometry("t", x.shape, w.shape, p["stride"], p["padding"],
-                               p["dilation"], p["groups"])
+    g = shapes.conv2d_geometry(
+        "t", x.shape, w.shape, p["stride"], p["padding"], p["dilation"], p["groups"]
+    )
     y = ops.conv2d_bias_relu(x, w, b, g, algorithm)
     assert_close(y, reference.relu(reference.conv2d(x, w, b, **p)))
 

@@ -20,8 +20,9 @@ def _run(code: str, simulator: bool) -> subprocess.CompletedProcess:
     if simulator:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
     env.pop("FASTCONV_BACKEND", None)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.no_gpu_needed
@@ -103,8 +104,14 @@ def test_cuda_ops_module_mirrors_cpu_signatures():
     from fastconv.kernels.cpu import ops as cpu_ops
     from fastconv.kernels.cuda import ops as cuda_ops
 
-    names = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-             "avg_pool2d_backward"]
+    names = [
+        "conv2d",
+        "conv2d_backward",
+        "max_pool2d",
+        "max_pool2d_backward",
+        "avg_pool2d",
+        "avg_pool2d_backward",
+    ]
     for name in names:
         a = list(inspect.signature(getattr(cpu_ops, name)).parameters)
         b = list(inspect.signature(getattr(cuda_ops, name)).parameters)

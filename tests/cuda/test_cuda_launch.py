@@ -42,8 +42,9 @@ def geometries(draw):
     H = max(1, dh * (KH - 1) + 1 - 2 * ph) + draw(st.integers(0, 60))
     W = max(1, dw * (KW - 1) + 1 - 2 * pw) + draw(st.integers(0, 60))
     N = draw(st.integers(1, 300))
-    return shapes.conv2d_geometry("t", (N, G * CG, H, W), (G * KG, CG, KH, KW), (sh, sw),
-                                  (ph, pw), (dh, dw), G)
+    return shapes.conv2d_geometry(
+        "t", (N, G * CG, H, W), (G * KG, CG, KH, KW), (sh, sw), (ph, pw), (dh, dw), G
+    )
 
 
 def _patch(T, kb, s, d):
@@ -74,8 +75,12 @@ def test_direct_tiles_fit(L, g):
 
 
 @settings(max_examples=300, deadline=None)
-@given(M=st.integers(1, 3000), Nn=st.integers(1, 3000), Kd=st.integers(1, 100_000),
-       batch=st.integers(1, 5000))
+@given(
+    M=st.integers(1, 3000),
+    Nn=st.integers(1, 3000),
+    Kd=st.integers(1, 100_000),
+    batch=st.integers(1, 5000),
+)
 def test_gemm_plan(L, M, Nn, Kd, batch):
     p = L.gemm_plan(M, Nn, Kd, batch)
     BM, BN, BK, TM, TN = L.GEMM_CONFIGS[p.config]

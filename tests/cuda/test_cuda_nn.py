@@ -51,8 +51,9 @@ def test_leaky_relu(dtype):
     x = _rng(3).standard_normal((3, 7)).astype(dtype)
     gy = _rng(4).standard_normal(x.shape).astype(dtype)
     assert_close(F.leaky_relu(x, 0.2, backend="cuda"), reference.leaky_relu(x, 0.2))
-    assert_close(F.leaky_relu_backward(gy, x, 0.2, backend="cuda"),
-                 reference.leaky_relu_backward(gy, x, 0.2))
+    assert_close(
+        F.leaky_relu_backward(gy, x, 0.2, backend="cuda"), reference.leaky_relu_backward(gy, x, 0.2)
+    )
 
 
 def test_sigmoid_extremes():
@@ -73,8 +74,9 @@ def test_dropout(dtype):
     x = _rng(5).standard_normal((4, 6)).astype(dtype)
     keep = _rng(6).random(x.shape) > 0.3
     for mask in (keep, keep.astype(dtype)):
-        assert_close(F.dropout(x, mask, 1 / 0.7, backend="cuda"),
-                     reference.dropout(x, mask, 1 / 0.7))
+        assert_close(
+            F.dropout(x, mask, 1 / 0.7, backend="cuda"), reference.dropout(x, mask, 1 / 0.7)
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,8 +105,14 @@ def test_add_and_zeros():
 
 
 @few(10)
-@given(n=st.integers(1, 12), f=st.integers(1, 30), o=st.integers(1, 12),
-       dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 12),
+    f=st.integers(1, 30),
+    o=st.integers(1, 12),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_linear_random(n, f, o, dtype, bias, seed):
     rng = _rng(seed)
     x = rng.standard_normal((n, f)).astype(dtype)
@@ -127,10 +135,19 @@ def test_linear_backward_mask_and_device():
 
 
 @few(12)
-@given(batch=st.integers(1, 3), bcast=st.sampled_from(["none", "a", "b"]),
-       m=st.integers(1, 24), nn=st.integers(1, 40), k=st.integers(1, 48),
-       ta=st.booleans(), tb=st.booleans(), bias_mode=st.sampled_from([0, 1, 2]),
-       relu=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    bcast=st.sampled_from(["none", "a", "b"]),
+    m=st.integers(1, 24),
+    nn=st.integers(1, 40),
+    k=st.integers(1, 48),
+    ta=st.booleans(),
+    tb=st.booleans(),
+    bias_mode=st.sampled_from([0, 1, 2]),
+    relu=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
 def test_gemm_kernel(batch, bcast, m, nn, k, ta, tb, bias_mode, relu, dtype, seed):
     """C[z] = op(A[z % BA]) @ op(B[z % BB]) (+ bias, ReLU), with split-K when deep."""
     ops = _ops()
@@ -142,15 +159,16 @@ def test_gemm_kernel(batch, bcast, m, nn, k, ta, tb, bias_mode, relu, dtype, see
     bias = rng.standard_normal(BA * m if bias_mode == 1 else nn).astype(dtype)
     Ad, Bd, biasd = to_device(A, B, bias)
     C = ops._empty((batch, m, nn), dtype)
-    ops._gemm(Ad, Bd, C, ta=ta, tb=tb, bias=biasd if bias_mode else None, bias_mode=bias_mode,
-              relu=relu)
+    ops._gemm(
+        Ad, Bd, C, ta=ta, tb=tb, bias=biasd if bias_mode else None, bias_mode=bias_mode, relu=relu
+    )
     expected = np.empty((batch, m, nn))
     for z in range(batch):
         a = A[z % BA].T if ta else A[z % BA]
         b = B[z % BB].T if tb else B[z % BB]
         expected[z] = a.astype(np.float64) @ b
         if bias_mode == 1:
-            expected[z] += bias[(z % BA) * m:(z % BA + 1) * m, None]
+            expected[z] += bias[(z % BA) * m : (z % BA + 1) * m, None]
         elif bias_mode == 2:
             expected[z] += bias[None, :]
     if relu:
@@ -235,18 +253,30 @@ def test_mse_loss(dtype):
 def test_sgd_update(dtype, momentum, dampening, weight_decay, nesterov, first):
     rng = _rng(22)
     p, g, buf = (rng.standard_normal((3, 2, 2)).astype(dtype) for _ in range(3))
-    p_ref, buf_ref = reference.sgd_update(p, g, buf, 0.1, momentum, dampening, weight_decay,
-                                          nesterov, first)
+    p_ref, buf_ref = reference.sgd_update(
+        p, g, buf, 0.1, momentum, dampening, weight_decay, nesterov, first
+    )
     pd, gd, bd = to_device(p, g, buf)
-    F.sgd_update(pd, gd, bd if momentum else None, 0.1, momentum, dampening, weight_decay,
-                 nesterov, first)
+    F.sgd_update(
+        pd, gd, bd if momentum else None, 0.1, momentum, dampening, weight_decay, nesterov, first
+    )
     assert_close(pd, p_ref, what="p")
     if momentum:
         assert_close(bd, buf_ref, what="buf")
     # host arrays are updated in place too
     ph, bh = p.copy(), buf.copy()
-    F.sgd_update(ph, g, bh if momentum else None, 0.1, momentum, dampening, weight_decay,
-                 nesterov, first, backend="cuda")
+    F.sgd_update(
+        ph,
+        g,
+        bh if momentum else None,
+        0.1,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        first,
+        backend="cuda",
+    )
     assert_close(ph, p_ref, what="host p")
 
 
@@ -278,19 +308,25 @@ def test_batch_norm2d(dtype, training, affine):
     b = rng.standard_normal(2).astype(dtype) if affine else None
     rm, rv = rng.standard_normal(2).astype(dtype), (rng.random(2) + 0.5).astype(dtype)
     rm_ref, rv_ref = rm.copy(), rv.copy()
-    y_ref, mean_ref, invstd_ref = reference.batch_norm2d(x, w, b, rm_ref, rv_ref, training,
-                                                         0.1, 1e-5)
+    y_ref, mean_ref, invstd_ref = reference.batch_norm2d(
+        x, w, b, rm_ref, rv_ref, training, 0.1, 1e-5
+    )
     xd, rmd, rvd = to_device(x, rm, rv)
     wd, bd = to_device(w, b)
     y, mean, invstd = F.batch_norm2d(xd, rmd, rvd, wd, bd, training, 0.1, 1e-5)
     assert is_numba_device(y)
-    for got, exp, what in ((y, y_ref, "y"), (mean, mean_ref, "mean"),
-                           (invstd, invstd_ref, "invstd"), (rmd, rm_ref, "running_mean"),
-                           (rvd, rv_ref, "running_var")):
+    for got, exp, what in (
+        (y, y_ref, "y"),
+        (mean, mean_ref, "mean"),
+        (invstd, invstd_ref, "invstd"),
+        (rmd, rm_ref, "running_mean"),
+        (rvd, rv_ref, "running_var"),
+    ):
         assert_close(got, exp, what=what)
     gy = rng.standard_normal(x.shape).astype(dtype)
-    got = F.batch_norm2d_backward(gy, x, w, to_host(mean), to_host(invstd), training,
-                                  backend="cuda")
+    got = F.batch_norm2d_backward(
+        gy, x, w, to_host(mean), to_host(invstd), training, backend="cuda"
+    )
     exp = reference.batch_norm2d_backward(gy, x, w, to_host(mean), to_host(invstd), training)
     for a, e, what in zip(got, exp, ("gx", "gw", "gb")):
         assert_close(a, e, what=what)

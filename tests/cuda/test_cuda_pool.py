@@ -14,28 +14,47 @@ pytestmark = pytest.mark.cuda
 
 
 def _check_max(cfg, x):
-    kw = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
-              ceil_mode=cfg["ceil_mode"])
+    kw = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+    )
     y = fc.max_pool2d(x, **kw, backend="cuda")
     assert_close(y, reference.max_pool2d(x, **kw), what="max forward")
     gy = np.random.default_rng(1).standard_normal(np.shape(y)).astype(x.dtype)
-    assert_close(fc.max_pool2d_backward(gy, x, **kw, backend="cuda"),
-                 reference.max_pool2d_backward(gy, x, **kw), what="max backward")
+    assert_close(
+        fc.max_pool2d_backward(gy, x, **kw, backend="cuda"),
+        reference.max_pool2d_backward(gy, x, **kw),
+        what="max backward",
+    )
 
 
 def _check_avg(cfg, x, count_include_pad):
-    kw = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
-              ceil_mode=cfg["ceil_mode"], count_include_pad=count_include_pad)
+    kw = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+        count_include_pad=count_include_pad,
+    )
     y = fc.avg_pool2d(x, **kw, backend="cuda")
     assert_close(y, reference.avg_pool2d(x, **kw), what="avg forward")
     gy = np.random.default_rng(2).standard_normal(np.shape(y)).astype(x.dtype)
-    assert_close(fc.avg_pool2d_backward(gy, x, **kw, backend="cuda"),
-                 reference.avg_pool2d_backward(gy, x, **kw), what="avg backward")
+    assert_close(
+        fc.avg_pool2d_backward(gy, x, **kw, backend="cuda"),
+        reference.avg_pool2d_backward(gy, x, **kw),
+        what="avg backward",
+    )
 
 
 @few(16)
-@given(cfg=tiny_pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       ties=st.booleans())
+@given(
+    cfg=tiny_pool_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    ties=st.booleans(),
+)
 def test_max_pool_random(cfg, dtype, seed, ties):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(cfg["x_shape"])
@@ -45,24 +64,33 @@ def test_max_pool_random(cfg, dtype, seed, ties):
 
 
 @few(16)
-@given(cfg=tiny_pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       count_include_pad=st.booleans())
+@given(
+    cfg=tiny_pool_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    count_include_pad=st.booleans(),
+)
 def test_avg_pool_random(cfg, dtype, seed, count_include_pad):
     x = np.random.default_rng(seed).standard_normal(cfg["x_shape"]).astype(dtype)
     _check_avg(cfg, x, count_include_pad)
 
 
 NAMED = {
-    "lenet_2x2": dict(x_shape=(2, 2, 6, 6), kernel_size=(2, 2), stride=None, padding=(0, 0),
-                      ceil_mode=False),
-    "overlap_3x3_s2_pad": dict(x_shape=(1, 2, 5, 6), kernel_size=(3, 3), stride=(2, 2),
-                               padding=(1, 1), ceil_mode=False),
-    "ceil_mode_edge": dict(x_shape=(1, 1, 5, 5), kernel_size=(2, 2), stride=(2, 2),
-                           padding=(0, 0), ceil_mode=True),
-    "stride_gt_kernel": dict(x_shape=(1, 1, 7, 7), kernel_size=(2, 1), stride=(3, 3),
-                             padding=(1, 0), ceil_mode=True),
-    "1x1": dict(x_shape=(2, 1, 3, 4), kernel_size=(1, 1), stride=None, padding=(0, 0),
-                ceil_mode=False),
+    "lenet_2x2": dict(
+        x_shape=(2, 2, 6, 6), kernel_size=(2, 2), stride=None, padding=(0, 0), ceil_mode=False
+    ),
+    "overlap_3x3_s2_pad": dict(
+        x_shape=(1, 2, 5, 6), kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), ceil_mode=False
+    ),
+    "ceil_mode_edge": dict(
+        x_shape=(1, 1, 5, 5), kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), ceil_mode=True
+    ),
+    "stride_gt_kernel": dict(
+        x_shape=(1, 1, 7, 7), kernel_size=(2, 1), stride=(3, 3), padding=(1, 0), ceil_mode=True
+    ),
+    "1x1": dict(
+        x_shape=(2, 1, 3, 4), kernel_size=(1, 1), stride=None, padding=(0, 0), ceil_mode=False
+    ),
 }
 
 

@@ -115,8 +115,9 @@ def test_fit_on_device_matches_cpu():
         if device == "cuda":
             model.to("cuda")
         opt = fc.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        hist[device] = fc.training.fit(model, opt, (x, y), (x, y), epochs=1, batch_size=2,
-                                       rng=0, progress=False, log=None)
+        hist[device] = fc.training.fit(
+            model, opt, (x, y), (x, y), epochs=1, batch_size=2, rng=0, progress=False, log=None
+        )
     for key in ("train_loss", "test_loss", "test_accuracy"):
         np.testing.assert_allclose(hist["cuda"][key], hist["cpu"][key], rtol=1e-9)
 
@@ -130,10 +131,26 @@ def test_cli_train_backend_cuda(tmp_path):
     """`fastconv train --backend cuda` end to end on real MNIST (a short run)."""
     out = tmp_path / "metrics.json"
     r = subprocess.run(
-        [sys.executable, "-m", "fastconv", "train", "--backend", "cuda", "--epochs", "1",
-         "--train-limit", "2048", "--data-dir", MNIST, "--no-progress", "--metrics-json",
-         str(out)],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "fastconv",
+            "train",
+            "--backend",
+            "cuda",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "2048",
+            "--data-dir",
+            MNIST,
+            "--no-progress",
+            "--metrics-json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     metrics = json.loads(out.read_text())
