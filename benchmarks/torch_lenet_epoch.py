@@ -76,7 +76,7 @@ def epoch_fastconv(x, y, order, batch_size, warmup):
         logits = model(training.normalize(x[idx]))
         loss = loss_fn(logits, y[idx])
         opt.zero_grad()
-        model.backward(loss_fn.backward())
+        model.backward_params(loss_fn.backward())
         opt.step()
         return loss
 

@@ -293,7 +293,7 @@ def network_impls(name: str, batch: int) -> dict:
         model.train()
         opt.zero_grad()
         loss(model(x), labels)
-        model.backward(loss.backward())
+        model.backward_params(loss.backward())
         opt.step()
 
     def infer():
@@ -336,7 +336,7 @@ print(time.perf_counter() - t0)
 FC_FIRST = (
     "import fastconv as fc\nfrom fastconv import losses, models, optim",
     "m = models.lenet5(rng=0); o = optim.SGD(m.parameters(), lr=0.01, momentum=0.9)\n"
-    "L = losses.CrossEntropyLoss(); L(m(x), y); m.backward(L.backward()); o.step()",
+    "L = losses.CrossEntropyLoss(); L(m(x), y); m.backward_params(L.backward()); o.step()",
 )
 TORCH_FIRST = (
     "import torch",

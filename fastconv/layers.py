@@ -91,6 +91,12 @@ class Layer:
     def backward(self, grad_y: Array) -> Array:
         raise NotImplementedError
 
+    def backward_params(self, grad_y: Array) -> None:
+        """Like ``backward`` when the input gradient is not wanted (the network's input is
+        data): only the parameter gradients are accumulated. Layers that can skip the input
+        gradient's work (Conv2d, Linear, Sequential) override this."""
+        self.backward(grad_y)
+
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
@@ -324,6 +330,8 @@ class _ConvBase(Layer):
         self.dtype = _check_dtype(op, dtype)
         self.backend, self.algorithm = backend, algorithm
         self.has_bias = bool(bias)
+        # The forward pass's im2col matrix, kept for the backward pass while training.
+        self._cols: dict = {}
 
     def _make(self, w_shape, bias_len, rng):
         self.weight = Parameter(np.empty(w_shape, self.dtype))
@@ -400,11 +408,12 @@ class Conv2d(_ConvBase):
 
     def forward(self, x: Array) -> Array:
         b = None if self.bias is None else self.bias.data
-        y = F.conv2d(x, self.weight.data, b, *self._conv(), **self._kw())
+        saved = self._cols if self.training else None
+        y = F.conv2d(x, self.weight.data, b, *self._conv(), **self._kw(), saved=saved)
         self._cache = x
         return y
 
-    def backward(self, grad_y: Array) -> Array:
+    def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:
         x = self._saved()
         gx, gw, gb = F.conv2d_backward(
             grad_y,
@@ -412,11 +421,15 @@ class Conv2d(_ConvBase):
             self.weight.data,
             *self._conv(),
             **self._kw(),
-            output_mask=(True, True, self.bias is not None),
+            output_mask=(input_grad, True, self.bias is not None),
+            saved=self._cols,
         )
         self._accumulate(self.weight, gw)
         self._accumulate(self.bias, gb)
         return gx
+
+    def backward_params(self, grad_y: Array) -> None:
+        self.backward(grad_y, input_grad=False)
 
     def extra_repr(self) -> str:
         return _args_repr(
@@ -824,13 +837,19 @@ class Linear(Layer):
         self._cache = x
         return y
 
-    def backward(self, grad_y: Array) -> Array:
+    def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:
         gx, gw, gb = F.linear_backward(
-            grad_y, self._saved(), self.weight.data, output_mask=(True, True, self.bias is not None)
+            grad_y,
+            self._saved(),
+            self.weight.data,
+            output_mask=(input_grad, True, self.bias is not None),
         )
         self._accumulate(self.weight, gw)
         self._accumulate(self.bias, gb)
         return gx
+
+    def backward_params(self, grad_y: Array) -> None:
+        self.backward(grad_y, input_grad=False)
 
     def extra_repr(self) -> str:
         return _args_repr(
@@ -1031,10 +1050,19 @@ class Sequential(Layer):
             x = layer(x)
         return x
 
-    def backward(self, grad_y: Array) -> Array:
-        for layer in reversed(self.layers):
+    def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:
+        """Backward through every layer; ``input_grad=False`` skips the first layer's input
+        gradient (training on data needs none) and returns None."""
+        rest = self.layers if input_grad else self.layers[1:]
+        for layer in reversed(rest):
             grad_y = layer.backward(grad_y)
-        return grad_y
+        if input_grad or not self.layers:
+            return grad_y
+        self.layers[0].backward_params(grad_y)
+        return None
+
+    def backward_params(self, grad_y: Array) -> None:
+        self.backward(grad_y, input_grad=False)
 
     def __repr__(self) -> str:
         if not self.layers:

@@ -348,7 +348,7 @@ def fit(
             logits = model(_place(model, xb))
             loss = loss_fn(logits, yb)
             optimizer.zero_grad()
-            model.backward(loss_fn.backward())
+            model.backward_params(loss_fn.backward())
             optimizer.step()
             seen += len(idx)
             loss_sum += loss * len(idx)

@@ -473,3 +473,43 @@ def test_forward_errors_come_from_functional():
         fc.Conv2d(1, 2, 3)(np.ones((1, 2, 5, 5), np.float32))
     with pytest.raises(ValueError, match=r"linear: x has 3 features but weight expects 4"):
         fc.Linear(4, 2)(np.ones((1, 3), np.float32))
+
+
+def test_backward_params_matches_full_backward():
+    """input_grad=False (training on data) skips the first layer's input gradient only: every
+    parameter gradient is the same as with the full backward pass."""
+    from fastconv import models
+
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28))
+    grads = []
+    for full in (True, False):
+        m = models.lenet5(rng=0, dtype=np.float64)
+        y = m(x)
+        gy = np.random.default_rng(1).standard_normal(y.shape)
+        out = m.backward(gy) if full else m.backward(gy, input_grad=False)
+        assert (out is None) != full
+        grads.append([p.grad.copy() for p in m.parameters()])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_layer_reuses_forward_columns_and_stays_exact():
+    """Training mode keeps the im2col matrix from forward to backward; the gradients are still
+    the oracle's, and an eval-mode forward keeps nothing."""
+    from fastconv import Conv2d
+
+    rng = np.random.default_rng(2)
+    layer = Conv2d(3, 4, 3, padding=1, dtype=np.float64, rng=0, algorithm="im2col")
+    x = rng.standard_normal((2, 3, 7, 7))
+    y = layer(x)
+    assert layer._cols.get("x") is x
+    gy = rng.standard_normal(y.shape)
+    gx = layer.backward(gy)
+    rgx, rgw, rgb = fc.reference.conv2d_backward(gy, x, layer.weight.data, padding=1)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, rgw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, rgb, rtol=1e-10, atol=1e-12)
+    layer.eval()
+    x2 = rng.standard_normal((2, 3, 7, 7))
+    layer(x2)
+    assert layer._cols.get("x") is x  # eval forward did not replace it
