@@ -304,7 +304,19 @@ def conv_transpose2d_backward(
 # --------------------------------------------------------------------------- pooling
 
 
-def _pool(op, fn, x, grad_y, kernel_size, stride, padding, ceil_mode, count_include_pad, backend):
+def _pool(
+    op,
+    fn,
+    x,
+    grad_y,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    backend,
+    saved=None,
+):
     x, g = shapes.check_pool2d(op, x, kernel_size, stride, padding, ceil_mode, count_include_pad)
     arrays = (x,)
     if grad_y is not None:
@@ -316,6 +328,8 @@ def _pool(op, fn, x, grad_y, kernel_size, stride, padding, ceil_mode, count_incl
     if be == "reference":
         extra = {} if fn.startswith("max") else {"count_include_pad": count_include_pad}
         return getattr(reference, fn)(*arrays, kernel_size, stride, padding, ceil_mode, **extra)
+    if saved is not None:  # max pooling only
+        return getattr(dispatch.backend_ops(op, be), fn)(*arrays, g, saved)
     return getattr(dispatch.backend_ops(op, be), fn)(*arrays, g)
 
 
@@ -327,14 +341,29 @@ def max_pool2d(
     *,
     ceil_mode: bool = False,
     backend: str = "auto",
+    saved: dict | None = None,
 ) -> Array:
     """2-D max pooling; padding counts as -inf; NaN wins over every number (as in PyTorch).
+
+    ``saved``: optional dict the caller keeps until ``max_pool2d_backward`` (layers do); the
+    CPU backend leaves each window's argmax there, and the backward pass given the same dict
+    and the very same ``x`` object scatters with it instead of searching the windows again.
 
     Shape: x (N, C, H, W) -> y (N, C, OH, OW), OH = floor((H + 2*ph - KH) / sh) + 1
     (ceil in ``ceil_mode``). stride defaults to kernel_size; padding <= kernel_size / 2.
     """
     return _pool(
-        "max_pool2d", "max_pool2d", x, None, kernel_size, stride, padding, ceil_mode, True, backend
+        "max_pool2d",
+        "max_pool2d",
+        x,
+        None,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        True,
+        backend,
+        saved,
     )
 
 
@@ -347,8 +376,10 @@ def max_pool2d_backward(
     *,
     ceil_mode: bool = False,
     backend: str = "auto",
+    saved: dict | None = None,
 ) -> Array:
     """Gradient of ``max_pool2d``: each window's gradient goes to its first maximum (row-major).
+    ``saved``: the dict given to the forward ``max_pool2d`` call, if any.
 
     Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
     """
@@ -363,6 +394,7 @@ def max_pool2d_backward(
         ceil_mode,
         True,
         backend,
+        saved,
     )
 
 

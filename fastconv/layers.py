@@ -634,6 +634,7 @@ class _Pool(Layer):
             )
         self.ceil_mode = bool(ceil_mode)
         self.backend = backend
+        self._argmax: dict = {}  # max pooling: each window's argmax, forward to backward
 
     def _base_repr(self, **extra) -> str:
         return _args_repr(
@@ -670,6 +671,7 @@ class MaxPool2d(_Pool):
             self.padding,
             ceil_mode=self.ceil_mode,
             backend=self.backend,
+            saved=self._argmax if self.training else None,
         )
         self._cache = x
         return y
@@ -683,6 +685,7 @@ class MaxPool2d(_Pool):
             self.padding,
             ceil_mode=self.ceil_mode,
             backend=self.backend,
+            saved=self._argmax,
         )
 
     def extra_repr(self) -> str:

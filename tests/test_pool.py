@@ -133,3 +133,31 @@ def test_pool_non_contiguous_input():
     x = rng.standard_normal((2, 8, 8, 3)).transpose(0, 3, 1, 2)
     assert_close(fc.max_pool2d(x, 2, backend="cpu"), reference.max_pool2d(x, 2))
     assert_close(fc.avg_pool2d(x, 3, 1, 1, backend="cpu"), reference.avg_pool2d(x, 3, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["overlap_3s2p1", "ceil_mode", "lenet_2x2"])
+def test_max_pool_saved_argmax_matches_oracle(name, dtype):
+    """The forward pass may keep each window's argmax in ``saved``; the backward pass then only
+    scatters. Used only for the very same x object; the gradients stay the oracle's."""
+    cfg = NAMED[name]
+    p = dict(
+        kernel_size=cfg["kernel_size"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg.get("ceil_mode", False),
+    )
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
+    x[0, 0, :2, :2] = 1.0  # a tie: the first maximum must win here too
+    saved = {}
+    y = fc.max_pool2d(x, **p, backend="cpu", saved=saved)
+    assert_close(y, reference.max_pool2d(x, **p), dtype)
+    assert saved["x"] is x
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    for _ in range(2):
+        gx = fc.max_pool2d_backward(gy, x, **p, backend="cpu", saved=saved)
+        assert_close(gx, reference.max_pool2d_backward(gy, x, **p), dtype)
+    x2 = rng.standard_normal(x.shape).astype(dtype)  # another input: searched afresh
+    gx2 = fc.max_pool2d_backward(gy, x2, **p, backend="cpu", saved=saved)
+    assert_close(gx2, reference.max_pool2d_backward(gy, x2, **p), dtype)

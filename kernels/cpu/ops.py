@@ -170,13 +170,27 @@ def _conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None
     return gx, gw, gb
 
 
-def max_pool2d(x, g):
-    with threads_for(x.size):
-        return pool.max_pool2d_forward(x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+_NO_INDEX = np.empty(0, np.uint64)
 
 
-def max_pool2d_backward(gy, x, g):
+def max_pool2d(x, g, saved=None):
+    """Max pooling. ``saved``: an optional dict kept until ``max_pool2d_backward`` of the same
+    x; the forward pass leaves each window's argmax there so the backward pass only scatters."""
+    idx = _NO_INDEX
+    if saved is not None:
+        idx = saved.get("idx")
+        if idx is None or idx.size != g.N * g.C * g.OH * g.OW:
+            idx = np.empty(g.N * g.C * g.OH * g.OW, np.uint64)
+        saved.clear()
+        saved.update(x=x, g=g, idx=idx)
     with threads_for(x.size):
+        return pool.max_pool2d_forward(x, idx, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+
+
+def max_pool2d_backward(gy, x, g, saved=None):
+    with threads_for(x.size):
+        if saved is not None and saved.get("x") is x and saved.get("g") == g:
+            return pool.max_pool2d_backward_indexed(gy, saved["idx"], g.N, g.C, g.H, g.W)
         return pool.max_pool2d_backward(gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
 
 

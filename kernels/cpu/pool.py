@@ -48,9 +48,12 @@ def _argmax(xf, base, W, r0, r1, c0, c1):
 
 
 @njit(parallel=True, cache=True)
-def max_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw):
+def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
+    """y (N, C, OH, OW); when ``idx`` has y's size, each window's argmax (flat index into x)
+    is written there too, for a backward pass that then need not search again."""
     N, C, H, W = x.shape
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    keep = idx.size == y.size
     xf = x.ravel()
     yf = y.ravel()
     for nc in prange(N * C):
@@ -59,9 +62,27 @@ def max_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw):
             r0, r1, _ = _window(oh, sh, ph, KH, H)
             for ow in range(OW):
                 c0, c1, _ = _window(ow, sw, pw, KW, W)
-                best, _ = _argmax(xf, base, W, r0, r1, c0, c1)
-                yf[U((nc * OH + oh) * OW + ow)] = best
+                best, bi = _argmax(xf, base, W, r0, r1, c0, c1)
+                o = U((nc * OH + oh) * OW + ow)
+                yf[o] = best
+                if keep:
+                    idx[o] = bi
     return y
+
+
+@njit(parallel=True, cache=True)
+def max_pool2d_backward_indexed(gy, idx, N, C, H, W):
+    """grad_x from the argmax indices the forward pass kept; one thread per (n, c) plane, whose
+    windows' indices all point into that plane (race-free, fixed order)."""
+    OH, OW = gy.shape[2], gy.shape[3]
+    gx = np.zeros((N, C, H, W), dtype=gy.dtype)
+    gxf = gx.ravel()
+    gyf = gy.ravel()
+    for nc in prange(N * C):
+        for j in range(OH * OW):
+            o = U(nc * OH * OW + j)
+            gxf[idx[o]] += gyf[o]
+    return gx
 
 
 @njit(parallel=True, cache=True)

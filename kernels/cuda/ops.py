@@ -383,14 +383,16 @@ def _sum_leading(part, S, shape):
 # --------------------------------------------------------------------------- pooling
 
 
-def max_pool2d(x, g):
+def max_pool2d(x, g, saved=None):
+    """``saved`` (the CPU backend keeps argmax indices there) is accepted and not used: the
+    backward kernel finds each window's maximum again, which costs little on a GPU."""
     host, (x,) = _inputs(x)
     y = _empty(g.y_shape, x.dtype)
     L.launch(pool.max_pool2d_forward, *L.grid_1d(y.size), x, y, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
     return _out(host, y)
 
 
-def max_pool2d_backward(gy, x, g):
+def max_pool2d_backward(gy, x, g, saved=None):
     host, (gy, x) = _inputs(gy, x)
     gx = _empty(g.x_shape, x.dtype)
     L.launch(
