@@ -70,6 +70,41 @@ def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
     return y
 
 
+@njit(inline="always", cache=True)
+def _take(v, i, best, bi):
+    """One step of the first-maximum scan: (best, bi) after meeting value v at index i."""
+    t = (v > best) | ((v != v) & (best == best))
+    return (v if t else best), (i if t else bi)
+
+
+@njit(parallel=True, cache=True)
+def max_pool2d_forward_2x2(x, idx):
+    """The common 2x2 / stride 2 / no padding case (floor mode), unrolled: the general loop's
+    window bookkeeping cost 6x this on LeNet-5's pool1. Same results, same first-maximum rule;
+    argmax indices go to ``idx`` when it has y's size."""
+    N, C, H, W = x.shape
+    OH, OW = H // 2, W // 2
+    y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    keep = idx.size == y.size
+    xf = x.ravel()
+    yf = y.ravel()
+    for nc in prange(N * C):
+        for oh in range(OH):
+            r0 = U(nc * H * W + 2 * oh * W)
+            r1 = r0 + U(W)
+            o0 = U((nc * OH + oh) * OW)
+            for ow in range(OW):
+                c = U(2 * ow)
+                best, bi = xf[r0 + c], r0 + c
+                best, bi = _take(xf[r0 + c + U(1)], r0 + c + U(1), best, bi)
+                best, bi = _take(xf[r1 + c], r1 + c, best, bi)
+                best, bi = _take(xf[r1 + c + U(1)], r1 + c + U(1), best, bi)
+                yf[o0 + U(ow)] = best
+                if keep:
+                    idx[o0 + U(ow)] = bi
+    return y
+
+
 @njit(parallel=True, cache=True)
 def max_pool2d_backward_indexed(gy, idx, N, C, H, W):
     """grad_x from the argmax indices the forward pass kept; one thread per (n, c) plane, whose
