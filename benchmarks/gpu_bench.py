@@ -318,24 +318,10 @@ def conv_layers(reps: int, smoke: bool, torch: Any) -> list[dict]:
 
 
 def _torch_lenet(torch: Any, fc_model: Any, dev: str) -> Any:
-    nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(400, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
-    state = {k: torch.tensor(v) for k, v in fc_model.state_dict().items()}
-    model.load_state_dict(state)
-    return model.to(dev)
+    """The equal torch.nn.Sequential with the same weights, on ``dev``."""
+    from fastconv.bench import torch_model
+
+    return torch_model(fc_model).to(dev)
 
 
 def training(reps: int, smoke: bool, torch: Any) -> list[dict]:

@@ -19,34 +19,13 @@ import numpy as np
 
 import fastconv as fc
 from fastconv import training
-
-
-def torch_lenet():
-    import torch.nn as nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(400, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
+from fastconv.bench import torch_model
 
 
 def epoch_torch(x, y, order, batch_size, warmup):
     import torch
 
-    model = torch_lenet()
-    model.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in fc.models.lenet5(rng=0).state_dict().items()}
-    )
+    model = torch_model(fc.models.lenet5(rng=0))  # the equal network, same initial weights
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
