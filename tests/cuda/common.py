@@ -10,9 +10,8 @@ import os
 
 import numpy as np
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
 
-from fastconv import shapes
+from tests.strategies import conv_configs, pool_configs
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_CUDA_EXAMPLES", "12"))
 SETTINGS = settings(
@@ -48,56 +47,14 @@ class Foreign:
         self.dtype = np.dtype(dev.dtype)
 
 
-@st.composite
-def tiny_conv_configs(draw):
+def tiny_conv_configs():
     """A valid conv2d configuration small enough for the simulator."""
-    G = draw(st.sampled_from([1, 1, 2, 3]))
-    CG = draw(st.integers(1, 2))
-    KG = draw(st.integers(1, 3))
-    if draw(st.integers(0, 4)) == 0:  # depthwise
-        G, CG = draw(st.integers(2, 3)), 1
-    KH, KW = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    mode = draw(st.sampled_from(["int", "pair", "valid", "same"]))
-    if mode == "same":
-        sh = sw = 1
-        padding = "same"
-    elif mode == "valid":
-        padding = "valid"
-    elif mode == "int":
-        padding = draw(st.integers(0, 2))
-    else:
-        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 1)))
-    pad_h = pad_w = 0
-    if not isinstance(padding, str):
-        pad_h, pad_w = shapes.pair("t", "padding", padding, minimum=0)
-    H = max(1, dh * (KH - 1) + 1 - 2 * pad_h) + draw(st.integers(0, 3))
-    W = max(1, dw * (KW - 1) + 1 - 2 * pad_w) + draw(st.integers(0, 3))
-    return dict(
-        x_shape=(draw(st.integers(1, 2)), G * CG, H, W),
-        w_shape=(G * KG, CG, KH, KW),
-        stride=(sh, sw),
-        padding=padding,
-        dilation=(dh, dw),
-        groups=G,
-    )
+    return conv_configs(max_batch=2, max_cg=2, max_k=3, max_dilation=2, max_extra=3)
 
 
-@st.composite
-def tiny_pool_configs(draw):
-    KH, KW = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    ph, pw = draw(st.integers(0, KH // 2)), draw(st.integers(0, KW // 2))
-    H = max(1, KH - 2 * ph) + draw(st.integers(0, 4))
-    W = max(1, KW - 2 * pw) + draw(st.integers(0, 4))
-    return dict(
-        x_shape=(draw(st.integers(1, 2)), draw(st.integers(1, 2)), H, W),
-        kernel_size=(KH, KW),
-        stride=stride,
-        padding=(ph, pw),
-        ceil_mode=draw(st.booleans()),
-    )
+def tiny_pool_configs():
+    """A valid pooling configuration small enough for the simulator."""
+    return pool_configs(max_batch=2, max_c=2, max_k=3, max_extra=4)
 
 
 def conv_params(cfg: dict) -> dict:
