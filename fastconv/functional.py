@@ -43,6 +43,7 @@ def conv2d(
     backend: str = "auto",
     algorithm: str = "auto",
     saved: dict | None = None,
+    activation: str | None = None,
 ) -> Array:
     """2-D convolution (cross-correlation, as in PyTorch).
 
@@ -56,6 +57,10 @@ def conv2d(
             dict and the very same ``x`` object reuses it instead of rebuilding it. The
             gradients are then those of the forward call's input, even if ``x`` was changed
             in place meanwhile.
+        activation: None, or "relu" for relu(conv2d(...)) with bias and ReLU applied in the
+            kernels' last pass (``Sequential`` uses it for a Conv2d followed by a ReLU). The
+            gradient through the ReLU is ``relu_backward(grad_y, y)``: y > 0 exactly where
+            the pre-activation is.
 
     Shape:
         x (N, C, H, W), weight (K, C/groups, KH, KW), bias (K,) -> y (N, K, OH, OW) with
@@ -63,9 +68,12 @@ def conv2d(
     """
     op = "conv2d"
     x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu'; got {activation!r}")
+    fn = "conv2d" if activation is None else "conv2d_bias_relu"
 
     def run(be, algo, keep=None):
-        return dispatch.backend_ops(op, be).conv2d(x, weight, bias, g, algo, keep)
+        return getattr(dispatch.backend_ops(op, be), fn)(x, weight, bias, g, algo, keep)
 
     be, algo = dispatch.choose(
         op,
@@ -77,7 +85,8 @@ def conv2d(
         lambda a: lambda: run("cpu", a),
     )
     if be == "reference":
-        return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return y if activation is None else np.maximum(y, 0)
     return run(be, algo, saved)
 
 

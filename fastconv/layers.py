@@ -406,10 +406,15 @@ class Conv2d(_ConvBase):
     def _conv(self):
         return (self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, *, activation: str | None = None) -> Array:
+        """``activation="relu"``: relu of the output, fused into the convolution's last pass
+        (``Sequential`` asks for it when a ReLU layer follows; the ReLU's backward does the
+        rest, from the output)."""
         b = None if self.bias is None else self.bias.data
         saved = self._cols if self.training else None
-        y = F.conv2d(x, self.weight.data, b, *self._conv(), **self._kw(), saved=saved)
+        y = F.conv2d(
+            x, self.weight.data, b, *self._conv(), **self._kw(), saved=saved, activation=activation
+        )
         self._cache = x
         return y
 
@@ -744,11 +749,16 @@ class AvgPool2d(_Pool):
 
 
 class ReLU(Layer):
-    """max(x, 0). Shape: any -> same."""
+    """max(x, 0). Shape: any -> same.
+
+    Keeps its output, not its input, for backward: y > 0 exactly where x > 0, and a Conv2d
+    before it in a Sequential can then hand over relu(conv) computed in one fused pass.
+    """
 
     def forward(self, x: Array) -> Array:
-        self._cache = x
-        return F.relu(x)
+        y = F.relu(x)
+        self._cache = y
+        return y
 
     def backward(self, grad_y: Array) -> Array:
         return F.relu_backward(grad_y, self._saved())
@@ -1049,8 +1059,19 @@ class Sequential(Layer):
         return self
 
     def forward(self, x: Array) -> Array:
-        for layer in self.layers:
+        """Each layer in turn, except that a Conv2d directly followed by a ReLU runs as one
+        fused conv + bias + ReLU (same result; the ReLU layer keeps the output for backward)."""
+        layers = self.layers
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if type(layer) is Conv2d and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+                x = layer.forward(x, activation="relu")
+                layers[i + 1]._cache = x
+                i += 2
+                continue
             x = layer(x)
+            i += 1
         return x
 
     def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:

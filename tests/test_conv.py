@@ -15,12 +15,15 @@ ALGOS = ("im2col", "direct")
 
 @pytest.fixture(autouse=True, scope="module")
 def always_parallel():
-    """Small calls run on one thread (ops.SERIAL_BELOW); the configurations here are small, so
-    make every call take the multi-threaded path, the one where a race would show."""
-    from fastconv.kernels.cpu import ops
+    """Small calls run on one thread (threads.SERIAL_BELOW, POOL_BELOW); the configurations
+    here are small, so make every call take the multi-threaded path, the one where a race
+    would show, and cut batches into chunks of up to 2 images (N=3: a full and a partial one)."""
+    from fastconv.kernels.cpu import ops, threads
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "SERIAL_BELOW", 0)
+        mp.setattr(threads, "SERIAL_BELOW", 0)
+        mp.setattr(threads, "POOL_BELOW", 0)
+        mp.setattr(ops, "MIN_CHUNKS", 2)
         yield
 
 
@@ -48,6 +51,46 @@ def _check(cfg, dtype, algorithm, seed=0, with_bias=True):
 @given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_conv2d_random(algorithm, cfg, dtype, seed):
     _check(cfg, dtype, algorithm, seed)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_conv2d_fused_relu_random(algorithm, cfg, dtype, seed):
+    """activation="relu": the fused epilogue equals relu of the oracle's convolution, and the
+    gradient through it (relu_backward from the output, then conv2d_backward) the oracle's."""
+    rng = np.random.default_rng(seed)
+    x, w, b = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    p = _params(cfg)
+
+    def fused_grads(gy, x, w, b):
+        y = fc.conv2d(x, w, b, **p, backend="cpu", algorithm=algorithm, activation="relu")
+        gz = fc.relu_backward(gy, y)
+        return fc.conv2d_backward(gz, x, w, **p, backend="cpu", algorithm=algorithm)
+
+    def expected_grads(gy, x, w, b):
+        z = reference.conv2d(x, w, b, **p)
+        return reference.conv2d_backward(np.where(z > 0, gy, 0), x, w, **p)
+
+    check_op(
+        lambda x, w, b: fc.conv2d(
+            x, w, b, **p, backend="cpu", algorithm=algorithm, activation="relu"
+        ),
+        lambda x, w, b: np.maximum(reference.conv2d(x, w, b, **p), 0),
+        (x, w, b),
+        grads=fused_grads,
+        expected_grads=expected_grads,
+    )
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_conv2d_fused_relu_keeps_nan(algorithm):
+    x = np.ones((1, 1, 5, 5))
+    x[0, 0, 0, 0] = np.nan  # only output (0, 0)'s window covers it
+    w = -np.ones((2, 1, 3, 3))
+    y = fc.conv2d(x, w, np.zeros(2), backend="cpu", algorithm=algorithm, activation="relu")
+    assert np.isnan(y[0, :, 0, 0]).all()
+    y[0, :, 0, 0] = 0
+    assert (y == 0).all()  # -9 everywhere else, cut to 0
 
 
 NAMED = {
@@ -242,18 +285,21 @@ def test_saved_columns_reused_only_for_the_same_input(algorithm, dtype):
     x2 = rng.standard_normal(x.shape).astype(dtype)  # another input: must not use x's columns
     got = fc.conv2d_backward(gy, x2, w, **kw, saved=saved)
     assert_close(got[1], reference.conv2d_backward(gy, x2, w, **p)[1], dtype)
-    if algorithm == "im2col":
-        assert saved["x"] is x2
+    if algorithm == "im2col":  # x2's columns were built apart; x's stay kept for x
+        assert saved["x"] is x
+        got = fc.conv2d_backward(gy, x, w, **kw, saved=saved)
+        assert_close(got[1], reference.conv2d_backward(gy, x, w, **p)[1], dtype)
 
 
 def test_serial_path_for_small_calls_matches():
     """With the default threshold this call runs on one thread; same answer as the oracle."""
-    from fastconv.kernels.cpu import ops
+    from fastconv.kernels.cpu import threads
 
     cfg = NAMED["batch1_odd"]
     g = fc.shapes.conv2d_geometry("t", cfg["x_shape"], cfg["w_shape"])
     assert g.flops() // 2 < 1 << 16
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "SERIAL_BELOW", 1 << 16)
+        mp.setattr(threads, "SERIAL_BELOW", 1 << 16)
+        mp.setattr(threads, "POOL_BELOW", 1 << 20)
         for algorithm in ALGOS:
             _check(cfg, np.float64, algorithm)

@@ -85,6 +85,11 @@ CONV_CASES = [
         TypeError,
         r"conv2d: x must be a NumPy array or a CUDA device array; got list",
     ),
+    (
+        dict(activation="sigmoid"),
+        ValueError,
+        r"conv2d: activation must be None or 'relu'; got 'sigmoid'",
+    ),
 ]
 
 

@@ -513,3 +513,34 @@ def test_conv_layer_reuses_forward_columns_and_stays_exact():
     x2 = rng.standard_normal((2, 3, 7, 7))
     layer(x2)
     assert layer._cols.get("x") is x  # eval forward did not replace it
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "direct"])
+def test_sequential_fuses_conv_relu_with_the_same_result(algorithm):
+    """Sequential runs Conv2d + ReLU as one fused conv + bias + ReLU: the output and every
+    gradient are bit-identical to running the two layers one after the other, and the oracle's."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 9, 9))
+    gy = rng.standard_normal((3, 4, 7, 7))
+
+    def make():
+        return fc.Sequential(
+            fc.Conv2d(2, 4, 3, dtype=np.float64, rng=0, algorithm=algorithm), fc.ReLU()
+        )
+
+    fused, plain = make(), make()
+    y = fused(x)
+    y_plain = plain[1](plain[0](x))  # each layer called on its own: no fusion
+    np.testing.assert_array_equal(y, y_plain)
+    gx = fused.backward(gy)
+    gx_plain = plain[0].backward(plain[1].backward(gy))
+    np.testing.assert_array_equal(gx, gx_plain)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad)
+    w, b = fused[0].weight.data, fused[0].bias.data
+    z = R.conv2d(x, w, b)
+    assert_close(y, np.maximum(z, 0))
+    rgx, rgw, rgb = R.conv2d_backward(np.where(z > 0, gy, 0), x, w)
+    assert_close(gx, rgx)
+    assert_close(fused[0].weight.grad, rgw)
+    assert_close(fused[0].bias.grad, rgb)

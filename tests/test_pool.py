@@ -13,12 +13,15 @@ from tests.strategies import pool_configs
 
 @pytest.fixture(autouse=True, scope="module")
 def always_parallel():
-    """Small calls run on one thread (ops.SERIAL_BELOW); the configurations here are small, so
-    make every call take the multi-threaded path, the one where a race would show."""
-    from fastconv.kernels.cpu import ops
+    """Small calls run on one thread (threads.SERIAL_BELOW, POOL_BELOW); the configurations
+    here are small, so make every call take the multi-threaded path, the one where a race
+    would show, and cut batches into chunks of up to 2 images (N=3: a full and a partial one)."""
+    from fastconv.kernels.cpu import ops, threads
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "SERIAL_BELOW", 0)
+        mp.setattr(threads, "SERIAL_BELOW", 0)
+        mp.setattr(threads, "POOL_BELOW", 0)
+        mp.setattr(ops, "MIN_CHUNKS", 2)
         yield
 
 

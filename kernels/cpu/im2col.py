@@ -10,21 +10,20 @@ is one BLAS call per group. Padding is never materialised: entries that fall in 
 written as zeros here and skipped in col2im.
 """
 
-import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from ._common import U, valid_range
+from ._common import FASTMATH, U, valid_range
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def im2col(x, cols, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), filled in place. One thread fills whole rows."""
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), filled in place."""
     N, C, H, W = x.shape
     P = OH * OW
     NP = N * P
     xf = x.ravel()
     cf = cols.ravel()
-    for r in prange(C * KH * KW):
+    for r in range(C * KH * KW):
         c = r // (KH * KW)
         kh = (r // KW) % KH
         kw = r % KW
@@ -52,18 +51,18 @@ def im2col(x, cols, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
                     cf[dst + U(ow)] = 0
 
 
-@njit(parallel=True, cache=True)
-def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
-    """cols (C*KH*KW, N*OH*OW) -> x-shaped (N, C, H, W), summing overlapping taps.
-
-    One thread owns one (n, c) plane, so the sum is race-free and its order fixed (deterministic).
-    """
+@njit(nogil=True, cache=True)
+def col2im(cols, out, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
+    """cols (C*KH*KW, N*OH*OW) -> out (N, C, H, W), overwritten with the sum of overlapping
+    taps, each (n, c) plane summed in a fixed order (deterministic)."""
+    N, C, H, W = out.shape
     P = OH * OW
     NP = N * P
-    out = np.zeros((N, C, H, W), dtype=cols.dtype)
     of = out.ravel()
+    for i in range(of.size):
+        of[i] = 0
     cf = cols.ravel()
-    for nc in prange(N * C):
+    for nc in range(N * C):
         n = nc // C
         c = nc % C
         for kh in range(KH):
@@ -80,36 +79,42 @@ def col2im(cols, N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
                     else:
                         for i in range(ow_hi - ow_lo):
                             of[dst + U(i * sw)] += cf[src + U(i)]
-    return out
 
 
-@njit(parallel=True, cache=True)
-def kn_to_nk(a, b, N, K, P):
-    """(K, N*P) -> (N, K, P) plus bias b (K,): the GEMM result back into NCHW order."""
-    out = np.empty((N, K, P), dtype=a.dtype)
+@njit(nogil=True, cache=True)
+def kn_to_nk(a, b, out, relu):
+    """(K, N*P) -> out (N, K, P) plus bias b (K,): the GEMM result back into NCHW order; with
+    ``relu``, max(., 0) in the same pass (the fused conv + bias + ReLU epilogue)."""
+    N, K, P = out.shape
     af = a.ravel()
     of = out.ravel()
-    for nk in prange(N * K):
+    for nk in range(N * K):
         n = nk // K
         k = nk % K
         bk = b[k]
         src = U(k * N * P + n * P)
         dst = U(nk * P)
-        for p in range(P):
-            of[dst + U(p)] = af[src + U(p)] + bk
-    return out
+        if relu:
+            for p in range(P):
+                v = af[src + U(p)] + bk
+                of[dst + U(p)] = 0 if v < 0 else v  # NaN stays NaN, as in np.maximum
+        else:
+            for p in range(P):
+                of[dst + U(p)] = af[src + U(p)] + bk
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def nk_to_kn_sum(a, out, gb):
     """(N, K, P) -> out (K, N*P) in place, and gb[k] = sum of a[:, k, :] (fixed order).
 
     grad_y into the GEMM layout of cols; the bias gradient comes free with the same pass.
+    FASTMATH lets the sum use SIMD lanes (without it this was the slowest step of the backward
+    pass, 4x the copy); the lane order is fixed by the code, so the sum stays deterministic.
     """
     N, K, P = a.shape
     af = a.ravel()
     of = out.ravel()
-    for k in prange(K):
+    for k in range(K):
         acc = 0.0
         for n in range(N):
             src = U((n * K + k) * P)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .threads import chunks, for_each
+
 __all__ = [
     "adam_update",
     "batch_norm2d",
@@ -88,11 +90,27 @@ def tanh_backward(gy, y):
 # --------------------------------------------------------------------------- linear
 
 
+# The GEMMs run as row blocks on fastconv's threads with single-threaded BLAS (threads.py): a
+# multi-threaded BLAS call leaves OpenBLAS's workers spinning for a while afterwards, and on a
+# small machine they took the core the next convolution's threads needed. Every output element
+# is still one BLAS dot product over the full reduction, so blocks do not change the result.
+def _row_blocks(n, parts=4):
+    return chunks(n, max(1, -(-n // parts)))
+
+
 def linear(x, w, b):
     """y = x @ w.T + b. Shape: x (N, F), w (O, F), b (O,) or None -> y (N, O)."""
-    y = x @ w.T  # (N, F) @ (F, O)
-    if b is not None:
-        y += b
+    N, O = x.shape[0], w.shape[0]
+    y = np.empty((N, O), x.dtype)
+    rows = _row_blocks(N)
+
+    def run(i):
+        n0, n1 = rows[i]
+        np.matmul(x[n0:n1], w.T, out=y[n0:n1])  # (nb, F) @ (F, O)
+        if b is not None:
+            y[n0:n1] += b
+
+    for_each(run, len(rows), x.size * O)
     return y
 
 
@@ -100,10 +118,25 @@ def linear_backward(gy, x, w, mask):
     """(gx, gw, gb) of ``linear``; an entry is None where ``mask`` (3 bools) says it is not needed.
 
     gx = gy @ w  (N, O) @ (O, F);  gw = gy.T @ x  (O, N) @ (N, F);  gb = gy summed over N.
+    gx is computed in blocks of rows of the batch, gw in blocks of its O rows.
     """
     need_x, need_w, need_b = mask
-    gx = gy @ w if need_x else None
-    gw = gy.T @ x if need_w else None
+    N, O = gy.shape
+    F = w.shape[1]
+    gx = np.empty((N, F), gy.dtype) if need_x else None
+    gw = np.empty((O, F), gy.dtype) if need_w else None
+    rows_x = _row_blocks(N) if need_x else []
+    rows_w = _row_blocks(O) if need_w else []
+
+    def run(i):
+        if i < len(rows_x):
+            n0, n1 = rows_x[i]
+            np.matmul(gy[n0:n1], w, out=gx[n0:n1])
+        else:
+            o0, o1 = rows_w[i - len(rows_x)]
+            np.matmul(gy[:, o0:o1].T, x, out=gw[o0:o1])
+
+    for_each(run, len(rows_x) + len(rows_w), N * O * F * (int(need_x) + int(need_w)))
     gb = gy.sum(axis=0) if need_b else None
     return gx, gw, gb
 

@@ -4,36 +4,25 @@ Each function takes arrays already validated (C-contiguous, native float32/float
 and a geometry from ``fastconv.shapes``; it returns new arrays in the input dtype.
 
 Notation: x (N, C, H, W), w (K, CG, KH, KW), y / gy (N, K, OH, OW), P = OH*OW, CG = C/G, KG = K/G.
+
+Threads: the im2col path cuts the batch into chunks and runs each chunk from im2col to the last
+transpose on one thread of fastconv's pool, with single-threaded BLAS (``threads.for_each``).
+The direct kernels and pooling are Numba ``prange`` loops over planes on Numba's own threads.
 """
 
-import contextlib
 import threading
 
-import numba
 import numpy as np
 
 from . import direct, im2col, pool
+from .threads import chunks, for_each, threads_for
 
 ALGORITHMS = ("im2col", "direct")
 _local = threading.local()
-# Below this much work (multiply-adds or elements touched) a call runs on one thread: waking
-# the OpenMP pool costs 10-50 us a parallel region, more than such a call takes alone
-# (batch-1 inference is all small calls).
-SERIAL_BELOW = 1 << 16
-
-
-@contextlib.contextmanager
-def threads_for(work):
-    """Run the enclosed kernels on one thread when ``work`` is small."""
-    n = numba.get_num_threads()
-    if work >= SERIAL_BELOW or n == 1:
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(n)
+# im2col columns per batch chunk: about this many bytes, so that a chunk's columns, GEMM
+# output and gradients stay in the core's L2 cache while one thread works through them.
+CHUNK_BYTES = 1 << 20
+MIN_CHUNKS = 4  # cut even small batches this fine, so that the threads share the work
 
 
 def workspace(name, shape, dtype):
@@ -51,123 +40,160 @@ def workspace(name, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-GEMM_CHUNK = 4096  # reduction block for the long, thin grad_w GEMM
+def batch_chunks(g, itemsize):
+    """The batch cut into [(n0, n1)) chunks of at most about CHUNK_BYTES of im2col columns,
+    their number a multiple of MIN_CHUNKS where the batch allows (so 1, 2 or 4 threads share
+    them evenly: with 5 chunks on 2 threads, one thread would work 20 % longer).
 
-
-def _matmul_nt(a, b, out):
-    """out = a @ b.T for a (M, L), b (N, L) with a long reduction L, in blocks of GEMM_CHUNK.
-
-    This orientation and blocking were measured faster with OpenBLAS on the grad_w shapes
-    (e.g. 2.3x on LeNet-5 conv1: M=25, N=6, L=50176); the block order is fixed, so the result
-    is deterministic.
+    A function of the geometry and dtype only, never of the thread count: partial sums are
+    added per chunk in chunk order, so results do not depend on how many threads ran.
     """
-    L = a.shape[1]
-    if L <= 2 * GEMM_CHUNK:
-        np.matmul(a, b.T, out=out)
-        return
-    part = np.empty_like(out)
-    np.matmul(a[:, :GEMM_CHUNK], b[:, :GEMM_CHUNK].T, out=out)
-    for i in range(GEMM_CHUNK, L, GEMM_CHUNK):
-        np.matmul(a[:, i : i + GEMM_CHUNK], b[:, i : i + GEMM_CHUNK].T, out=part)
-        out += part
+    per_image = g.C * g.KH * g.KW * g.OH * g.OW * itemsize
+    most = max(1, CHUNK_BYTES // max(per_image, 1))  # images per chunk, at most
+    count = MIN_CHUNKS * -(-g.N // (MIN_CHUNKS * most))
+    return chunks(g.N, -(-g.N // count))
 
 
-def _im2col(x, g, saved=None):
-    """cols (C*KH*KW, N*P) of x: from ``saved`` when the forward pass kept them for this very x,
-    else built into the shared workspace (or into ``saved``'s own buffer, to be kept)."""
-    shape = (g.C * g.KH * g.KW, g.N * g.OH * g.OW)
-    if saved is not None and saved.get("x") is x and saved.get("g") == g:
-        return saved["cols"]
-    if saved is None:
-        cols = workspace("cols", shape, x.dtype)
-    else:  # the caller keeps these until its backward pass: a buffer of its own, reused
-        cols = saved.get("cols")
-        if cols is None or cols.shape != shape or cols.dtype != x.dtype:
-            cols = np.empty(shape, x.dtype)
-        saved.update(x=x, g=g, cols=cols)
-    im2col.im2col(x, cols, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+def _cols(x, g, n0, n1, kept):
+    """cols (C*KH*KW, nb*P) of x[n0:n1]: the part of ``kept`` (a flat buffer holding every
+    chunk's columns, one after the other) when given, else built into this thread's workspace."""
+    if kept is None:
+        cols = workspace("cols", (g.C * g.KH * g.KW, (n1 - n0) * g.OH * g.OW), x.dtype)
+    else:
+        cols = _kept_part(kept, g, n0, n1)
+    im2col.im2col(x[n0:n1], cols, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
     return cols
 
 
+def _kept_cols(x, g, saved):
+    """The flat buffer in ``saved`` holding the forward pass's columns of this very x, or None."""
+    if saved is not None and saved.get("x") is x and saved.get("g") == g:
+        return saved["cols"]
+    return None
+
+
 def conv2d(x, w, b, g, algorithm, saved=None):
-    """Forward convolution (see ``_conv2d``)."""
-    with threads_for(g.flops() // 2):
-        return _conv2d(x, w, b, g, algorithm, saved)
-
-
-def _conv2d(x, w, b, g, algorithm, saved=None):
     """Forward convolution. b may be None. Returns y (N, K, OH, OW).
 
     ``saved``: an optional dict the caller keeps until ``conv2d_backward`` of the same x; the
-    im2col path leaves its column matrix there so the backward pass does not rebuild it.
+    im2col path leaves its column matrices there so the backward pass does not rebuild them.
+    Each batch chunk runs on one thread from im2col to the bias (threads.py).
     """
+    return _conv2d(x, w, b, g, algorithm, saved, False)
+
+
+def conv2d_bias_relu(x, w, b, g, algorithm, saved=None):
+    """relu(conv2d(x, w, b)): the im2col path applies bias and ReLU in the pass that moves the
+    GEMM result into NCHW order, so the ReLU costs no pass of its own."""
+    return _conv2d(x, w, b, g, algorithm, saved, True)
+
+
+def _conv2d(x, w, b, g, algorithm, saved, relu):
     bias = np.zeros(g.K, x.dtype) if b is None else b
-    if algorithm == "direct":
-        if saved is not None:
-            saved.clear()
-        return direct.conv2d_forward(
-            x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-        )
+    work = g.flops() // 2
+    if saved is not None:
+        saved.clear()
+    if algorithm == "direct":  # one parallel loop over (n, k) planes
+        with threads_for(work):
+            y = direct.conv2d_forward(
+                x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+            )
+        return np.maximum(y, 0, out=y) if relu else y
+    kept = None
+    if saved is not None:  # a buffer of the caller's own for all columns, reused across steps
+        size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
+        kept = saved.get("buffer")
+        if kept is None or kept.size != size or kept.dtype != x.dtype:
+            kept = np.empty(size, x.dtype)
+        saved.update(x=x, g=g, cols=kept, buffer=kept)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
-    cols = _im2col(x, g, saved)  # (C*KH*KW, N*P)
     wm = w.reshape(g.G, g.KG, R)
-    if g.G == 1:
-        ym = np.matmul(
-            wm[0], cols, out=workspace("ym", (g.K, g.N * P), x.dtype)
-        )  # (K, R) @ (R, N*P)
-    else:
-        ym = workspace("ym", (g.K, g.N * P), x.dtype)
-        for gi in range(g.G):  # (KG, R) @ (R, N*P) per group
-            np.matmul(wm[gi], cols[gi * R : (gi + 1) * R], out=ym[gi * g.KG : (gi + 1) * g.KG])
-    y = im2col.kn_to_nk(ym, bias, g.N, g.K, P)  # (K, N*P) -> (N, K, P), + bias
-    return y.reshape(g.y_shape)
+    y = np.empty(g.y_shape, x.dtype)
+    parts = batch_chunks(g, x.itemsize)
+
+    def run(i):
+        n0, n1 = parts[i]
+        cols = _cols(x, g, n0, n1, kept)  # (C*KH*KW, nb*P)
+        ym = workspace("ym", (g.K, (n1 - n0) * P), x.dtype)
+        for gi in range(g.G):  # (KG, R) @ (R, nb*P) per group
+            rows = slice(gi * g.KG, (gi + 1) * g.KG)
+            np.matmul(wm[gi], cols[gi * R : (gi + 1) * R], out=ym[rows])
+        im2col.kn_to_nk(ym, bias, y[n0:n1].reshape(n1 - n0, g.K, P), relu)  # + bias
+
+    for_each(run, len(parts), work)
+    return y
 
 
 def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
-    """Gradients of the convolution (see ``_conv2d_backward``)."""
-    with threads_for(g.flops() // 2):
-        return _conv2d_backward(gy, x, w, g, algorithm, mask, saved)
-
-
-def _conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):
     """(grad_x, grad_w, grad_b), each None where mask says it is not needed. x may be None
-    when only grad_x is asked for; ``saved`` is the dict given to the forward pass, if any."""
+    when only grad_x is asked for; ``saved`` is the dict given to the forward pass, if any.
+
+    Per batch chunk, on one thread: grad_x of the chunk, and the chunk's share of grad_w and
+    grad_b, which are then added in chunk order (deterministic for any thread count).
+    """
     need_x, need_w, need_b = mask
-    if algorithm == "direct":
+    work = g.flops() // 2 * (int(need_x) + int(need_w))
+    if algorithm == "direct":  # parallel loops over (n, c) and (k, c) planes
         gb = gy.sum(axis=(0, 2, 3)) if need_b else None
         gx = gw = None
-        if need_x:
-            gx = direct.conv2d_backward_data(
-                gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-            )
-        if need_w:
-            gw = direct.conv2d_backward_filter(
-                gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-            )
+        with threads_for(work):
+            if need_x:
+                gx = direct.conv2d_backward_data(
+                    gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+                )
+            if need_w:
+                gw = direct.conv2d_backward_filter(
+                    gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
+                )
         return gx, gw, gb
+    parts = batch_chunks(g, gy.itemsize)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
-    gym = workspace("gym", (g.K, g.N * P), gy.dtype)
-    gb = np.empty(g.K, gy.dtype)
-    im2col.nk_to_kn_sum(gy.reshape(g.N, g.K, P), gym, gb)  # (N, K, P) -> (K, N*P); sum
-    gb = gb if need_b else None
-    gx = gw = None
-    if need_w:
-        cols = _im2col(x, g, saved)  # (C*KH*KW, N*P)
-        gwt = np.empty((g.G, R, g.KG), x.dtype)
-        for gi in range(g.G):  # grad_w_g^T = cols_g @ gy_g^T: (R, N*P) @ (N*P, KG)
-            ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
-            _matmul_nt(cols[rs], gym[ks], gwt[gi])
-        gw = np.ascontiguousarray(gwt.transpose(0, 2, 1)).reshape(g.w_shape)
-    if need_x:
-        wm = w.reshape(g.G, g.KG, R)
-        gcols = workspace("gcols", (g.C * g.KH * g.KW, g.N * P), gy.dtype)
-        for gi in range(g.G):  # (R, KG) @ (KG, N*P)
-            ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
-            np.matmul(wm[gi].T, gym[ks], out=gcols[rs])
-        gx = im2col.col2im(
-            gcols, g.N, g.C, g.H, g.W, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw
-        )
-    return gx, gw, gb
+    gx = np.empty(g.x_shape, gy.dtype) if need_x else None
+    gw_parts = np.empty((len(parts), g.G, R, g.KG), gy.dtype) if need_w else None
+    gb_parts = np.empty((len(parts), g.K), gy.dtype)
+    kept = _kept_cols(x, g, saved) if need_w else None
+    wm = w.reshape(g.G, g.KG, R) if need_x else None
+
+    def run(i):
+        n0, n1 = parts[i]
+        nb = n1 - n0
+        gym = workspace("gym", (g.K, nb * P), gy.dtype)
+        # (nb, K, P) -> (K, nb*P), and this chunk's bias gradient in the same pass
+        im2col.nk_to_kn_sum(gy[n0:n1].reshape(nb, g.K, P), gym, gb_parts[i])
+        if need_w:
+            cols = _cols(x, g, n0, n1, None) if kept is None else _kept_part(kept, g, n0, n1)
+            for gi in range(g.G):  # grad_w_g^T = cols_g @ gy_g^T: (R, nb*P) @ (nb*P, KG)
+                ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
+                np.matmul(cols[rs], gym[ks].T, out=gw_parts[i, gi])
+        if need_x:
+            gcols = workspace("gcols", (g.C * g.KH * g.KW, nb * P), gy.dtype)
+            for gi in range(g.G):  # (R, KG) @ (KG, nb*P)
+                ks, rs = slice(gi * g.KG, (gi + 1) * g.KG), slice(gi * R, (gi + 1) * R)
+                np.matmul(wm[gi].T, gym[ks], out=gcols[rs])
+            im2col.col2im(
+                gcols, gx[n0:n1], g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw
+            )
+
+    for_each(run, len(parts), work)
+    gw = None
+    if need_w:  # (G, R, KG) -> (K, CG, KH, KW)
+        gw = np.ascontiguousarray(_sum_parts(gw_parts).transpose(0, 2, 1)).reshape(g.w_shape)
+    return gx, gw, (_sum_parts(gb_parts) if need_b else None)
+
+
+def _kept_part(kept, g, n0, n1):
+    """Chunk [n0, n1)'s columns (C*KH*KW, nb*P) inside the flat buffer of all chunks."""
+    shape = (g.C * g.KH * g.KW, (n1 - n0) * g.OH * g.OW)
+    per = shape[0] * g.OH * g.OW
+    return kept[n0 * per : n1 * per].reshape(shape)
+
+
+def _sum_parts(parts):
+    """Sum over the first axis, one part after the other (fixed order)."""
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
 
 
 _NO_INDEX = np.empty(0, np.uint64)

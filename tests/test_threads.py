@@ -1,0 +1,150 @@
+"""The CPU backend's threading (kernels/cpu/threads.py): batch chunks on a thread pool.
+
+What must hold: every chunk runs exactly once, results are bit-identical for any thread count
+(chunk sizes depend on the shape only, partial sums are added in chunk order), errors in a
+chunk surface in the caller after every thread stopped, and BLAS's own thread count is put
+back afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+from fastconv.kernels.cpu import ops, threads
+
+import fastconv as fc
+from fastconv import reference
+from tests.helpers import assert_close
+
+
+@pytest.fixture
+def pooled():
+    """Every call takes the thread-pool path, however small."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(threads, "SERIAL_BELOW", 0)
+        mp.setattr(threads, "POOL_BELOW", 0)
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    n = numba.get_num_threads()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(n)
+
+
+def test_every_index_runs_once(pooled, two_threads):
+    seen = []
+    names = set()
+    lock = threading.Lock()
+
+    def body(i):
+        with lock:
+            seen.append(i)
+            names.add(threading.current_thread().name)
+
+    threads.for_each(body, 50, work=1 << 30)
+    assert sorted(seen) == list(range(50))
+    assert len(names) >= 1  # on a loaded machine one thread may take every chunk
+
+
+def test_error_in_a_chunk_is_raised_after_all_threads_stop(pooled, two_threads):
+    done = []
+
+    def body(i):
+        if i == 3:
+            raise ValueError("chunk 3 failed")
+        done.append(i)
+
+    with pytest.raises(ValueError, match="chunk 3 failed"):
+        threads.for_each(body, 40, work=1 << 30)
+    assert threads._blas_users == 0
+    # the pool still works afterwards
+    out = []
+    threads.for_each(out.append, 5, work=1 << 30)
+    assert sorted(out) == list(range(5))
+
+
+def test_blas_thread_count_is_restored(pooled, two_threads):
+    ctl = threads._blas()
+    if not ctl:
+        pytest.skip("no BLAS library threadpoolctl can drive")
+    before = [c.get_num_threads() for c in ctl]
+    inside = []
+    threads.for_each(lambda i: inside.append([c.get_num_threads() for c in ctl]), 4, 1 << 30)
+    assert all(v == [1] * len(ctl) for v in inside)
+    assert [c.get_num_threads() for c in ctl] == before
+
+
+def test_nested_for_each_runs_inline(pooled, two_threads):
+    out = []
+    lock = threading.Lock()
+
+    def inner(j):
+        with lock:
+            out.append(j)
+
+    threads.for_each(lambda i: threads.for_each(inner, 3, 1 << 30), 4, 1 << 30)
+    assert sorted(out) == sorted(list(range(3)) * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_same_bits_on_one_and_two_threads(pooled, dtype):
+    """Chunking never depends on the thread count, so neither do the results."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 4, 11, 11)).astype(dtype)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    gy = rng.standard_normal((9, 6, 9, 11)).astype(dtype)
+    kw = dict(padding=1, stride=1, dilation=(2, 1), groups=2, backend="cpu", algorithm="im2col")
+    n = numba.get_num_threads()
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "CHUNK_BYTES", 1)  # one image per chunk: 9 chunks
+        for t in (1, 2):
+            numba.set_num_threads(t)
+            try:
+                results.append((fc.conv2d(x, w, b, **kw),) + fc.conv2d_backward(gy, x, w, **kw))
+            finally:
+                numba.set_num_threads(n)
+    for a, c in zip(*results):
+        np.testing.assert_array_equal(a, c)
+    ref = reference.conv2d_backward(gy, x, w, padding=1, dilation=(2, 1), groups=2)
+    for a, e in zip(results[0][1:], ref):
+        assert_close(a, e, dtype)
+
+
+def test_chunks_depend_on_shape_only():
+    g = fc.shapes.conv2d_geometry("t", (64, 1, 28, 28), (6, 1, 5, 5), padding=2)
+    parts = ops.batch_chunks(g, 4)
+    assert parts[0] == (0, parts[0][1]) and parts[-1][1] == 64
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert len(parts) % ops.MIN_CHUNKS == 0
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert ops.batch_chunks(g, 4) == parts
+    finally:
+        numba.set_num_threads(n)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 5), (64, 120)])
+def test_linear_row_blocks_match_the_oracle(pooled, two_threads, shape):
+    rng = np.random.default_rng(4)
+    N, O = shape
+    x = rng.standard_normal((N, 9))
+    w = rng.standard_normal((O, 9))
+    b = rng.standard_normal(O)
+    gy = rng.standard_normal((N, O))
+    assert_close(fc.functional.linear(x, w, b, backend="cpu"), reference.linear(x, w, b))
+    got = fc.functional.linear_backward(gy, x, w, backend="cpu")
+    for a, e in zip(got, reference.linear_backward(gy, x, w)):
+        assert_close(a, e)
