@@ -303,3 +303,22 @@ def test_serial_path_for_small_calls_matches():
         mp.setattr(threads, "POOL_BELOW", 1 << 20)
         for algorithm in ALGOS:
             _check(cfg, np.float64, algorithm)
+
+
+def test_columns_too_big_to_keep_are_rebuilt(monkeypatch):
+    """Above ops.KEEP_COLS_MAX_BYTES the forward pass keeps no columns; the backward pass
+    rebuilds them chunk by chunk and the gradients stay the oracle's."""
+    from fastconv.kernels.cpu import ops
+
+    monkeypatch.setattr(ops, "KEEP_COLS_MAX_BYTES", 0)
+    cfg = NAMED["groups"]
+    p = _params(cfg)
+    rng = np.random.default_rng(10)
+    x, w, b = arrays(rng, np.float64, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    saved = {}
+    y = fc.conv2d(x, w, b, **p, backend="cpu", algorithm="im2col", saved=saved)
+    assert "x" not in saved
+    gy = rng.standard_normal(y.shape)
+    got = fc.conv2d_backward(gy, x, w, **p, backend="cpu", algorithm="im2col", saved=saved)
+    for a, e in zip(got, reference.conv2d_backward(gy, x, w, **p)):
+        assert_close(a, e, np.float64)
