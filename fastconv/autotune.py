@@ -65,6 +65,14 @@ def kernel_digest() -> str:
 
 
 def cache_path() -> Path:
+    env = os.environ
+    return _cache_path(env.get("FASTCONV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_path(*_env: str | None) -> Path:
+    """Built once per environment (``_env``: the variables it depends on); the pathlib work
+    cost ~40 us, on every convolution call, as much as a small convolution itself."""
     from . import __version__
 
     return cache_dir() / f"autotune-v{FORMAT}-fastconv{__version__}-{kernel_digest()}.json"
@@ -81,9 +89,14 @@ def threads() -> int:
 
 def key(op: str, geom: Any, dtype: Any) -> str:
     """One string per (op, geometry, dtype, threads): the unit a choice is remembered for."""
+    return _key(op, tuple(geom), dtype, threads())
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(op: str, geom: tuple, dtype: Any, n_threads: int) -> str:
     import numpy as np
 
-    return f"{op}|{tuple(geom)}|{np.dtype(dtype).name}|t{threads()}"
+    return f"{op}|{geom}|{np.dtype(dtype).name}|t{n_threads}"
 
 
 def _read(path: Path) -> dict[str, str]:

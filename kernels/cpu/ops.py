@@ -10,6 +10,7 @@ transpose on one thread of fastconv's pool, with single-threaded BLAS (``threads
 The direct kernels and pooling are Numba ``prange`` loops over planes on Numba's own threads.
 """
 
+import math
 import threading
 
 import numpy as np
@@ -37,7 +38,7 @@ def workspace(name, shape, dtype):
     that was a third of the im2col path's time.
     """
     pool_ = _local.__dict__.setdefault("buffers", {})
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = pool_.get((name, np.dtype(dtype)))
     if buf is None or buf.size < size:
         buf = np.empty(size, dtype)
