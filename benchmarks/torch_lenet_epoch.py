@@ -3,16 +3,24 @@
 Same network, data order, normalisation, batch size and optimizer (SGD, lr 0.05, momentum 0.9)
 for both; each gets a short warm-up (compilation, allocator) that is not timed. Reports
 seconds per epoch and images per second, plus the machine and thread counts. Never asserts.
+PyTorch's epoch runs in a child process that imports torch first: the two libraries share one
+OpenMP runtime per process, set up by whichever loads it first (see fastconv.bench).
 
     FASTCONV_DATA=../shared/data/mnist python benchmarks/torch_lenet_epoch.py [--batch-size 64]
 """
 
 from __future__ import annotations
 
+import sys
+
+if "--torch-only" in sys.argv:
+    import torch  # noqa: F401  (before fastconv: PyTorch's OpenMP runtime with its defaults)
+
 import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 
 import numpy as np
@@ -69,16 +77,29 @@ def epoch_fastconv(x, y, order, batch_size, warmup):
 
 def main() -> None:
     import numba
-    import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before the epoch")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     x, y, _, _ = fc.datasets.load_mnist()
     order = np.random.default_rng(0).permutation(len(x))
-    t_torch = epoch_torch(x, y, order, args.batch_size, args.warmup)
+    if args.torch_only:  # the child process
+        import torch
+
+        t = epoch_torch(x, y, order, args.batch_size, args.warmup)
+        print(json.dumps([t, torch.__version__, torch.get_num_threads()]))
+        return
+    child = subprocess.run(
+        [sys.executable, __file__, "--torch-only", "--batch-size", str(args.batch_size)]
+        + ["--warmup", str(args.warmup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    t_torch, torch_version, torch_threads = json.loads(child.stdout.strip().splitlines()[-1])
     t_fc = epoch_fastconv(x, y, order, args.batch_size, args.warmup)
     res = {
         "batch_size": args.batch_size,
@@ -88,8 +109,8 @@ def main() -> None:
         "torch_images_per_second": round(len(x) / t_torch, 1),
         "fastconv_images_per_second": round(len(x) / t_fc, 1),
         "fastconv_over_torch_time": round(t_fc / t_torch, 2),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch": torch_version,
+        "torch_threads": torch_threads,
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
         "cpu_count": os.cpu_count(),

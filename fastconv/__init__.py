@@ -6,12 +6,31 @@ y = fc.conv2d(x, w, b, stride=1, padding=2)
 
 import os
 
-# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores (im2col, then GEMM,
-# then im2col...). Spinning OpenMP workers starve the BLAS threads: 5-7x slower on LeNet-sized
-# convs. Passive waiting fixes it; it must be set before the OpenMP runtime starts, and a user's
-# own setting (OMP_WAIT_POLICY, or a GOMP_SPINCOUNT to spin a bounded while) wins.
-if "GOMP_SPINCOUNT" not in os.environ:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _start_numba_threads() -> None:
+    """Start Numba's OpenMP threads now, waiting passively between parallel loops.
+
+    Spinning OpenMP workers take the cores that fastconv's own threads and BLAS need next
+    (5-7x slower LeNet-sized convolutions). The OpenMP runtime reads OMP_WAIT_POLICY once,
+    when it loads, so the variable is set only while Numba loads it and is removed again:
+    child processes do not inherit it. A library that shares that runtime and is imported
+    later in the same process (PyTorch's CPU build loads the same libgomp) waits passively
+    too, and PyTorch ran its LeNet-5 step ~2x slower that way: that is why the benchmarks
+    run PyTorch in a process of its own. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    """
+    ours = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    if ours:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        import numba
+
+        numba.get_num_threads()  # loads the threading layer (and its OpenMP runtime)
+    finally:
+        if ours:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+_start_numba_threads()
 
 from . import dispatch, reference, shapes  # noqa: E402
 from .dispatch import using  # noqa: E402

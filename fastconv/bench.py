@@ -1,7 +1,7 @@
 """The comparison runner behind ``fastconv bench`` and ``python -m benchmarks.compare``.
 
 fastconv (each CPU algorithm) beside PyTorch CPU (same thread count, when installed) and the NumPy
-oracle, in one process, on synthetic MNIST-shaped data (no download, no GPU):
+oracle, on synthetic MNIST-shaped data (no download, no GPU):
 
 - per-layer convolution forward and forward+backward on the MNIST-scale shapes (batch 64);
 - pooling forward and forward+backward;
@@ -11,14 +11,21 @@ oracle, in one process, on synthetic MNIST-shaped data (no download, no GPU):
 
 Each figure is the median of repeated calls after warm-up; first calls (JIT compile or cache
 load) are reported apart, and the cold compile (fresh process, empty Numba cache) apart again.
-Ratios are against PyTorch measured in the same run. Writes a markdown table and a bar chart
-(with the ``plot`` extra) under ``--out-dir``. Benchmarks never assert.
+Ratios are against PyTorch measured in the same run. PyTorch runs in a process of its own,
+started by this one: PyTorch and Numba load the same OpenMP runtime, which takes its settings
+from whichever library loads it first, so in one process one of the two would run with the
+other's settings (PyTorch's LeNet-5 step was ~2x slower after fastconv's import). Writes a
+markdown table and a bar chart (with the ``plot`` extra) under ``--out-dir``. Benchmarks never
+assert.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
+import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -113,10 +120,10 @@ def machine_info() -> dict:
         "fastconv": fastconv.__version__,
     }
     try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
+        info["torch"] = (
+            importlib.metadata.version("torch") if torch_available() else "not installed"
+        )
+    except importlib.metadata.PackageNotFoundError:
         info["torch"] = "not installed"
     return info
 
@@ -128,6 +135,11 @@ def _torch():
         return None
     torch.set_num_threads(threads())
     return torch
+
+
+def torch_available() -> bool:
+    """Whether PyTorch is installed, without importing it into this process."""
+    return importlib.util.find_spec("torch") is not None
 
 
 # --------------------------------------------------------------------------- cases
@@ -171,9 +183,12 @@ def conv_impls(x, w, b, gy, padding, include_reference: bool) -> dict:
             return fc.conv2d_backward(gy, x, w, **kw, saved=saved)
 
         impls[f"cpu-{algo}"] = (fwd, fwdbwd)
+    return impls
+
+
+def torch_conv_impls(x, w, b, gy, padding) -> dict:
+    """{"torch": (forward fn, forward+backward fn)} (run in the peer process)."""
     torch = _torch()
-    if torch is None:
-        return impls
     tx, tw, tb = (torch.from_numpy(a).requires_grad_(True) for a in (x, w, b))
     tgy = torch.from_numpy(gy)
 
@@ -185,8 +200,7 @@ def conv_impls(x, w, b, gy, padding, include_reference: bool) -> dict:
         tx.grad = tw.grad = tb.grad = None
         torch.nn.functional.conv2d(tx, tw, tb, padding=padding).backward(tgy)
 
-    impls["torch"] = (t_fwd, t_fwdbwd)
-    return impls
+    return {"torch": (t_fwd, t_fwdbwd)}
 
 
 def pool_impls(x, kernel_size) -> dict:
@@ -205,22 +219,27 @@ def pool_impls(x, kernel_size) -> dict:
             return bwd(y, x, kernel_size, backend="cpu")
 
         impls[f"{kind}/cpu"] = (f, fb)
+    return impls
+
+
+def torch_pool_impls(x, kernel_size) -> dict:
+    """{"max/torch" | "avg/torch": (forward fn, forward+backward fn)} (peer process)."""
     torch = _torch()
-    if torch is not None:
-        tx = torch.from_numpy(x).requires_grad_(True)
-        for kind in ("max", "avg"):
-            tf = getattr(torch.nn.functional, f"{kind}_pool2d")
+    impls: dict[str, tuple] = {}
+    tx = torch.from_numpy(x).requires_grad_(True)
+    for kind in ("max", "avg"):
+        tf = getattr(torch.nn.functional, f"{kind}_pool2d")
 
-            def f(tf=tf):
-                with torch.no_grad():
-                    return tf(tx, kernel_size)
+        def f(tf=tf):
+            with torch.no_grad():
+                return tf(tx, kernel_size)
 
-            def fb(tf=tf):
-                tx.grad = None
-                y = tf(tx, kernel_size)
-                y.backward(y.detach())
+        def fb(tf=tf):
+            tx.grad = None
+            y = tf(tx, kernel_size)
+            y.backward(y.detach())
 
-            impls[f"{kind}/torch"] = (f, fb)
+        impls[f"{kind}/torch"] = (f, fb)
     return impls
 
 
@@ -278,13 +297,17 @@ def torch_model(model):
     return tm
 
 
-def network_impls(name: str, batch: int) -> dict:
-    """name -> (train step fn, inference fn) for fastconv and torch on one network."""
-    from . import losses, models, optim
-
+def _network_data(batch: int):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
-    labels = rng.integers(0, 10, batch)
+    return x, rng.integers(0, 10, batch)
+
+
+def network_impls(name: str, batch: int) -> dict:
+    """{"fastconv": (train step fn, inference fn)} on one network."""
+    from . import losses, models, optim
+
+    x, labels = _network_data(batch)
     model = models.get(name, rng=0)
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss = losses.CrossEntropyLoss()
@@ -300,10 +323,16 @@ def network_impls(name: str, batch: int) -> dict:
         model.eval()
         return model(x)
 
-    impls = {"fastconv": (step, infer)}
+    return {"fastconv": (step, infer)}
+
+
+def torch_network_impls(name: str, batch: int) -> dict:
+    """{"torch": (train step fn, inference fn)}: the same network, weights and data, in
+    PyTorch (peer process)."""
+    from . import models
+
     torch = _torch()
-    if torch is None:
-        return impls
+    x, labels = _network_data(batch)
     tm = torch_model(models.get(name, rng=0))
     topt = torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9)
     tx, ty = torch.from_numpy(x), torch.from_numpy(labels)
@@ -319,8 +348,7 @@ def network_impls(name: str, batch: int) -> dict:
         with torch.no_grad():
             return tm(tx)
 
-    impls["torch"] = (t_step, t_infer)
-    return impls
+    return {"torch": (t_step, t_infer)}
 
 
 FIRST_STEP_CODE = """
@@ -371,7 +399,7 @@ def first_step_seconds() -> dict:
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, NUMBA_CACHE_DIR=d, FASTCONV_CACHE_DIR=d)
         res["fastconv (cold: empty JIT cache)"] = _subprocess_seconds(*FC_FIRST, env=env)
-    if _torch() is not None:
+    if torch_available():
         res["torch"] = _subprocess_seconds(*TORCH_FIRST)
     return res
 
@@ -384,8 +412,27 @@ def _ratio_rows(measured: list[tuple[str, float, float]], peer: str) -> dict[str
     return {impl: (peer_t / t if peer_t else None) for impl, _, t in measured}
 
 
+def _conv_time(quick: bool, impl: str = "") -> float:
+    return 0.1 if quick or impl == "reference" else 0.4
+
+
+def _pool_time(quick: bool) -> float:
+    return 0.1 if quick else 0.3
+
+
+def _net_time(quick: bool) -> float:
+    return 0.15 if quick else 0.6
+
+
+def pool_case(name: str, seed: int = 0):
+    spec = POOL_LAYERS[name]
+    x = np.random.default_rng(seed).standard_normal(spec["x"]).astype(np.float32)
+    return x, spec["kernel_size"]
+
+
 def run_conv(quick: bool, log) -> list[dict]:
     rows = []
+    peer = peer_times("conv", quick, log)
     for name in CONV_LAYERS:
         x, w, b, gy, padding, flops = conv_case(name)
         impls = conv_impls(x, w, b, gy, padding, include_reference=not quick)
@@ -393,9 +440,11 @@ def run_conv(quick: bool, log) -> list[dict]:
             measured = []
             for impl, fns in impls.items():
                 first = first_call(fns[idx])
-                t = bench(fns[idx], min_time=0.1 if quick or impl == "reference" else 0.4)
+                t = bench(fns[idx], min_time=_conv_time(quick, impl))
                 measured.append((impl, first, t))
                 log(f"  {name:16s} {pass_:8s} {impl:11s} {t * 1e3:8.2f} ms")
+            if f"{name}|{pass_}" in peer:
+                measured.append(("torch", *peer[f"{name}|{pass_}"]))
             ratios = _ratio_rows(measured, "torch")
             for impl, first, t in measured:
                 rows.append(
@@ -414,26 +463,28 @@ def run_conv(quick: bool, log) -> list[dict]:
 
 def run_pool(quick: bool, log) -> list[dict]:
     rows = []
-    rng = np.random.default_rng(0)
-    for name, spec in POOL_LAYERS.items():
-        x = rng.standard_normal(spec["x"]).astype(np.float32)
-        impls = pool_impls(x, spec["kernel_size"])
+    peer = peer_times("pool", quick, log)
+    for name in POOL_LAYERS:
+        impls = pool_impls(*pool_case(name))
         for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
             measured = []
             for impl, fns in impls.items():
-                t = bench(fns[idx], min_time=0.1 if quick else 0.3)
+                t = bench(fns[idx], min_time=_pool_time(quick))
                 measured.append((impl, 0.0, t))
                 log(f"  {name:16s} {pass_:8s} {impl:11s} {t * 1e3:8.3f} ms")
+            for kind in ("max", "avg"):
+                if f"{name}|{pass_}|{kind}" in peer:
+                    measured.append((f"{kind}/torch", 0.0, peer[f"{name}|{pass_}|{kind}"][1]))
             for impl, _, t in measured:
                 kind = impl.split("/")[0]
-                peer = next((tt for i, _, tt in measured if i == f"{kind}/torch"), None)
+                peer_t = next((tt for i, _, tt in measured if i == f"{kind}/torch"), None)
                 rows.append(
                     dict(
                         case=name,
                         pass_=pass_,
                         impl=impl,
                         ms=t * 1e3,
-                        vs_torch=(peer / t) if peer and not impl.endswith("torch") else None,
+                        vs_torch=(peer_t / t) if peer_t and not impl.endswith("torch") else None,
                     )
                 )
     return rows
@@ -443,13 +494,16 @@ def run_networks(quick: bool, log, networks=NETWORKS, batches=BATCHES) -> list[d
     rows = []
     for name in networks:
         for batch in batches:
+            peer = peer_times("networks", quick, log, [name], [batch])
             impls = network_impls(name, batch)
             for pass_, idx in (("train step", 0), ("inference", 1)):
                 measured = []
                 for impl, fns in impls.items():
-                    t = bench(fns[idx], min_time=0.15 if quick else 0.6, max_reps=100)
+                    t = bench(fns[idx], min_time=_net_time(quick), max_reps=100)
                     measured.append((impl, 0.0, t))
                     log(f"  {name:10s} b={batch:<4d} {pass_:10s} {impl:9s} {t * 1e3:8.2f} ms")
+                if f"{name}|{batch}|{pass_}" in peer:
+                    measured.append(("torch", 0.0, peer[f"{name}|{batch}|{pass_}"][1]))
                 ratios = _ratio_rows(measured, "torch")
                 for impl, _, t in measured:
                     rows.append(
@@ -464,6 +518,64 @@ def run_networks(quick: bool, log, networks=NETWORKS, batches=BATCHES) -> list[d
                         )
                     )
     return rows
+
+
+# --------------------------------------------------------------------------- the peer process
+
+PEER_CODE = """
+import torch  # first: PyTorch's OpenMP runtime loads with its own defaults
+import sys
+from fastconv import bench
+bench.peer_main(sys.argv[1])
+"""
+
+
+def peer_times(section: str, quick: bool, log, networks=(), batches=()) -> dict:
+    """PyTorch's {case: (first-call seconds, median seconds)} for one section, measured in a
+    process of its own with the same cases and timing rules; {} without PyTorch."""
+    if not torch_available():
+        return {}
+    arg = json.dumps(
+        dict(section=section, quick=quick, networks=list(networks), batches=list(batches))
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", PEER_CODE, arg], capture_output=True, text=True, env=dict(os.environ)
+    )
+    if out.returncode != 0:
+        log(f"bench: the PyTorch process failed; no PyTorch figures: {out.stderr[-800:]}")
+        return {}
+    res = {k: tuple(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    for k, (_, t) in res.items():
+        log(f"  {k:40s} torch {t * 1e3:8.2f} ms")
+    return res
+
+
+def peer_main(arg: str) -> None:
+    """The peer process: time PyTorch on the cases ``arg`` (JSON) names; print JSON."""
+    a = json.loads(arg)
+    quick = a["quick"]
+    res: dict[str, tuple[float, float]] = {}
+    if a["section"] == "conv":
+        for name in CONV_LAYERS:
+            x, w, b, gy, padding, _ = conv_case(name)
+            fns = torch_conv_impls(x, w, b, gy, padding)["torch"]
+            for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
+                first = first_call(fns[idx])
+                res[f"{name}|{pass_}"] = (first, bench(fns[idx], min_time=_conv_time(quick)))
+    elif a["section"] == "pool":
+        for name in POOL_LAYERS:
+            for impl, fns in torch_pool_impls(*pool_case(name)).items():
+                for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
+                    t = bench(fns[idx], min_time=_pool_time(quick))
+                    res[f"{name}|{pass_}|{impl.split('/')[0]}"] = (0.0, t)
+    elif a["section"] == "networks":
+        for name in a["networks"]:
+            for batch in a["batches"]:
+                fns = torch_network_impls(name, batch)["torch"]
+                for pass_, idx in (("train step", 0), ("inference", 1)):
+                    t = bench(fns[idx], min_time=_net_time(quick), max_reps=100)
+                    res[f"{name}|{batch}|{pass_}"] = (0.0, t)
+    print(json.dumps(res))
 
 
 # --------------------------------------------------------------------------- report
@@ -610,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = threads()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(n))
-    if _torch() is None:
+    if not torch_available():
         print(
             "torch is not installed: PyTorch columns are left out (pip install torch)",
             file=sys.stderr,
