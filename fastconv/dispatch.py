@@ -200,13 +200,18 @@ def cuda_status() -> tuple[bool, str]:
     return True, "ok"
 
 
+_cpu_ops = None
+
+
 def backend_ops(op: str, backend: str):
     """The module implementing ``backend``'s op signatures (CUDA imported lazily)."""
-    global _cuda_ops
+    global _cuda_ops, _cpu_ops
     if backend == "cpu":
-        from .kernels.cpu import ops
+        if _cpu_ops is None:
+            from .kernels.cpu import ops
 
-        return ops
+            _cpu_ops = ops
+        return _cpu_ops
     if backend == "cuda":
         if _cuda_ops is None:
             ok, why = cuda_status()
