@@ -148,3 +148,31 @@ def test_linear_row_blocks_match_the_oracle(pooled, two_threads, shape):
     got = fc.functional.linear_backward(gy, x, w, backend="cpu")
     for a, e in zip(got, reference.linear_backward(gy, x, w)):
         assert_close(a, e)
+
+
+def test_relu_backward_in_blocks_matches_the_oracle(pooled, two_threads, monkeypatch):
+    from fastconv.kernels.cpu import nn
+
+    monkeypatch.setattr(nn, "ELEMENTWISE_BLOCK", 7)  # blocks that do not divide the size
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 2, 5, 5))
+    x[0, 0, 0, :2] = 0.0  # derivative 0 at 0
+    gy = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(
+        fc.functional.relu_backward(gy, x, backend="cpu"), reference.relu_backward(gy, x)
+    )
+
+
+def test_sgd_update_one_pass_matches_the_oracle():
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        p = rng.standard_normal(50).astype(dtype)
+        g = rng.standard_normal(50).astype(dtype)
+        buf = rng.standard_normal(50).astype(dtype)
+        for first, nesterov, wd in ((True, False, 0.0), (False, True, 0.01), (False, False, 0.1)):
+            args = (0.05, 0.9, 0.0, wd, nesterov, first)
+            ep, eb = reference.sgd_update(p, g, buf, *args)
+            pp, bb = p.copy(), buf.copy()
+            fc.functional.sgd_update(pp, g, bb, *args, backend="cpu")
+            assert_close(pp, ep, dtype)
+            assert_close(bb, eb, dtype)

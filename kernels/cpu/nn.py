@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import threads
 from .threads import chunks, for_each
 
 __all__ = [
@@ -46,19 +47,32 @@ def relu(x):
     return np.maximum(x, 0)
 
 
+ELEMENTWISE_BLOCK = 1 << 16  # elements per block of a threaded elementwise op
+
+
 def relu_backward(gy, x):
     # Derivative 0 at x == 0, as in PyTorch (threshold_backward). One fused pass: the NumPy
-    # np.where(x > 0, gy, 0) spelling went through float64 and cost 25x as much.
-    return _relu_backward(gy, x)
-
-
-@njit(cache=True)
-def _relu_backward(gy, x):
+    # np.where(x > 0, gy, 0) spelling went through float64 and cost 25x as much. Blocks of
+    # the flat arrays on fastconv's threads.
     gx = np.empty_like(gy)
-    gxf, gyf, xf = gx.ravel(), gy.ravel(), x.ravel()
-    for i in range(gxf.size):
-        gxf[i] = gyf[i] if xf[i] > 0 else 0
+    gxf, gyf, xf = gx.reshape(-1), gy.reshape(-1), x.reshape(-1)
+    if gxf.size < threads.POOL_BELOW:
+        _relu_backward(gyf, xf, gxf)
+        return gx
+    blocks = chunks(gxf.size, ELEMENTWISE_BLOCK)
+
+    def run(i):
+        a, b = blocks[i]
+        _relu_backward(gyf[a:b], xf[a:b], gxf[a:b])
+
+    for_each(run, len(blocks), gxf.size)
     return gx
+
+
+@njit(nogil=True, cache=True)
+def _relu_backward(gy, x, gx):
+    for i in range(gx.size):
+        gx[i] = gy[i] if x[i] > 0 else 0
 
 
 def leaky_relu(x, slope):
@@ -254,19 +268,35 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
     g = grad + weight_decay * p; with momentum: buf = g on the first step, else
     buf = momentum * buf + (1 - dampening) * g, and g = g + momentum * buf (nesterov) or buf;
     then p -= lr * g. ``buf`` may be None when momentum == 0. Returns None.
+    One pass over the arrays, in p's dtype (the scalars are cast to it first, as PyTorch does).
     """
     t = p.dtype.type
-    g = grad
-    if weight_decay != 0:
-        g = grad + t(weight_decay) * p
-    if momentum != 0:
-        if first:
-            buf[...] = g
-        else:
-            buf *= t(momentum)
-            buf += t(1 - dampening) * g
-        g = g + t(momentum) * buf if nesterov else buf
-    p -= t(lr) * g
+    _sgd_update(
+        p,
+        grad,
+        p if buf is None else buf,
+        t(lr),
+        t(momentum),
+        t(1 - dampening),
+        t(weight_decay),
+        bool(nesterov),
+        bool(first),
+        momentum != 0,
+    )
+
+
+@njit(nogil=True, cache=True)
+def _sgd_update(p, grad, buf, lr, momentum, keep, weight_decay, nesterov, first, use_buf):
+    pf, gf, bf = p.ravel(), grad.ravel(), buf.ravel()
+    for i in range(pf.size):
+        g = gf[i]
+        if weight_decay != 0:
+            g = g + weight_decay * pf[i]
+        if use_buf:
+            b = g if first else momentum * bf[i] + keep * g
+            bf[i] = b
+            g = g + momentum * b if nesterov else b
+        pf[i] = pf[i] - lr * g
 
 
 def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
