@@ -412,16 +412,17 @@ def _ratio_rows(measured: list[tuple[str, float, float]], peer: str) -> dict[str
     return {impl: (peer_t / t if peer_t else None) for impl, _, t in measured}
 
 
-def _conv_time(quick: bool, impl: str = "") -> float:
-    return 0.1 if quick or impl == "reference" else 0.4
+# Seconds of repeated calls per round (each figure is a median over rounds of medians).
+def _conv_time(quick: bool) -> float:
+    return 0.1 if quick else 0.25
 
 
 def _pool_time(quick: bool) -> float:
-    return 0.1 if quick else 0.3
+    return 0.1 if quick else 0.15
 
 
 def _net_time(quick: bool) -> float:
-    return 0.15 if quick else 0.6
+    return 0.15 if quick else 0.3
 
 
 def pool_case(name: str, seed: int = 0):
@@ -430,90 +431,130 @@ def pool_case(name: str, seed: int = 0):
     return x, spec["kernel_size"]
 
 
-def run_conv(quick: bool, log) -> list[dict]:
+ROUNDS = 3  # fastconv and PyTorch are timed in turns this many times; medians are reported
+
+
+def _rounds(quick: bool) -> int:
+    return 1 if quick else ROUNDS
+
+
+def _alternate(fc_fns: dict, peer_fn, rounds: int, min_time: float, max_reps: int = 200):
+    """{impl: median seconds}: each fastconv impl, then the peer (``peer_fn()`` -> seconds or
+    None), in turns, ``rounds`` times; drifts of a shared machine hit both sides alike."""
+    times: dict[str, list[float]] = {k: [] for k in fc_fns}
+    peer: list[float] = []
+    for _ in range(rounds):
+        for impl, fn in fc_fns.items():
+            mt = min(min_time, 0.1) if impl == "reference" else min_time
+            times[impl].append(bench(fn, min_time=mt, max_reps=max_reps))
+        t = peer_fn()
+        if t is not None:
+            peer.append(t)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    if peer:
+        out["torch"] = statistics.median(peer)
+    return out
+
+
+def run_conv(quick: bool, log, peer: Peer | None = None) -> list[dict]:
     rows = []
-    peer = peer_times("conv", quick, log)
     for name in CONV_LAYERS:
         x, w, b, gy, padding, flops = conv_case(name)
         impls = conv_impls(x, w, b, gy, padding, include_reference=not quick)
         for pass_, idx, mult in (("fwd", 0, 1), ("fwd+bwd", 1, 3)):
-            measured = []
-            for impl, fns in impls.items():
-                first = first_call(fns[idx])
-                t = bench(fns[idx], min_time=_conv_time(quick, impl))
-                measured.append((impl, first, t))
-                log(f"  {name:16s} {pass_:8s} {impl:11s} {t * 1e3:8.2f} ms")
-            if f"{name}|{pass_}" in peer:
-                measured.append(("torch", *peer[f"{name}|{pass_}"]))
+            firsts = {impl: first_call(fns[idx]) for impl, fns in impls.items()}
+            req = dict(section="conv", name=name, pass_=pass_)
+            if peer is not None:
+                firsts["torch"] = peer.first(req)
+            t = _alternate(
+                {impl: fns[idx] for impl, fns in impls.items()},
+                (lambda: peer.time(req, _conv_time(quick))) if peer else (lambda: None),
+                _rounds(quick),
+                _conv_time(quick),
+            )
+            measured = [(impl, firsts.get(impl) or 0.0, tt) for impl, tt in t.items()]
+            for impl, _, tt in measured:
+                log(f"  {name:16s} {pass_:8s} {impl:11s} {tt * 1e3:8.2f} ms")
             ratios = _ratio_rows(measured, "torch")
-            for impl, first, t in measured:
+            for impl, first, tt in measured:
                 rows.append(
                     dict(
                         case=name,
                         pass_=pass_,
                         impl=impl,
                         first_ms=first * 1e3,
-                        ms=t * 1e3,
-                        gflops=mult * flops / t / 1e9,
+                        ms=tt * 1e3,
+                        gflops=mult * flops / tt / 1e9,
                         vs_torch=ratios[impl] if impl != "torch" else None,
                     )
                 )
     return rows
 
 
-def run_pool(quick: bool, log) -> list[dict]:
+def run_pool(quick: bool, log, peer: Peer | None = None) -> list[dict]:
     rows = []
-    peer = peer_times("pool", quick, log)
     for name in POOL_LAYERS:
         impls = pool_impls(*pool_case(name))
         for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
             measured = []
-            for impl, fns in impls.items():
-                t = bench(fns[idx], min_time=_pool_time(quick))
-                measured.append((impl, 0.0, t))
-                log(f"  {name:16s} {pass_:8s} {impl:11s} {t * 1e3:8.3f} ms")
             for kind in ("max", "avg"):
-                if f"{name}|{pass_}|{kind}" in peer:
-                    measured.append((f"{kind}/torch", 0.0, peer[f"{name}|{pass_}|{kind}"][1]))
-            for impl, _, t in measured:
+                req = dict(section="pool", name=name, pass_=pass_, kind=kind)
+                t = _alternate(
+                    {f"{kind}/cpu": impls[f"{kind}/cpu"][idx]},
+                    (lambda: peer.time(req, _pool_time(quick))) if peer else (lambda: None),
+                    _rounds(quick),
+                    _pool_time(quick),
+                )
+                measured += [
+                    (f"{kind}/torch" if impl == "torch" else impl, 0.0, tt)
+                    for impl, tt in t.items()
+                ]
+            for impl, _, tt in measured:
+                log(f"  {name:16s} {pass_:8s} {impl:11s} {tt * 1e3:8.3f} ms")
+            for impl, _, tt in measured:
                 kind = impl.split("/")[0]
-                peer_t = next((tt for i, _, tt in measured if i == f"{kind}/torch"), None)
+                peer_t = next((u for i, _, u in measured if i == f"{kind}/torch"), None)
                 rows.append(
                     dict(
                         case=name,
                         pass_=pass_,
                         impl=impl,
-                        ms=t * 1e3,
-                        vs_torch=(peer_t / t) if peer_t and not impl.endswith("torch") else None,
+                        ms=tt * 1e3,
+                        vs_torch=(peer_t / tt) if peer_t and not impl.endswith("torch") else None,
                     )
                 )
     return rows
 
 
-def run_networks(quick: bool, log, networks=NETWORKS, batches=BATCHES) -> list[dict]:
+def run_networks(
+    quick: bool, log, networks=NETWORKS, batches=BATCHES, peer: Peer | None = None
+) -> list[dict]:
     rows = []
     for name in networks:
         for batch in batches:
-            peer = peer_times("networks", quick, log, [name], [batch])
             impls = network_impls(name, batch)
             for pass_, idx in (("train step", 0), ("inference", 1)):
-                measured = []
-                for impl, fns in impls.items():
-                    t = bench(fns[idx], min_time=_net_time(quick), max_reps=100)
-                    measured.append((impl, 0.0, t))
-                    log(f"  {name:10s} b={batch:<4d} {pass_:10s} {impl:9s} {t * 1e3:8.2f} ms")
-                if f"{name}|{batch}|{pass_}" in peer:
-                    measured.append(("torch", 0.0, peer[f"{name}|{batch}|{pass_}"][1]))
+                req = dict(section="networks", name=name, batch=batch, pass_=pass_)
+                t = _alternate(
+                    {impl: fns[idx] for impl, fns in impls.items()},
+                    (lambda: peer.time(req, _net_time(quick), 100)) if peer else (lambda: None),
+                    _rounds(quick),
+                    _net_time(quick),
+                    max_reps=100,
+                )
+                measured = [(impl, 0.0, tt) for impl, tt in t.items()]
+                for impl, _, tt in measured:
+                    log(f"  {name:10s} b={batch:<4d} {pass_:10s} {impl:9s} {tt * 1e3:8.2f} ms")
                 ratios = _ratio_rows(measured, "torch")
-                for impl, _, t in measured:
+                for impl, _, tt in measured:
                     rows.append(
                         dict(
                             case=name,
                             batch=batch,
                             pass_=pass_,
                             impl=impl,
-                            ms=t * 1e3,
-                            img_s=batch / t,
+                            ms=tt * 1e3,
+                            img_s=batch / tt,
                             vs_torch=ratios[impl] if impl != "torch" else None,
                         )
                     )
@@ -524,58 +565,79 @@ def run_networks(quick: bool, log, networks=NETWORKS, batches=BATCHES) -> list[d
 
 PEER_CODE = """
 import torch  # first: PyTorch's OpenMP runtime loads with its own defaults
-import sys
 from fastconv import bench
-bench.peer_main(sys.argv[1])
+bench.peer_main()
 """
 
 
-def peer_times(section: str, quick: bool, log, networks=(), batches=()) -> dict:
-    """PyTorch's {case: (first-call seconds, median seconds)} for one section, measured in a
-    process of its own with the same cases and timing rules; {} without PyTorch."""
-    if not torch_available():
-        return {}
-    arg = json.dumps(
-        dict(section=section, quick=quick, networks=list(networks), batches=list(batches))
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", PEER_CODE, arg], capture_output=True, text=True, env=dict(os.environ)
-    )
-    if out.returncode != 0:
-        log(f"bench: the PyTorch process failed; no PyTorch figures: {out.stderr[-800:]}")
-        return {}
-    res = {k: tuple(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
-    for k, (_, t) in res.items():
-        log(f"  {k:40s} torch {t * 1e3:8.2f} ms")
-    return res
+class Peer:
+    """PyTorch in a process of its own, timing the cases it is asked for (JSON lines on its
+    stdin and stdout), so that its runs can alternate with fastconv's."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PEER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+
+    def _ask(self, req: dict):
+        if self.proc is None:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            return json.loads(line)
+        except (OSError, ValueError) as e:
+            self.log(f"bench: the PyTorch process failed ({e}); no more PyTorch figures")
+            self.close()
+            return None
+
+    def first(self, req: dict) -> float | None:
+        return self._ask(dict(req, what="first"))
+
+    def time(self, req: dict, min_time: float, max_reps: int = 200) -> float | None:
+        return self._ask(dict(req, what="time", min_time=min_time, max_reps=max_reps))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.proc = None
 
 
-def peer_main(arg: str) -> None:
-    """The peer process: time PyTorch on the cases ``arg`` (JSON) names; print JSON."""
-    a = json.loads(arg)
-    quick = a["quick"]
-    res: dict[str, tuple[float, float]] = {}
-    if a["section"] == "conv":
-        for name in CONV_LAYERS:
-            x, w, b, gy, padding, _ = conv_case(name)
-            fns = torch_conv_impls(x, w, b, gy, padding)["torch"]
-            for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
-                first = first_call(fns[idx])
-                res[f"{name}|{pass_}"] = (first, bench(fns[idx], min_time=_conv_time(quick)))
-    elif a["section"] == "pool":
-        for name in POOL_LAYERS:
-            for impl, fns in torch_pool_impls(*pool_case(name)).items():
-                for pass_, idx in (("fwd", 0), ("fwd+bwd", 1)):
-                    t = bench(fns[idx], min_time=_pool_time(quick))
-                    res[f"{name}|{pass_}|{impl.split('/')[0]}"] = (0.0, t)
-    elif a["section"] == "networks":
-        for name in a["networks"]:
-            for batch in a["batches"]:
-                fns = torch_network_impls(name, batch)["torch"]
-                for pass_, idx in (("train step", 0), ("inference", 1)):
-                    t = bench(fns[idx], min_time=_net_time(quick), max_reps=100)
-                    res[f"{name}|{batch}|{pass_}"] = (0.0, t)
-    print(json.dumps(res))
+def peer_main() -> None:
+    """The peer process: one JSON request per stdin line, one JSON number per stdout line."""
+    cache: dict[str, tuple] = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        sec = req["section"]
+        if sec == "conv":
+            key = f"conv|{req['name']}"
+            if key not in cache:
+                x, w, b, gy, padding, _ = conv_case(req["name"])
+                cache[key] = torch_conv_impls(x, w, b, gy, padding)["torch"]
+            fns = cache[key]
+        elif sec == "pool":
+            key = f"pool|{req['name']}|{req['kind']}"
+            if key not in cache:
+                cache[key] = torch_pool_impls(*pool_case(req["name"]))[f"{req['kind']}/torch"]
+            fns = cache[key]
+        else:
+            key = f"net|{req['name']}|{req['batch']}"
+            if key not in cache:
+                cache[key] = torch_network_impls(req["name"], req["batch"])["torch"]
+            fns = cache[key]
+        fn = fns[0 if req["pass_"] in ("fwd", "train step") else 1]
+        if req["what"] == "first":
+            out = first_call(fn)
+        else:
+            out = bench(fn, min_time=req["min_time"], max_reps=req["max_reps"])
+        print(json.dumps(out), flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -736,9 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = sgemm_ceiling()
     log(f"sgemm ceiling {ceiling:.1f} GFLOP/s")
     first = first_step_seconds() if "first-step" in sections else {}
-    nets = run_networks(args.quick, log, args.networks, batches) if "networks" in sections else []
-    conv = run_conv(args.quick, log) if "conv" in sections else []
-    pool = run_pool(args.quick, log) if "pool" in sections else []
+    peer = Peer(log) if torch_available() else None
+    try:
+        nets = (
+            run_networks(args.quick, log, args.networks, batches, peer)
+            if "networks" in sections
+            else []
+        )
+        conv = run_conv(args.quick, log, peer) if "conv" in sections else []
+        pool = run_pool(args.quick, log, peer) if "pool" in sections else []
+    finally:
+        if peer is not None:
+            peer.close()
     table = markdown(info, ceiling, conv, pool, nets, first)
     print(table)
     if not args.no_write:
