@@ -32,6 +32,41 @@ def _start_numba_threads() -> None:
 
 _start_numba_threads()
 
+
+def _keep_freed_buffers() -> None:
+    """Ask glibc's malloc to reuse freed multi-megabyte buffers instead of handing them back.
+
+    A training step allocates its activations and gradients afresh (MB-sized arrays). By
+    default glibc serves such sizes with mmap and unmaps them on free, or trims the freed top
+    of the heap, so every step page-faults all of that memory in again: LeNet-5's batch-64
+    step took 7.9 ms that way and 4.8 ms with the two thresholds below (the role a caching
+    allocator plays in larger frameworks). Process-wide; arrays up to 32 MiB then come from
+    the heap, and up to 256 MiB of freed heap is kept for reuse. Skipped when the user set
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, set FASTCONV_MALLOC=system, or the C
+    library is not glibc.
+    """
+    env = os.environ
+    if env.get("FASTCONV_MALLOC", "").lower() == "system":
+        return
+    if "MALLOC_MMAP_THRESHOLD_" in env or "MALLOC_TRIM_THRESHOLD_" in env:
+        return
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            return
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mallopt(m_mmap_threshold, 32 << 20)
+        mallopt(m_trim_threshold, 256 << 20)
+    except (OSError, AttributeError):  # pragma: no cover - no mallopt: nothing to tune
+        pass
+
+
+_keep_freed_buffers()
+
 from . import dispatch, reference, shapes  # noqa: E402
 from .dispatch import using  # noqa: E402
 from .functional import (  # noqa: E402

@@ -176,3 +176,29 @@ def test_sgd_update_one_pass_matches_the_oracle():
             fc.functional.sgd_update(pp, g, bb, *args, backend="cpu")
             assert_close(pp, ep, dtype)
             assert_close(bb, eb, dtype)
+
+
+def test_malloc_tuning_can_be_switched_off():
+    """The import-time malloc thresholds (fastconv/__init__.py) change speed, never results."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, fastconv as fc\n"
+        "m = fc.models.lenet5(rng=0); x = np.random.default_rng(0).standard_normal("
+        "(4, 1, 28, 28)).astype(np.float32)\n"
+        "print(float(np.abs(m(x)).sum()))"
+    )
+    outs = []
+    for env in ({}, {"FASTCONV_MALLOC": "system"}):
+        import os
+
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        )
+        outs.append(r.stdout.strip())
+    assert outs[0] == outs[1] and outs[0]
