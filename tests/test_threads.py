@@ -136,8 +136,13 @@ def test_chunks_depend_on_shape_only():
         numba.set_num_threads(n)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("shape", [(1, 3), (7, 5), (64, 120)])
-def test_linear_row_blocks_match_the_oracle(pooled, two_threads, shape):
+def test_linear_on_the_pool_matches_the_oracle(pooled, two_threads, shape, split, monkeypatch):
+    from fastconv.kernels.cpu import nn
+
+    if split:
+        monkeypatch.setattr(nn, "LINEAR_SPLIT_ABOVE", 0)
     rng = np.random.default_rng(4)
     N, O = shape
     x = rng.standard_normal((N, 9))

@@ -104,27 +104,33 @@ def tanh_backward(gy, y):
 # --------------------------------------------------------------------------- linear
 
 
-# The GEMMs run as row blocks on fastconv's threads with single-threaded BLAS (threads.py): a
-# multi-threaded BLAS call leaves OpenBLAS's workers spinning for a while afterwards, and on a
-# small machine they took the core the next convolution's threads needed. Every output element
-# is still one BLAS dot product over the full reduction, so blocks do not change the result.
-def _row_blocks(n, parts=4):
-    return chunks(n, max(1, -(-n // parts)))
+# BLAS runs single-threaded here (threads.blas_single): a multi-threaded BLAS call leaves
+# OpenBLAS's workers spinning for a while afterwards, and on a small machine they took the core
+# the next convolution's threads needed (mnist_cnn batch-64 step: 65.5 ms with multi-threaded
+# BLAS in Linear, 46.7 ms without). The backward pass runs its two GEMMs on two threads.
+LINEAR_SPLIT_ABOVE = 1 << 23  # multiply-adds above which the forward GEMM is cut in row blocks
 
 
 def linear(x, w, b):
-    """y = x @ w.T + b. Shape: x (N, F), w (O, F), b (O,) or None -> y (N, O)."""
+    """y = x @ w.T + b. Shape: x (N, F), w (O, F), b (O,) or None -> y (N, O).
+
+    Large products run as 4 fixed blocks of rows on the thread pool (each output element is
+    still one dot product over F, so the blocks do not change it); small ones as one call."""
     N, O = x.shape[0], w.shape[0]
-    y = np.empty((N, O), x.dtype)
-    rows = _row_blocks(N)
+    if x.size * O < LINEAR_SPLIT_ABOVE or N < 4:
+        with threads.blas_single():
+            y = x @ w.T  # (N, F) @ (F, O)
+    else:
+        y = np.empty((N, O), x.dtype)
+        rows = chunks(N, -(-N // 4))
 
-    def run(i):
-        n0, n1 = rows[i]
-        np.matmul(x[n0:n1], w.T, out=y[n0:n1])  # (nb, F) @ (F, O)
-        if b is not None:
-            y[n0:n1] += b
+        def run(i):
+            n0, n1 = rows[i]
+            np.matmul(x[n0:n1], w.T, out=y[n0:n1])  # (nb, F) @ (F, O)
 
-    for_each(run, len(rows), x.size * O)
+        for_each(run, len(rows), x.size * O)
+    if b is not None:
+        y += b
     return y
 
 
@@ -132,25 +138,20 @@ def linear_backward(gy, x, w, mask):
     """(gx, gw, gb) of ``linear``; an entry is None where ``mask`` (3 bools) says it is not needed.
 
     gx = gy @ w  (N, O) @ (O, F);  gw = gy.T @ x  (O, N) @ (N, F);  gb = gy summed over N.
-    gx is computed in blocks of rows of the batch, gw in blocks of its O rows.
     """
     need_x, need_w, need_b = mask
-    N, O = gy.shape
-    F = w.shape[1]
-    gx = np.empty((N, F), gy.dtype) if need_x else None
-    gw = np.empty((O, F), gy.dtype) if need_w else None
-    rows_x = _row_blocks(N) if need_x else []
-    rows_w = _row_blocks(O) if need_w else []
+    out = {}
+    tasks = [k for k, need in (("x", need_x), ("w", need_w)) if need]
 
     def run(i):
-        if i < len(rows_x):
-            n0, n1 = rows_x[i]
-            np.matmul(gy[n0:n1], w, out=gx[n0:n1])
+        if tasks[i] == "x":
+            out["x"] = gy @ w
         else:
-            o0, o1 = rows_w[i - len(rows_x)]
-            np.matmul(gy[:, o0:o1].T, x, out=gw[o0:o1])
+            out["w"] = gy.T @ x
 
-    for_each(run, len(rows_x) + len(rows_w), N * O * F * (int(need_x) + int(need_w)))
+    N, O = gy.shape
+    for_each(run, len(tasks), N * O * w.shape[1] * len(tasks))
+    gx, gw = out.get("x"), out.get("w")
     gb = gy.sum(axis=0) if need_b else None
     return gx, gw, gb
 

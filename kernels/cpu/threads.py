@@ -105,6 +105,16 @@ def _blas_single_exit() -> None:
                     c.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def blas_single():
+    """BLAS on one thread inside the block (then back to its own setting)."""
+    _blas_single_enter()
+    try:
+        yield
+    finally:
+        _blas_single_exit()
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _lock:
