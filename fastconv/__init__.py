@@ -104,6 +104,7 @@ __all__ = [
 # ---- layers, losses, optimizers, initialisers, data, models, training
 from . import datasets, init, losses, models, optim, training  # noqa: E402
 from .functional import (  # noqa: E402
+    adagrad_update,
     adam_update,
     batch_norm2d,
     batch_norm2d_backward,
@@ -119,6 +120,7 @@ from .functional import (  # noqa: E402
     mse_loss,
     relu,
     relu_backward,
+    rmsprop_update,
     sgd_update,
     sigmoid,
     sigmoid_backward,
@@ -165,6 +167,7 @@ __all__ += [
     "Sequential",
     "Sigmoid",
     "Tanh",
+    "adagrad_update",
     "adam_update",
     "batch_norm2d",
     "batch_norm2d_backward",
@@ -186,6 +189,7 @@ __all__ += [
     "optim",
     "relu",
     "relu_backward",
+    "rmsprop_update",
     "sgd_update",
     "sigmoid",
     "sigmoid_backward",

@@ -59,12 +59,17 @@ def zeros_like(a: Any) -> Any:
     return like(a, np.zeros(shape, dtype))
 
 
+def full_like(a: Any, value: float) -> Any:
+    """``value`` everywhere, in a's shape and dtype, where a is (optimizer state buffers)."""
+    if value == 0:
+        return zeros_like(a)
+    return like(a, np.full(tuple(int(s) for s in a.shape), value, np.dtype(a.dtype)))
+
+
 def add(dst: Any, src: Any) -> Any:
-    """dst += src (gradient accumulation over several backward calls without zero_grad())."""
+    """dst += src, in place where dst is (gradient accumulation over several backward calls
+    without zero_grad()): NumPy on the host, the CUDA backend's add_ kernel on the GPU."""
     if isinstance(dst, np.ndarray):
         dst += src
         return dst
-    add_ = _cuda_op("add_")
-    if add_ is not None:
-        return add_(dst, src)
-    return to_device(to_host(dst) + to_host(src))  # rare path: a simple round trip
+    return dispatch.backend_ops("add_", "cuda").add_(dst, src)

@@ -871,3 +871,99 @@ def adam_update(
         return None
     impl(p, grad, m, v, *args)
     return None
+
+
+def rmsprop_update(
+    p: Array,
+    grad: Array,
+    square_avg: Array,
+    grad_avg: Array | None,
+    buf: Array | None,
+    lr: float,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    *,
+    backend: str = "auto",
+) -> None:
+    """One RMSprop step with PyTorch's rule, IN PLACE on p, square_avg, grad_avg and buf
+    (``torch.optim.RMSprop``).
+
+    g = grad + weight_decay * p; s = alpha s + (1-alpha) g^2; centred: gbar = alpha gbar +
+    (1-alpha) g and avg = sqrt(s - gbar^2) + eps, else avg = sqrt(s) + eps; with momentum
+    buf = momentum buf + g / avg and p -= lr buf, else p -= lr g / avg. ``grad_avg`` may be
+    None unless centered, ``buf`` None unless momentum > 0.
+
+    Shape: p, grad, square_avg, grad_avg, buf (any, same).
+    """
+    op = "rmsprop_update"
+    lr = shapes.check_number(op, "lr", lr, lo=0.0)
+    alpha = shapes.check_number(op, "alpha", alpha, lo=0.0, hi=1.0)
+    eps = shapes.check_number(op, "eps", eps, lo=0.0)
+    weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
+    momentum = shapes.check_number(op, "momentum", momentum, lo=0.0)
+    centered = bool(centered)
+    if square_avg is None:
+        raise ValueError(f"{op}: the square average buffer square_avg is required")
+    if centered and grad_avg is None:
+        raise ValueError(f"{op}: centered=True needs a gradient average buffer (grad_avg is None)")
+    if momentum > 0 and buf is None:
+        raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer (buf is None)")
+    grad_avg = grad_avg if centered else None
+    buf = buf if momentum > 0 else None
+    grad = shapes.check_update(op, p, grad, square_avg=square_avg, grad_avg=grad_avg, buf=buf)
+    impl = _run(op, backend, "rmsprop_update", p, grad)
+    args = (lr, alpha, eps, weight_decay, momentum, centered)
+    if impl is reference.rmsprop_update:
+        new_p, new_s, new_ga, new_buf = impl(p, grad, square_avg, grad_avg, buf, *args)
+        p[...], square_avg[...] = new_p, new_s
+        if centered:
+            grad_avg[...] = new_ga
+        if momentum > 0:
+            buf[...] = new_buf
+        return None
+    impl(p, grad, square_avg, grad_avg, buf, *args)
+    return None
+
+
+def adagrad_update(
+    p: Array,
+    grad: Array,
+    state_sum: Array,
+    lr: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    step: int = 1,
+    *,
+    backend: str = "auto",
+) -> None:
+    """One Adagrad step with PyTorch's rule, IN PLACE on p and state_sum
+    (``torch.optim.Adagrad``).
+
+    g = grad + weight_decay * p; clr = lr / (1 + (step - 1) lr_decay); sum += g^2;
+    p -= clr g / (sqrt(sum) + eps). ``step`` counts from 1 (this update included).
+
+    Shape: p, grad, state_sum (any, same).
+    """
+    op = "adagrad_update"
+    lr = shapes.check_number(op, "lr", lr, lo=0.0)
+    lr_decay = shapes.check_number(op, "lr_decay", lr_decay, lo=0.0)
+    weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
+    eps = shapes.check_number(op, "eps", eps, lo=0.0)
+    if not shapes._is_int(step) or step < 1:
+        raise ValueError(
+            f"{op}: step must be an int >= 1 (updates so far, this one included); got step={step!r}"
+        )
+    if state_sum is None:
+        raise ValueError(f"{op}: the accumulator state_sum is required")
+    grad = shapes.check_update(op, p, grad, state_sum=state_sum)
+    impl = _run(op, backend, "adagrad_update", p, grad)
+    args = (lr, lr_decay, weight_decay, eps, int(step))
+    if impl is reference.adagrad_update:
+        p[...], state_sum[...] = impl(p, grad, state_sum, *args)
+        return None
+    impl(p, grad, state_sum, *args)
+    return None

@@ -5,8 +5,8 @@ Adam, RMSprop and AdaGrad.
     opt.zero_grad(); model.backward(loss_fn.backward()); opt.step()
 
 Weight decay is PyTorch's L2 form (added to the gradient). Parameters whose ``.grad`` is None
-are skipped. SGD and Adam run through ``functional.sgd_update`` / ``adam_update``, so they work
-on host and device parameters alike; RMSprop and AdaGrad are NumPy (host parameters only).
+are skipped. Each runs through its ``functional`` update op (``sgd_update``, ``adam_update``,
+``rmsprop_update``, ``adagrad_update``), so it works on host and device parameters alike.
 Hyperparameters are plain attributes (``opt.lr = ...`` changes the learning rate).
 """
 
@@ -52,13 +52,6 @@ class Optimizer:
 
     def _update(self, p: Parameter, state: dict[str, Any]) -> None:
         raise NotImplementedError
-
-    def _host_only(self, p: Parameter) -> None:
-        if _device.is_device(p.data):
-            raise NotImplementedError(
-                f"{type(self).__name__}: device (CUDA) parameters are not supported yet; "
-                f"use SGD or Adam, or train on the CPU"
-            )
 
     # ---- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -200,7 +193,7 @@ class Adam(Optimizer):
 
 
 class RMSprop(Optimizer):
-    """RMSprop, ``torch.optim.RMSprop``'s rule (host parameters).
+    """RMSprop, ``torch.optim.RMSprop``'s rule.
 
     s = alpha s + (1-alpha) g^2; centred: avg = sqrt(s - gbar^2) + eps with
     gbar = alpha gbar + (1-alpha) g, else avg = sqrt(s) + eps; with momentum
@@ -227,38 +220,32 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
 
     def _update(self, p: Parameter, state: dict[str, Any]) -> None:
-        self._host_only(p)
-        t = p.data.dtype.type
         if not state:
             state["step"] = 0
-            state["square_avg"] = np.zeros_like(p.data)
-            if self.momentum > 0:
-                state["momentum_buffer"] = np.zeros_like(p.data)
-            if self.centered:
-                state["grad_avg"] = np.zeros_like(p.data)
+            state["square_avg"] = _device.zeros_like(p.data)
+        # buffers the options need, created the first time they do (the options are attributes)
+        if self.momentum > 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = _device.zeros_like(p.data)
+        if self.centered and "grad_avg" not in state:
+            state["grad_avg"] = _device.zeros_like(p.data)
         state["step"] += 1
-        g = p.grad if self.weight_decay == 0 else p.grad + t(self.weight_decay) * p.data
-        sq = state["square_avg"]
-        sq *= t(self.alpha)
-        sq += t(1 - self.alpha) * g * g
-        if self.centered:
-            ga = state["grad_avg"]
-            ga *= t(self.alpha)
-            ga += t(1 - self.alpha) * g
-            avg = np.sqrt(sq - ga * ga) + t(self.eps)
-        else:
-            avg = np.sqrt(sq) + t(self.eps)
-        if self.momentum > 0:
-            buf = state["momentum_buffer"]
-            buf *= t(self.momentum)
-            buf += g / avg
-            p.data -= t(self.lr) * buf
-        else:
-            p.data -= t(self.lr) * (g / avg)
+        F.rmsprop_update(
+            p.data,
+            p.grad,
+            state["square_avg"],
+            state.get("grad_avg"),
+            state.get("momentum_buffer"),
+            self.lr,
+            self.alpha,
+            self.eps,
+            self.weight_decay,
+            self.momentum,
+            self.centered,
+        )
 
 
 class AdaGrad(Optimizer):
-    """AdaGrad, ``torch.optim.Adagrad``'s rule (host parameters).
+    """AdaGrad, ``torch.optim.Adagrad``'s rule.
 
     clr = lr / (1 + (t-1) lr_decay); sum += g^2; p -= clr * g / (sqrt(sum) + eps).
     """
@@ -283,17 +270,20 @@ class AdaGrad(Optimizer):
         self.eps = shapes.check_number("AdaGrad", "eps", eps, lo=0.0)
 
     def _update(self, p: Parameter, state: dict[str, Any]) -> None:
-        self._host_only(p)
-        t = p.data.dtype.type
         if not state:
             state["step"] = 0
-            state["sum"] = np.full_like(p.data, self.initial_accumulator_value)
+            state["sum"] = _device.full_like(p.data, self.initial_accumulator_value)
         state["step"] += 1
-        g = p.grad if self.weight_decay == 0 else p.grad + t(self.weight_decay) * p.data
-        clr = self.lr / (1 + (state["step"] - 1) * self.lr_decay)
-        s = state["sum"]
-        s += g * g
-        p.data -= t(clr) * (g / (np.sqrt(s) + t(self.eps)))
+        F.adagrad_update(
+            p.data,
+            p.grad,
+            state["sum"],
+            self.lr,
+            self.lr_decay,
+            self.weight_decay,
+            self.eps,
+            state["step"],
+        )
 
 
 Adagrad = AdaGrad  # PyTorch's spelling

@@ -258,6 +258,46 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     return p.astype(grad.dtype), m.astype(grad.dtype), v.astype(grad.dtype)
 
 
+def rmsprop_update(
+    p, grad, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered
+):
+    """PyTorch's RMSprop step on copies: (p, square_avg, grad_avg, buf).
+
+    grad_avg is used only when centered and buf only when momentum > 0; an unused one may be
+    None and comes back as None.
+    """
+    g = grad.astype(np.float64) + weight_decay * p.astype(np.float64)
+    s = alpha * square_avg.astype(np.float64) + (1.0 - alpha) * g * g
+    ga = b = None
+    if centered:
+        ga = alpha * grad_avg.astype(np.float64) + (1.0 - alpha) * g
+        avg = np.sqrt(s - ga * ga) + eps
+    else:
+        avg = np.sqrt(s) + eps
+    if momentum > 0:
+        b = momentum * buf.astype(np.float64) + g / avg
+        new_p = p.astype(np.float64) - lr * b
+    else:
+        new_p = p.astype(np.float64) - lr * g / avg
+
+    def cast(a):
+        return None if a is None else a.astype(p.dtype)
+
+    return cast(new_p), cast(s), cast(ga), cast(b)
+
+
+def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """PyTorch's Adagrad step on copies: (p, state_sum). step >= 1.
+
+    clr = lr / (1 + (step - 1) lr_decay); sum += g^2; p -= clr g / (sqrt(sum) + eps).
+    """
+    g = grad.astype(np.float64) + weight_decay * p.astype(np.float64)
+    s = state_sum.astype(np.float64) + g * g
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    new_p = p.astype(np.float64) - clr * g / (np.sqrt(s) + eps)
+    return new_p.astype(p.dtype), s.astype(p.dtype)
+
+
 def mse_loss(pred, target):
     """Mean squared error and its gradient: (loss as float, 2 (pred - target) / numel)."""
     d = pred.astype(np.float64) - target.astype(np.float64)

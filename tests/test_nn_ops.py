@@ -222,6 +222,43 @@ def test_adam_update_matches_oracle(dtype, weight_decay, step):
     assert_close(v, v_ref, dtype, "v")
 
 
+RMSPROP_CONFIGS = [  # (weight_decay, momentum, centered)
+    (0.0, 0.0, False),
+    (1e-2, 0.0, False),
+    (0.0, 0.9, False),
+    (0.0, 0.0, True),
+    (1e-2, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay,momentum,centered", RMSPROP_CONFIGS)
+def test_rmsprop_update_matches_oracle(dtype, weight_decay, momentum, centered):
+    p, g, buf = rnd((3, 4), dtype), rnd((3, 4), dtype, 1), rnd((3, 4), dtype, 2)
+    # a reachable state: square_avg >= grad_avg^2 (both start at 0 and are averaged alike)
+    ga = rnd((3, 4), dtype, 3, scale=0.5)
+    sq = (ga.astype(np.float64) ** 2 + np.abs(rnd((3, 4), seed=4))).astype(dtype)
+    args = (1e-2, 0.9, 1e-8, weight_decay, momentum, centered)
+    p_ref, sq_ref, ga_ref, buf_ref = R.rmsprop_update(p, g, sq, ga, buf, *args)
+    F.rmsprop_update(p, g, sq, ga if centered else None, buf if momentum else None, *args)
+    assert_close(p, p_ref, dtype, "p")
+    assert_close(sq, sq_ref, dtype, "square_avg")
+    if centered:
+        assert_close(ga, ga_ref, dtype, "grad_avg")
+    if momentum:
+        assert_close(buf, buf_ref, dtype, "buf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lr_decay,weight_decay,step", [(0.0, 0.0, 1), (0.1, 0.05, 3)])
+def test_adagrad_update_matches_oracle(dtype, lr_decay, weight_decay, step):
+    p, g, s = rnd((5,), dtype), rnd((5,), dtype, 1), np.abs(rnd((5,), dtype, 2))
+    p_ref, s_ref = R.adagrad_update(p, g, s, 0.1, lr_decay, weight_decay, 1e-10, step)
+    F.adagrad_update(p, g, s, 0.1, lr_decay, weight_decay, 1e-10, step)
+    assert_close(p, p_ref, dtype, "p")
+    assert_close(s, s_ref, dtype, "state_sum")
+
+
 def test_backend_reference_runs_the_oracle_in_place_too():
     p, g, buf = rnd((4,)), rnd((4,), seed=1), rnd((4,), seed=2)
     p2, buf2 = p.copy(), buf.copy()
@@ -233,6 +270,16 @@ def test_backend_reference_runs_the_oracle_in_place_too():
     F.adam_update(p, g, m, v, 1e-3, backend="reference")
     F.adam_update(p2, g, m2, v2, 1e-3)
     assert_close(p, p2)
+    sq, ga, b, sq2, ga2, b2 = (np.zeros(4) for _ in range(6))
+    F.rmsprop_update(p, g, sq, ga, b, 1e-2, momentum=0.9, centered=True, backend="reference")
+    F.rmsprop_update(p2, g, sq2, ga2, b2, 1e-2, momentum=0.9, centered=True)
+    for got, exp in ((p, p2), (sq, sq2), (ga, ga2), (b, b2)):
+        assert_close(got, exp)
+    s, s2 = np.full(4, 0.1), np.full(4, 0.1)
+    F.adagrad_update(p, g, s, 0.1, lr_decay=0.01, step=2, backend="reference")
+    F.adagrad_update(p2, g, s2, 0.1, lr_decay=0.01, step=2)
+    assert_close(p, p2)
+    assert_close(s, s2)
     x = rnd((3, 4))
     assert_close(F.relu(x, backend="reference"), F.relu(x))
     got = F.linear_backward(
@@ -452,6 +499,27 @@ def test_update_errors():
         F.adam_update(p, g, None, np.zeros(3), 0.1)
     with pytest.raises(ValueError, match=r"adam_update: m is updated in place"):
         F.adam_update(p, g, np.zeros(6)[::2], np.zeros(3), 0.1)
+    z = np.zeros(3)
+    with pytest.raises(ValueError, match=r"rmsprop_update: the square average buffer"):
+        F.rmsprop_update(p, g, None, None, None, 0.1)
+    with pytest.raises(ValueError, match=r"rmsprop_update: centered=True needs a gradient avera"):
+        F.rmsprop_update(p, g, z, None, None, 0.1, centered=True)
+    with pytest.raises(ValueError, match=r"rmsprop_update: momentum=0.9 needs a momentum buffer"):
+        F.rmsprop_update(p, g, z, None, None, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"rmsprop_update: alpha must be in \[0, 1\]"):
+        F.rmsprop_update(p, g, z, None, None, 0.1, alpha=1.5)
+    with pytest.raises(ValueError, match=r"rmsprop_update: square_avg is updated in place"):
+        F.rmsprop_update(p, g, np.zeros(6)[::2], None, None, 0.1)
+    with pytest.raises(ValueError, match=r"rmsprop_update: inputs must have the same shape"):
+        F.rmsprop_update(p, g, z, np.zeros(4), None, 0.1, centered=True)
+    with pytest.raises(ValueError, match=r"adagrad_update: step must be an int >= 1"):
+        F.adagrad_update(p, g, z, 0.1, step=0)
+    with pytest.raises(ValueError, match=r"adagrad_update: lr_decay must be in \[0, inf\]"):
+        F.adagrad_update(p, g, z, 0.1, lr_decay=-1)
+    with pytest.raises(ValueError, match=r"adagrad_update: the accumulator state_sum"):
+        F.adagrad_update(p, g, None, 0.1)
+    with pytest.raises(ValueError, match=r"adagrad_update: state_sum is updated in place"):
+        F.adagrad_update(p, g, np.zeros(6)[::2], 0.1)
 
 
 def test_conv1d_errors():
@@ -506,6 +574,8 @@ def test_public_names_are_exported():
         "batch_norm2d",
         "sgd_update",
         "adam_update",
+        "rmsprop_update",
+        "adagrad_update",
         "conv1d",
     ):
         assert getattr(fc, name) is getattr(F, name)

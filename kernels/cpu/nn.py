@@ -21,6 +21,7 @@ from . import threads
 from .threads import chunks, for_each
 
 __all__ = [
+    "adagrad_update",
     "adam_update",
     "batch_norm2d",
     "batch_norm2d_backward",
@@ -33,6 +34,7 @@ __all__ = [
     "mse_loss",
     "relu",
     "relu_backward",
+    "rmsprop_update",
     "sgd_update",
     "sigmoid",
     "sigmoid_backward",
@@ -320,3 +322,44 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     denom = np.sqrt(v) / t(np.sqrt(bc2))
     denom += t(eps)
     p -= t(lr / bc1) * (m / denom)
+
+
+def rmsprop_update(
+    p, grad, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered
+):
+    """One PyTorch RMSprop step, IN PLACE on p and square_avg (and grad_avg when centered, buf
+    when momentum > 0; either may be None when unused).
+
+    s = alpha s + (1-alpha) g^2; avg = sqrt(s - gbar^2) + eps with gbar = alpha gbar +
+    (1-alpha) g when centered, else sqrt(s) + eps; with momentum buf = momentum buf + g / avg
+    and p -= lr buf, else p -= lr g / avg. Returns None.
+    """
+    t = p.dtype.type
+    g = grad if weight_decay == 0 else grad + t(weight_decay) * p
+    square_avg *= t(alpha)
+    square_avg += t(1 - alpha) * g * g
+    if centered:
+        grad_avg *= t(alpha)
+        grad_avg += t(1 - alpha) * g
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + t(eps)
+    else:
+        avg = np.sqrt(square_avg) + t(eps)
+    if momentum > 0:
+        buf *= t(momentum)
+        buf += g / avg
+        p -= t(lr) * buf
+    else:
+        p -= t(lr) * (g / avg)
+
+
+def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """One PyTorch Adagrad step, IN PLACE on p and state_sum (step >= 1).
+
+    clr = lr / (1 + (step-1) lr_decay); sum += g^2; p -= clr g / (sqrt(sum) + eps).
+    Returns None.
+    """
+    t = p.dtype.type
+    g = grad if weight_decay == 0 else grad + t(weight_decay) * p
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum += g * g
+    p -= t(clr) * (g / (np.sqrt(state_sum) + t(eps)))

@@ -382,6 +382,43 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
         p[e] = p[e] - lr * (mv / bc1) / (math.sqrt(vv / bc2) + eps)
 
 
+@cuda.jit(cache=True)
+def rmsprop_update(
+    p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered
+):
+    """One thread: PyTorch's RMSprop step for element e, in place on p and square_avg (grad_avg
+    read and written only when centered, buf only when momentum > 0)."""
+    e = cuda.grid(1)
+    if e < p.size:
+        gv = g[e] + weight_decay * p[e]
+        sq = alpha * square_avg[e] + (1.0 - alpha) * gv * gv
+        square_avg[e] = sq
+        if centered:
+            ga = alpha * grad_avg[e] + (1.0 - alpha) * gv
+            grad_avg[e] = ga
+            avg = math.sqrt(sq - ga * ga) + eps
+        else:
+            avg = math.sqrt(sq) + eps
+        if momentum > 0.0:
+            bv = momentum * buf[e] + gv / avg
+            buf[e] = bv
+            p[e] = p[e] - lr * bv
+        else:
+            p[e] = p[e] - lr * (gv / avg)
+
+
+@cuda.jit(cache=True)
+def adagrad_update(p, g, state_sum, clr, weight_decay, eps):
+    """One thread: PyTorch's Adagrad step (clr = lr / (1 + (t-1) lr_decay)) for element e, in
+    place on p and state_sum."""
+    e = cuda.grid(1)
+    if e < p.size:
+        gv = g[e] + weight_decay * p[e]
+        sv = state_sum[e] + gv * gv
+        state_sum[e] = sv
+        p[e] = p[e] - clr * (gv / (math.sqrt(sv) + eps))
+
+
 # --------------------------------------------------------------------------- layout
 
 

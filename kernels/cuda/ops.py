@@ -31,6 +31,7 @@ from ._compat import as_device
 ALGORITHMS = ("im2col", "direct")
 
 __all__ = [
+    "adagrad_update",
     "adam_update",
     "avg_pool2d",
     "avg_pool2d_backward",
@@ -52,6 +53,7 @@ __all__ = [
     "mse_loss",
     "relu",
     "relu_backward",
+    "rmsprop_update",
     "sgd_update",
     "sigmoid",
     "sigmoid_backward",
@@ -750,6 +752,50 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     _inplace((p, m, v), (pd, md, vd))
 
 
+def rmsprop_update(
+    p, grad, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered
+):
+    """One PyTorch RMSprop step, IN PLACE on p and square_avg (and grad_avg when centered, buf
+    when momentum > 0; either may be None when unused). Returns None."""
+    _, (pd, gd, sd, ad, bd) = _inputs(p, grad, square_avg, grad_avg, buf)
+    # p stands in for an absent buffer: the kernel never touches it then
+    ad = pd if ad is None else ad
+    bd = pd if bd is None else bd
+    L.launch(
+        ew.rmsprop_update,
+        *L.grid_1d(pd.size),
+        _flat(pd),
+        _flat(gd),
+        _flat(sd),
+        _flat(ad),
+        _flat(bd),
+        float(lr),
+        float(alpha),
+        float(eps),
+        float(weight_decay),
+        float(momentum),
+        bool(centered),
+    )
+    _inplace((p, square_avg, grad_avg, buf), (pd, sd, ad, bd))
+
+
+def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """One PyTorch Adagrad step, IN PLACE on p and state_sum (step >= 1). Returns None."""
+    _, (pd, gd, sd) = _inputs(p, grad, state_sum)
+    clr = float(lr) / (1.0 + (int(step) - 1) * float(lr_decay))
+    L.launch(
+        ew.adagrad_update,
+        *L.grid_1d(pd.size),
+        _flat(pd),
+        _flat(gd),
+        _flat(sd),
+        clr,
+        float(weight_decay),
+        float(eps),
+    )
+    _inplace((p, state_sum), (pd, sd))
+
+
 # --------------------------------------------------------------------------- compilation
 
 
@@ -798,5 +844,7 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32,)) -> float:
         p, gr, m, v = arr(7), arr(7), _dev(np.zeros(7, dtype)), _dev(np.zeros(7, dtype))
         sgd_update(p, gr, m, 0.1, 0.9, 0.0, 0.0, False, False)
         adam_update(p, gr, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        rmsprop_update(p, gr, v, None, m, 1e-2, 0.99, 1e-8, 0.0, 0.9, False)
+        adagrad_update(p, gr, v, 1e-2, 0.0, 0.0, 1e-10, 1)
     cuda.synchronize()
     return time.perf_counter() - t0

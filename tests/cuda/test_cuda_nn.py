@@ -295,6 +295,60 @@ def test_adam_update(dtype, weight_decay, step):
         assert_close(got, exp, what=what)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "weight_decay,momentum,centered",
+    [(0.0, 0.0, False), (1e-2, 0.9, False), (0.0, 0.0, True), (1e-2, 0.5, True)],
+)
+def test_rmsprop_update(dtype, weight_decay, momentum, centered):
+    rng = _rng(24)
+    p, g, buf = (rng.standard_normal(11).astype(dtype) for _ in range(3))
+    # a reachable state: square_avg >= grad_avg^2
+    ga = (rng.standard_normal(11) * 0.5).astype(dtype)
+    sq = (ga.astype(np.float64) ** 2 + np.abs(rng.standard_normal(11))).astype(dtype)
+    args = (1e-2, 0.9, 1e-8, weight_decay, momentum, centered)
+    p_ref, sq_ref, ga_ref, buf_ref = reference.rmsprop_update(p, g, sq, ga, buf, *args)
+    pd, gd, sqd, gad, bd = to_device(p, g, sq, ga, buf)
+    F.rmsprop_update(pd, gd, sqd, gad if centered else None, bd if momentum else None, *args)
+    assert is_numba_device(pd)
+    assert_close(pd, p_ref, what="p")
+    assert_close(sqd, sq_ref, what="square_avg")
+    if centered:
+        assert_close(gad, ga_ref, what="grad_avg")
+    if momentum:
+        assert_close(bd, buf_ref, what="buf")
+    # host arrays are updated in place too
+    ph, sqh, gah, bh = p.copy(), sq.copy(), ga.copy(), buf.copy()
+    F.rmsprop_update(
+        ph, g, sqh, gah if centered else None, bh if momentum else None, *args, backend="cuda"
+    )
+    assert_close(ph, p_ref, what="host p")
+    assert_close(sqh, sq_ref, what="host square_avg")
+    if centered:
+        assert_close(gah, ga_ref, what="host grad_avg")
+    if momentum:
+        assert_close(bh, buf_ref, what="host buf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lr_decay,weight_decay,step", [(0.0, 0.0, 1), (0.1, 1e-2, 4)])
+def test_adagrad_update(dtype, lr_decay, weight_decay, step):
+    rng = _rng(25)
+    p, g = (rng.standard_normal(11).astype(dtype) for _ in range(2))
+    s = np.abs(rng.standard_normal(11)).astype(dtype)
+    args = (0.1, lr_decay, weight_decay, 1e-10, step)
+    p_ref, s_ref = reference.adagrad_update(p, g, s, *args)
+    pd, gd, sd = to_device(p, g, s)
+    F.adagrad_update(pd, gd, sd, *args)
+    assert is_numba_device(pd)
+    assert_close(pd, p_ref, what="p")
+    assert_close(sd, s_ref, what="state_sum")
+    ph, sh = p.copy(), s.copy()
+    F.adagrad_update(ph, g, sh, *args, backend="cuda")
+    assert_close(ph, p_ref, what="host p")
+    assert_close(sh, s_ref, what="host state_sum")
+
+
 # --------------------------------------------------------------------------- batch norm
 
 

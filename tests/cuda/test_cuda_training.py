@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import fastconv as fc
+from fastconv import _device, reference
 from tests.cuda.common import is_numba_device
-from tests.helpers import assert_close
+from tests.helpers import DTYPES, assert_close
 
 pytestmark = pytest.mark.cuda
 
@@ -45,7 +46,20 @@ def _steps(model, optimizer, x, y, n):
     return losses, logits
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def _count_host_copies(monkeypatch, device_array_type):
+    """A list that collects the shape of every device-to-host copy from now on."""
+    copies = []
+    original = device_array_type.copy_to_host
+
+    def counting(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(device_array_type, "copy_to_host", counting)
+    return copies
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "rmsprop", "adagrad"])
 def test_training_step_on_device_matches_cpu(opt):
     dtype = np.float64
     rng = np.random.default_rng(1)
@@ -56,10 +70,19 @@ def test_training_step_on_device_matches_cpu(opt):
         model = _tiny_lenet(dtype)
         if device == "cuda":
             model.to("cuda")
+        params = model.parameters()
         if opt == "sgd":
-            optimizer = fc.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+            optimizer = fc.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        elif opt == "adam":
+            optimizer = fc.optim.Adam(params, lr=1e-2)
+        elif opt == "rmsprop":
+            optimizer = fc.optim.RMSprop(
+                params, lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3
+            )
         else:
-            optimizer = fc.optim.Adam(model.parameters(), lr=1e-2)
+            optimizer = fc.optim.AdaGrad(
+                params, lr=0.1, lr_decay=0.01, weight_decay=1e-3, initial_accumulator_value=0.1
+            )
         return model, optimizer
 
     cpu_model, cpu_opt = make("cpu")
@@ -77,6 +100,88 @@ def test_training_step_on_device_matches_cpu(opt):
     assert cpu_state.keys() == gpu_state.keys()
     for k in cpu_state:
         assert_close(gpu_state[k], cpu_state[k], what=k)
+    for i, (cs, gs) in enumerate(zip(cpu_opt.state, gpu_opt.state)):
+        assert cs.keys() == gs.keys()
+        for k, v in cs.items():
+            if isinstance(v, np.ndarray):
+                assert is_numba_device(gs[k]), (i, k)
+                assert_close(gs[k], v, what=f"state {i} {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_device_add_accumulates_in_place_without_host_copies(dtype, monkeypatch):
+    from numba import cuda
+
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((2, 3, 4)).astype(dtype), rng.standard_normal((2, 3, 4))
+    a_dev, b_dev = cuda.to_device(a), cuda.to_device(b.astype(dtype))
+    expected = a.astype(np.float64) + b.astype(dtype).astype(np.float64)
+    copies = _count_host_copies(monkeypatch, type(a_dev))
+    out = _device.add(a_dev, b_dev)
+    assert out is a_dev and copies == []
+    assert_close(a_dev, expected, dtype, "device += device")
+    copies.clear()  # assert_close itself copied a_dev back
+    # a host summand is copied to the GPU, never the other way
+    _device.add(a_dev, b.astype(dtype))
+    assert copies == []
+    assert_close(a_dev, expected + b.astype(dtype), dtype, "device += host")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_gradients_accumulate_on_device_like_the_oracle(dtype, monkeypatch):
+    """Two forward/backward rounds without zero_grad(): .grad holds the sum of both rounds'
+    gradients, added up on the GPU."""
+    from numba import cuda
+
+    rng = np.random.default_rng(5)
+    layer = fc.Conv2d(2, 3, 3, padding=1, rng=rng, dtype=dtype)
+    w = layer.weight.data.copy()
+    layer.to("cuda")
+    xs = [rng.standard_normal((2, 2, 4, 4)).astype(dtype) for _ in range(2)]
+    gys = [rng.standard_normal((2, 3, 4, 4)).astype(dtype) for _ in range(2)]
+    gw_ref, gb_ref = 0.0, 0.0
+    for x, gy in zip(xs, gys):
+        ref = reference.conv2d_backward(
+            gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), padding=1
+        )
+        gw_ref, gb_ref = gw_ref + ref[1], gb_ref + ref[2]
+    x_devs, gy_devs = [cuda.to_device(x) for x in xs], [cuda.to_device(gy) for gy in gys]
+    copies = _count_host_copies(monkeypatch, type(x_devs[0]))
+    for x_dev, gy_dev in zip(x_devs, gy_devs):
+        layer(x_dev)
+        layer.backward(gy_dev)
+    assert copies == []
+    assert is_numba_device(layer.weight.grad) and is_numba_device(layer.bias.grad)
+    assert_close(layer.weight.grad, gw_ref, dtype, "weight.grad")
+    assert_close(layer.bias.grad, gb_ref, dtype, "bias.grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_accumulation_on_device_matches_cpu(dtype, monkeypatch):
+    """Two backward calls without zero_grad() through the whole model: same .grad as the CPU."""
+    from numba import cuda
+
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((2, 1, 8, 8)).astype(dtype) for _ in range(2)]
+    ys = [np.array([0, 2]), np.array([1, 1])]
+    grads = {}
+    for device in ("cpu", "cuda"):
+        model = _tiny_lenet(dtype)
+        if device == "cuda":
+            model.to("cuda")
+        loss_fn = fc.CrossEntropyLoss()
+        for x, y in zip(xs, ys):
+            loss_fn(model(cuda.to_device(x) if device == "cuda" else x), y)
+            grad_logits = loss_fn.backward()
+            with monkeypatch.context() as mp:
+                copies = _count_host_copies(mp, type(cuda.to_device(x)))
+                model.backward(grad_logits)
+            assert copies == [], copies  # backward, accumulation included, stays on the GPU
+        grads[device] = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["cpu"].keys() == grads["cuda"].keys()
+    for name, g in grads["cpu"].items():
+        assert is_numba_device(grads["cuda"][name]), name
+        assert_close(grads["cuda"][name], g, dtype, f"{name}.grad")
 
 
 def test_step_has_one_device_to_host_copy(monkeypatch):
@@ -90,15 +195,7 @@ def test_step_has_one_device_to_host_copy(monkeypatch):
     x = cuda.to_device(np.random.default_rng(2).standard_normal((2, 1, 8, 8)).astype(dtype))
     y = cuda.to_device(np.array([1, 0]))
     _steps(model, optimizer, x, y, 1)
-    device_array_type = type(x)
-    copies = []
-    original = device_array_type.copy_to_host
-
-    def counting(self, *args, **kwargs):
-        copies.append(tuple(self.shape))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(device_array_type, "copy_to_host", counting)
+    copies = _count_host_copies(monkeypatch, type(x))
     losses, _ = _steps(model, optimizer, x, y, 1)
     assert np.isfinite(losses[0])
     assert copies == [(1,)], copies
