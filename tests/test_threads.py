@@ -207,3 +207,30 @@ def test_malloc_tuning_can_be_switched_off():
         )
         outs.append(r.stdout.strip())
     assert outs[0] == outs[1] and outs[0]
+
+
+def test_pool_works_in_a_forked_child(pooled, two_threads):
+    """After the parent used the pool, a fork()ed child (multiprocessing's default start on
+    Linux) gets a fresh pool instead of waiting for the parent's threads."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = np.random.default_rng(8).standard_normal((6, 2, 9, 9))
+    w = np.random.default_rng(9).standard_normal((3, 2, 3, 3))
+    y = fc.conv2d(x, w, backend="cpu", algorithm="im2col")  # the parent's pool is running
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_conv, args=(q, x, w))
+    p.start()
+    p.join(timeout=60)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive, "the forked child hung in a chunked call"
+    np.testing.assert_array_equal(q.get(timeout=5), y)
+
+
+def _child_conv(q, x, w):
+    threads.SERIAL_BELOW = threads.POOL_BELOW = 0
+    q.put(fc.conv2d(x, w, backend="cpu", algorithm="im2col"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,21 @@ _pool_size = 0
 _blas_users = 0
 _blas_saved: list[tuple[object, int]] = []
 _blas_controllers: list | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's pool threads (and maybe a lock some other
+    thread held at fork time): start from scratch, or the first chunked call would wait for
+    workers that do not exist."""
+    global _lock, _pool, _pool_size, _blas_users, _state
+    _lock = threading.Lock()
+    _pool, _pool_size, _blas_users = None, 0, 0
+    _blas_saved.clear()
+    _state = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def num_threads() -> int:
