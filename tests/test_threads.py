@@ -234,3 +234,23 @@ def test_pool_works_in_a_forked_child(pooled, two_threads):
 def _child_conv(q, x, w):
     threads.SERIAL_BELOW = threads.POOL_BELOW = 0
     q.put(fc.conv2d(x, w, backend="cpu", algorithm="im2col"))
+
+
+def test_concurrent_callers_share_the_pool(pooled, two_threads):
+    """Several user threads calling chunked ops at once all finish with the right answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(10)
+    xs = [rng.standard_normal((5, 2, 8, 8)) for _ in range(3)]
+    w = rng.standard_normal((4, 2, 3, 3))
+    expected = [reference.conv2d(x, w, padding=1) for x in xs]
+
+    def work(i):
+        return [fc.conv2d(xs[i], w, padding=1, backend="cpu", algorithm="im2col") for _ in range(5)]
+
+    with ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(work, range(3)))
+    for got, e in zip(results, expected):
+        for y in got:
+            assert_close(y, e)
+    assert threads._blas_users == 0
