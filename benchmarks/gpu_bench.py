@@ -40,6 +40,13 @@ from typing import Any
 
 import numpy as np
 
+try:  # PyTorch before fastconv: PyTorch's CPU build shares Numba's OpenMP runtime, which takes
+    # the settings of whichever library loads it first (see fastconv.bench); this way PyTorch
+    # keeps its own defaults, as its users have them.
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 # name -> (x (N, C, H, W), w (K, C, KH, KW), padding), batch 64 as in fastconv.bench
 CONV_LAYERS = {
     "lenet5.conv1": ((64, 1, 28, 28), (6, 1, 5, 5), 2),
