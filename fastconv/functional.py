@@ -857,15 +857,12 @@ def adam_update(
     beta2 = shapes.check_number(op, "beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
     eps = shapes.check_number(op, "eps", eps, lo=0.0)
     weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
-    if not shapes._is_int(step) or step < 1:
-        raise ValueError(
-            f"{op}: step must be an int >= 1 (updates so far, this one included); got step={step!r}"
-        )
+    step = shapes.check_step(op, step)
     if m is None or v is None:
         raise ValueError(f"{op}: the moment buffers m and v are required")
     grad = shapes.check_update(op, p, grad, m=m, v=v)
     impl = _run(op, backend, "adam_update", p, grad)
-    args = (lr, beta1, beta2, eps, weight_decay, int(step))
+    args = (lr, beta1, beta2, eps, weight_decay, step)
     if impl is reference.adam_update:
         p[...], m[...], v[...] = impl(p, grad, m, v, *args)
         return None
@@ -953,15 +950,12 @@ def adagrad_update(
     lr_decay = shapes.check_number(op, "lr_decay", lr_decay, lo=0.0)
     weight_decay = shapes.check_number(op, "weight_decay", weight_decay, lo=0.0)
     eps = shapes.check_number(op, "eps", eps, lo=0.0)
-    if not shapes._is_int(step) or step < 1:
-        raise ValueError(
-            f"{op}: step must be an int >= 1 (updates so far, this one included); got step={step!r}"
-        )
+    step = shapes.check_step(op, step)
     if state_sum is None:
         raise ValueError(f"{op}: the accumulator state_sum is required")
     grad = shapes.check_update(op, p, grad, state_sum=state_sum)
     impl = _run(op, backend, "adagrad_update", p, grad)
-    args = (lr, lr_decay, weight_decay, eps, int(step))
+    args = (lr, lr_decay, weight_decay, eps, step)
     if impl is reference.adagrad_update:
         p[...], state_sum[...] = impl(p, grad, state_sum, *args)
         return None

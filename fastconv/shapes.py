@@ -632,6 +632,15 @@ def check_update(op: str, p: Any, grad: Any, **state: Any) -> Any:
     return grad
 
 
+def check_step(op: str, step: Any) -> int:
+    """An optimizer's update count, from 1 (this update included)."""
+    if not _is_int(step) or step < 1:
+        raise ValueError(
+            f"{op}: step must be an int >= 1 (updates so far, this one included); got step={step!r}"
+        )
+    return int(step)
+
+
 def single(op: str, name: str, value: Any, *, minimum: int) -> int:
     """A 1-D size: ``3`` or ``(3,)`` -> ``3``; anything else or below ``minimum`` raises."""
     if isinstance(value, (tuple, list)) and len(value) == 1:

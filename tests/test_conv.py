@@ -322,3 +322,16 @@ def test_columns_too_big_to_keep_are_rebuilt(monkeypatch):
     got = fc.conv2d_backward(gy, x, w, **p, backend="cpu", algorithm="im2col", saved=saved)
     for a, e in zip(got, reference.conv2d_backward(gy, x, w, **p)):
         assert_close(a, e, np.float64)
+
+
+def test_kept_columns_buffer_is_reused_across_steps():
+    """A layer's next forward pass of the same shape writes its columns into the same buffer."""
+    rng = np.random.default_rng(11)
+    x, w = arrays(rng, np.float64, (2, 3, 6, 6), (4, 3, 3, 3))
+    saved = {}
+    fc.conv2d(x, w, backend="cpu", algorithm="im2col", saved=saved)
+    first = saved["cols"]
+    x2 = rng.standard_normal(x.shape)
+    y2 = fc.conv2d(x2, w, backend="cpu", algorithm="im2col", saved=saved)
+    assert saved["cols"] is first and saved["x"] is x2
+    assert_close(y2, reference.conv2d(x2, w))

@@ -97,7 +97,9 @@ def conv2d_bias_relu(x, w, b, g, algorithm, saved=None):
 def _conv2d(x, w, b, g, algorithm, saved, relu):
     bias = np.zeros(g.K, x.dtype) if b is None else b
     work = g.flops() // 2
+    previous = None
     if saved is not None:
+        previous = saved.get("cols")  # last step's buffer: reused below when it fits
         saved.clear()
     if algorithm == "direct":  # one parallel loop over (n, k) planes
         with threads_for(work):
@@ -109,10 +111,10 @@ def _conv2d(x, w, b, g, algorithm, saved, relu):
     size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
     if saved is not None and size * x.itemsize <= KEEP_COLS_MAX_BYTES:
         # a buffer of the caller's own for all columns, reused across steps
-        kept = saved.get("buffer")
+        kept = previous
         if kept is None or kept.size != size or kept.dtype != x.dtype:
             kept = np.empty(size, x.dtype)
-        saved.update(x=x, g=g, cols=kept, buffer=kept)
+        saved.update(x=x, g=g, cols=kept)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     wm = w.reshape(g.G, g.KG, R)
     y = np.empty(g.y_shape, x.dtype)

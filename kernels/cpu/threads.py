@@ -168,8 +168,7 @@ def for_each(body: Callable[[int], None], n: int, work: int) -> None:
     the first exception raised by a body is raised here, after all threads have stopped.
     """
     threads = min(num_threads(), n)
-    _blas_single_enter()
-    try:
+    with blas_single():
         if threads <= 1 or work < POOL_BELOW or getattr(_state, "inside", False):
             for i in range(n):
                 body(i)
@@ -190,8 +189,6 @@ def for_each(body: Callable[[int], None], n: int, work: int) -> None:
                 error = error or e
         if error is not None:
             raise error
-    finally:
-        _blas_single_exit()
 
 
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
