@@ -155,17 +155,18 @@ def test_linear_on_the_pool_matches_the_oracle(pooled, two_threads, shape, split
         assert_close(a, e)
 
 
-def test_relu_backward_in_blocks_matches_the_oracle(pooled, two_threads, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_in_blocks_matches_the_oracle(pooled, two_threads, monkeypatch, dtype):
     from fastconv.kernels.cpu import nn
 
     monkeypatch.setattr(nn, "ELEMENTWISE_BLOCK", 7)  # blocks that do not divide the size
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((3, 2, 5, 5))
+    x = rng.standard_normal((3, 2, 5, 5)).astype(dtype)
     x[0, 0, 0, :2] = 0.0  # derivative 0 at 0
-    gy = rng.standard_normal(x.shape)
-    np.testing.assert_array_equal(
-        fc.functional.relu_backward(gy, x, backend="cpu"), reference.relu_backward(gy, x)
-    )
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    got = fc.functional.relu_backward(gy, x, backend="cpu")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, reference.relu_backward(gy, x))
 
 
 def test_sgd_update_one_pass_matches_the_oracle():
