@@ -44,6 +44,7 @@ def conv2d(
     algorithm: str = "auto",
     saved: dict | None = None,
     activation: str | None = None,
+    pool: IntPair | None = None,
 ) -> Array:
     """2-D convolution (cross-correlation, as in PyTorch).
 
@@ -61,33 +62,67 @@ def conv2d(
             kernels' last pass (``Sequential`` uses it for a Conv2d followed by a ReLU). The
             gradient through the ReLU is ``relu_backward(grad_y, y)``: y > 0 exactly where
             the pre-activation is.
+        pool: None, or a window size k (int or (kh, kw)) for
+            ``max_pool2d(activation(conv2d(...)), k)``: max pooling with stride k, no padding,
+            floor mode, fused into the same last pass, so the full-size output is never written
+            (``Sequential`` uses it for Conv2d, ReLU, MaxPool2d(k)). Its gradient comes from
+            ``conv2d_backward(..., activation=..., pool=k, saved=saved)`` with the dict given here.
 
     Shape:
         x (N, C, H, W), weight (K, C/groups, KH, KW), bias (K,) -> y (N, K, OH, OW) with
-        OH = floor((H + 2*ph - dh*(KH-1) - 1) / sh) + 1 (likewise OW).
+        OH = floor((H + 2*ph - dh*(KH-1) - 1) / sh) + 1 (likewise OW); with ``pool``
+        (N, K, OH // kh, OW // kw).
     """
     op = "conv2d"
     x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
-    if activation not in (None, "relu"):
-        raise ValueError(f"{op}: activation must be None or 'relu'; got {activation!r}")
-    fn = "conv2d" if activation is None else "conv2d_bias_relu"
+    relu, pg = _fused(op, g, activation, pool)
+    fn = "conv2d" if not relu else "conv2d_bias_relu"
 
     def run(be, algo, keep=None):
-        return getattr(dispatch.backend_ops(op, be), fn)(x, weight, bias, g, algo, keep)
+        ops = dispatch.backend_ops(op, be)
+        if pg is not None:
+            return ops.conv2d_pool(x, weight, bias, g, pg, relu, algo, keep)
+        return getattr(ops, fn)(x, weight, bias, g, algo, keep)
 
-    be, algo = dispatch.choose(
+    be, algo = dispatch.choose(  # autotuned on the convolution without pooling
         op,
         g,
         backend,
         algorithm,
         _on_device(x, weight, bias),
         x.dtype,
-        lambda a: lambda: run("cpu", a),
+        lambda a: lambda: getattr(dispatch.backend_ops(op, "cpu"), fn)(x, weight, bias, g, a),
     )
     if be == "reference":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return y if activation is None else np.maximum(y, 0)
-    return run(be, algo, saved)
+        y = y if activation is None else np.maximum(y, 0)
+        if saved is not None:
+            saved.clear()  # no stale record of another call
+        if pg is None:
+            return y
+        if saved is not None:
+            saved["pool"] = y
+        y = reference.max_pool2d(y, (pg.KH, pg.KW))
+    else:
+        y = run(be, algo, saved)
+    if saved is not None and pg is not None:  # what conv2d_backward checks
+        saved["fused"] = (x, g, relu, pg, be)
+    return y
+
+
+def _fused(op: str, g: shapes.ConvGeom, activation: Any, pool: Any):
+    """(relu, pooling geometry or None) of conv2d's ``activation`` and ``pool`` arguments."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu'; got {activation!r}")
+    if pool is None:
+        return activation == "relu", None
+    kh, kw = shapes.pair(op, "pool", pool, minimum=1)
+    if kh > g.OH or kw > g.OW:
+        raise ValueError(
+            f"{op}: the pooling window pool={(kh, kw)} is larger than the convolution output "
+            f"({g.OH}x{g.OW}); x.shape={(g.N, g.C, g.H, g.W)}"
+        )
+    return activation == "relu", shapes.pool2d_geometry(op, g.y_shape, (kh, kw))
 
 
 def conv2d_backward(
@@ -103,25 +138,56 @@ def conv2d_backward(
     algorithm: str = "auto",
     output_mask: tuple[bool, bool, bool] = (True, True, True),
     saved: dict | None = None,
+    activation: str | None = None,
+    pool: IntPair | None = None,
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients of ``conv2d`` with respect to x, weight and bias.
 
     ``output_mask`` (as in PyTorch's convolution_backward) skips the gradients not needed;
     those come back as None. ``saved``: the dict given to the forward ``conv2d`` call, if any.
+    With ``pool`` (and ``activation``) as in that forward call, grad_y is the gradient of its
+    pooled output, and ``saved`` is required: it holds what the forward pass kept (the pooled
+    output and each window's argmax on the CPU). Without ``pool``, ``activation`` must be None
+    (the gradient through a fused ReLU alone is ``relu_backward(grad_y, y)``).
 
     Shape:
-        grad_y (N, K, OH, OW), x (N, C, H, W), weight (K, C/groups, KH, KW)
+        grad_y (N, K, OH, OW) (with ``pool``: (N, K, OH // kh, OW // kw)),
+        x (N, C, H, W), weight (K, C/groups, KH, KW)
         -> grad_x (N, C, H, W), grad_weight (K, C/groups, KH, KW), grad_bias (K,).
     """
     op = "conv2d_backward"
     x, weight, _, g = shapes.check_conv2d(op, x, weight, None, stride, padding, dilation, groups)
-    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
+    relu, pg = _fused(op, g, activation, pool)
+    if pg is None and relu:
+        raise ValueError(
+            f"{op}: activation='relu' needs pool (for a fused ReLU alone, take "
+            "relu_backward(grad_y, y) first); got pool=None"
+        )
+    y_shape = g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW)
+    grad_y = shapes.check_grad(op, grad_y, y_shape, "conv2d")
     shapes.check_same_dtype(op, grad_y=grad_y, x=x)
     shapes.check_same_place(op, grad_y=grad_y, x=x, weight=weight)
     mask = tuple(bool(m) for m in output_mask)
+    if pg is not None:
+        fused = None if saved is None else saved.get("fused")
+        if fused is None or fused[0] is not x or fused[1:4] != (g, relu, pg):
+            raise ValueError(
+                f"{op}: pool={pool!r}, activation={activation!r} needs the saved dict of the "
+                "forward conv2d call on this same x with the same arguments (it keeps the "
+                f"pooled output and argmax); got saved={'None' if saved is None else 'a dict'}"
+                f"{'' if saved is None else ' without a matching forward call'}"
+            )
 
     def run(be, algo, keep=None):
-        return dispatch.backend_ops(op, be).conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
+        ops = dispatch.backend_ops(op, be)
+        if pg is not None:
+            return ops.conv2d_pool_backward(grad_y, x, weight, g, pg, relu, algo, mask, keep)
+        return ops.conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
+
+    def plain(a):  # the candidate timed for the autotuner: the convolution's own backward
+        gz = grad_y if pg is None else np.zeros(g.y_shape, grad_y.dtype)
+        ops = dispatch.backend_ops(op, "cpu")
+        return lambda: ops.conv2d_backward(gz, x, weight, g, a, mask)
 
     be, algo = dispatch.choose(
         op,
@@ -130,10 +196,19 @@ def conv2d_backward(
         algorithm,
         _on_device(grad_y, x, weight),
         x.dtype,
-        lambda a: lambda: run("cpu", a),
+        plain,
         variant=str(mask),
     )
+    if pg is not None and saved["fused"][4] != be:
+        raise ValueError(
+            f"{op}: the forward call ran on backend {saved['fused'][4]!r}, its saved dict "
+            f"cannot serve backend {be!r}"
+        )
     if be == "reference":
+        if pg is not None:
+            z = saved["pool"]
+            grad_y = reference.max_pool2d_backward(grad_y, z, (pg.KH, pg.KW))
+            grad_y = np.where(z > 0, grad_y, 0) if relu else grad_y
         out = reference.conv2d_backward(grad_y, x, weight, stride, padding, dilation, groups)
         return tuple(o if m else None for o, m in zip(out, mask))
     return run(be, algo, saved)

@@ -332,6 +332,7 @@ class _ConvBase(Layer):
         self.has_bias = bool(bias)
         # The forward pass's im2col matrix, kept for the backward pass while training.
         self._cols: dict = {}
+        self._fused: dict = {}  # conv2d's activation and pool of the last forward call, if pooled
 
     def _make(self, w_shape, bias_len, rng):
         self.weight = Parameter(np.empty(w_shape, self.dtype))
@@ -406,16 +407,32 @@ class Conv2d(_ConvBase):
     def _conv(self):
         return (self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: Array, *, activation: str | None = None) -> Array:
+    def forward(
+        self,
+        x: Array,
+        *,
+        activation: str | None = None,
+        pool: int | tuple[int, int] | None = None,
+    ) -> Array:
         """``activation="relu"``: relu of the output, fused into the convolution's last pass
         (``Sequential`` asks for it when a ReLU layer follows; the ReLU's backward does the
-        rest, from the output)."""
+        rest, from the output). ``pool=k``: then k x k max pooling (stride k) in the same pass
+        (``Sequential``: Conv2d, ReLU, MaxPool2d(k)); this layer's backward then takes the
+        gradient of the pooled output."""
         b = None if self.bias is None else self.bias.data
-        saved = self._cols if self.training else None
+        saved = self._cols if self.training or pool is not None else None
         y = F.conv2d(
-            x, self.weight.data, b, *self._conv(), **self._kw(), saved=saved, activation=activation
+            x,
+            self.weight.data,
+            b,
+            *self._conv(),
+            **self._kw(),
+            saved=saved,
+            activation=activation,
+            pool=pool,
         )
         self._cache = x
+        self._fused = {} if pool is None else {"activation": activation, "pool": pool}
         return y
 
     def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:
@@ -428,6 +445,7 @@ class Conv2d(_ConvBase):
             **self._kw(),
             output_mask=(input_grad, True, self.bias is not None),
             saved=self._cols,
+            **self._fused,
         )
         self._accumulate(self.weight, gw)
         self._accumulate(self.bias, gb)
@@ -1020,6 +1038,16 @@ class BatchNorm2d(Layer):
 # --------------------------------------------------------------------------- containers
 
 
+def _fusable_pool(conv: Conv2d, layer: Layer | None) -> tuple[int, int] | None:
+    """The window of a MaxPool2d that conv2d's ``pool`` argument can stand in for (stride =
+    window, no padding, floor mode, same backend), else None."""
+    if type(layer) is not MaxPool2d or layer.stride != layer.kernel_size:
+        return None
+    if layer.padding != (0, 0) or layer.ceil_mode or layer.backend not in ("auto", conv.backend):
+        return None
+    return layer.kernel_size
+
+
 class Sequential(Layer):
     """Layers applied in order; backward runs them in reverse.
 
@@ -1035,6 +1063,7 @@ class Sequential(Layer):
                     f"Sequential: item {i} is not a fastconv Layer; got {type(layer).__name__}"
                 )
         self.layers = list(layers)
+        self._fused_runs: list[tuple[int, int]] = []  # (first, last) layer of each fused run
 
     def children(self) -> list[tuple[str, Layer]]:
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
@@ -1059,13 +1088,25 @@ class Sequential(Layer):
         return self
 
     def forward(self, x: Array) -> Array:
-        """Each layer in turn, except that a Conv2d directly followed by a ReLU runs as one
-        fused conv + bias + ReLU (same result; the ReLU layer keeps the output for backward)."""
+        """Each layer in turn, except for fused runs (same results, fewer passes over memory):
+        - Conv2d, ReLU, MaxPool2d(k) (stride k, no padding, floor mode) run as one conv + bias
+          + ReLU + max-pool: the full-size output is never written, and the backward pass
+          goes from the pooled gradient straight to the convolution's;
+        - Conv2d, ReLU run as one conv + bias + ReLU (the ReLU layer keeps the output for
+          its backward)."""
         layers = self.layers
+        self._fused_runs = []
         i = 0
         while i < len(layers):
             layer = layers[i]
             if type(layer) is Conv2d and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+                pool = _fusable_pool(layer, layers[i + 2] if i + 2 < len(layers) else None)
+                if pool is not None:
+                    x = layer.forward(x, activation="relu", pool=pool)
+                    layers[i + 1]._cache = layers[i + 2]._cache = None  # their work is done
+                    self._fused_runs.append((i, i + 2))
+                    i += 3
+                    continue
                 x = layer.forward(x, activation="relu")
                 layers[i + 1]._cache = x
                 i += 2
@@ -1075,15 +1116,18 @@ class Sequential(Layer):
         return x
 
     def backward(self, grad_y: Array, *, input_grad: bool = True) -> Array | None:
-        """Backward through every layer; ``input_grad=False`` skips the first layer's input
-        gradient (training on data needs none) and returns None."""
-        rest = self.layers if input_grad else self.layers[1:]
-        for layer in reversed(rest):
-            grad_y = layer.backward(grad_y)
-        if input_grad or not self.layers:
-            return grad_y
-        self.layers[0].backward_params(grad_y)
-        return None
+        """Backward through every layer (a fused run: through its Conv2d, which takes the
+        run's output gradient); ``input_grad=False`` skips the first layer's input gradient
+        (training on data needs none) and returns None."""
+        skip = {j for a, b in self._fused_runs for j in range(a + 1, b + 1)}
+        for i in range(len(self.layers) - 1, -1, -1):
+            if i in skip:
+                continue
+            if i == 0 and not input_grad:
+                self.layers[0].backward_params(grad_y)
+                return None
+            grad_y = self.layers[i].backward(grad_y)
+        return grad_y if input_grad or not self.layers else None
 
     def backward_params(self, grad_y: Array) -> None:
         self.backward(grad_y, input_grad=False)

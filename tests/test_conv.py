@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
-from fastconv import reference
+from fastconv import reference, shapes
 from tests.helpers import DTYPES, assert_close, check_op
 from tests.strategies import arrays, conv_configs
 
@@ -91,6 +91,98 @@ def test_conv2d_fused_relu_keeps_nan(algorithm):
     assert np.isnan(y[0, :, 0, 0]).all()
     y[0, :, 0, 0] = 0
     assert (y == 0).all()  # -9 everywhere else, cut to 0
+
+
+def _pool_oracle(x, w, b, p, relu, k):
+    """(pooled output, full activation output) of the oracle's conv (+ ReLU) + max pooling."""
+    z = reference.conv2d(x, w, b, **p)
+    z = np.maximum(z, 0) if relu else z
+    return reference.max_pool2d(z, k), z
+
+
+def _check_pool(x, w, b, p, relu, k, algorithm, backend="cpu"):
+    act = "relu" if relu else None
+
+    def fused(x, w, b):
+        return fc.conv2d(x, w, b, **p, backend=backend, algorithm=algorithm, activation=act, pool=k)
+
+    def fused_grads(gy, x, w, b):
+        saved = {}
+        fc.conv2d(
+            x, w, b, **p, backend=backend, algorithm=algorithm, activation=act, pool=k, saved=saved
+        )
+        return fc.conv2d_backward(
+            gy, x, w, **p, backend=backend, algorithm=algorithm, activation=act, pool=k, saved=saved
+        )
+
+    def expected_grads(gy, x, w, b):
+        _, z = _pool_oracle(x, w, b, p, relu, k)
+        gz = reference.max_pool2d_backward(gy, z, k)
+        return reference.conv2d_backward(np.where(z > 0, gz, 0) if relu else gz, x, w, **p)
+
+    check_op(
+        fused,
+        lambda x, w, b: _pool_oracle(x, w, b, p, relu, k)[0],
+        (x, w, b),
+        grads=fused_grads,
+        expected_grads=expected_grads,
+    )
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@given(
+    cfg=conv_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    relu=st.booleans(),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+)
+def test_conv2d_fused_pool_random(algorithm, cfg, dtype, seed, relu, k):
+    """pool=k (and activation): the fused conv + bias (+ ReLU) + max-pool equals the oracle's
+    three ops, and its backward (from the pooled gradient and the saved dict) their gradients."""
+    rng = np.random.default_rng(seed)
+    x, w, b = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    p = _params(cfg)
+    g = shapes.conv2d_geometry("test", x.shape, w.shape, **p)
+    k = (min(k[0], g.OH), min(k[1], g.OW))
+    _check_pool(x, w, b, p, relu, k, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_fused_pool_lenet_shapes(algorithm, dtype):
+    """LeNet-5's two conv + ReLU + 2x2 pool stages, batch 5 (chunks of 2, 2 and 1 images)."""
+    rng = np.random.default_rng(3)
+    for xs, ws, pad in [((5, 1, 28, 28), (6, 1, 5, 5), 2), ((5, 6, 14, 14), (16, 6, 5, 5), 0)]:
+        x, w, b = arrays(rng, dtype, xs, ws, (ws[0],))
+        _check_pool(x, w, b, {"padding": pad}, True, 2, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_conv2d_fused_pool_ties_and_nan(algorithm):
+    """Windows whose pre-activations are all negative pool to 0 and pass no gradient (ReLU's
+    backward gives 0 where the output is 0); a NaN wins its window and passes no gradient."""
+    x = -np.ones((1, 1, 4, 4))
+    x[0, 0, 0, 0] = np.nan
+    x[0, 0, 3, 3] = 2.0
+    w = np.ones((1, 1, 1, 1))
+    saved = {}
+    kw = dict(backend="cpu", algorithm=algorithm, activation="relu", pool=2)
+    y = fc.conv2d(x, w, np.zeros(1), saved=saved, **kw)
+    assert np.isnan(y[0, 0, 0, 0])
+    np.testing.assert_array_equal(y[0, 0].ravel()[1:], [0.0, 0.0, 2.0])
+    gx, gw, gb = fc.conv2d_backward(np.ones((1, 1, 2, 2)), x, w, saved=saved, **kw)
+    expected = np.zeros((1, 1, 4, 4))
+    expected[0, 0, 3, 3] = 1.0
+    np.testing.assert_array_equal(gx, expected)
+    np.testing.assert_array_equal(gb, [1.0])
+
+
+def test_conv2d_fused_pool_reference_backend():
+    """The oracle backend runs the fused op as its three ops, saved dict included."""
+    rng = np.random.default_rng(4)
+    x, w, b = arrays(rng, np.float64, (2, 2, 7, 7), (3, 2, 3, 3), (3,))
+    _check_pool(x, w, b, {"padding": 1}, True, 2, "auto", backend="reference")
 
 
 NAMED = {

@@ -90,6 +90,22 @@ CONV_CASES = [
         ValueError,
         r"conv2d: activation must be None or 'relu'; got 'sigmoid'",
     ),
+    (
+        dict(pool=0),
+        ValueError,
+        r"conv2d: pool must be positive; got pool=0",
+    ),
+    (
+        dict(pool=(2, 2, 2)),
+        TypeError,
+        r"conv2d: pool must be an int or a pair",
+    ),
+    (
+        dict(pool=9),
+        ValueError,
+        r"conv2d: the pooling window pool=\(9, 9\) is larger than the convolution output "
+        r"\(6x6\); x.shape=\(2, 3, 8, 8\)",
+    ),
 ]
 
 
@@ -190,3 +206,28 @@ def test_bad_backend_and_algorithm():
         fc.conv2d(X, W, algorithm="fft")
     with pytest.raises(ValueError, match=r"max_pool2d: backend must be one of"):
         fc.max_pool2d(X, 2, backend="tpu")
+
+
+def test_conv2d_backward_fused_errors():
+    """The fused backward needs the forward call's saved dict, for this very x and the same
+    arguments, and says so before any kernel runs."""
+    x = np.random.default_rng(0).standard_normal((2, 1, 6, 6))
+    w = np.ones((3, 1, 3, 3))
+    gy = np.ones((2, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"needs the saved dict .*got saved=None"):
+        fc.conv2d_backward(gy, x, w, activation="relu", pool=2)
+    saved = {}
+    fc.conv2d(x, w, None, activation="relu", pool=2, saved=saved)
+    with pytest.raises(ValueError, match=r"without a matching forward call"):
+        fc.conv2d_backward(gy, x.copy(), w, activation="relu", pool=2, saved=saved)
+    with pytest.raises(ValueError, match=r"without a matching forward call"):
+        fc.conv2d_backward(gy, x, w, pool=2, saved=saved)  # forward had the ReLU
+    with pytest.raises(ValueError, match=r"grad_y"):
+        fc.conv2d_backward(np.ones((2, 3, 4, 4)), x, w, activation="relu", pool=2, saved=saved)
+    with pytest.raises(ValueError, match=r"activation='relu' needs pool"):
+        fc.conv2d_backward(np.ones((2, 3, 4, 4)), x, w, activation="relu", saved=saved)
+    with pytest.raises(ValueError, match=r"ran on backend 'cpu'.*cannot serve backend 'reference'"):
+        fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved, backend="reference")
+    fc.conv2d(x, w, None, saved=saved)  # a later unfused call on the same dict
+    with pytest.raises(ValueError, match=r"without a matching forward call"):
+        fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved)

@@ -544,3 +544,92 @@ def test_sequential_fuses_conv_relu_with_the_same_result(algorithm):
     assert_close(gx, rgx)
     assert_close(fused[0].weight.grad, rgw)
     assert_close(fused[0].bias.grad, rgb)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("algorithm", ["im2col", "direct"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_sequential_fuses_conv_relu_maxpool_with_the_same_result(algorithm, input_grad, dtype):
+    """Conv2d, ReLU, MaxPool2d(2) run as one fused conv + bias + ReLU + max-pool: the output and
+    every gradient are bit-identical to the three layers called one after the other (odd 7x7
+    conv output: floor mode drops the last row and column), and match the oracle."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 2, 9, 9)).astype(dtype)
+    gy = rng.standard_normal((5, 10)).astype(dtype)
+
+    def make():
+        return fc.Sequential(
+            fc.Conv2d(2, 4, 3, dtype=dtype, rng=0, algorithm=algorithm),
+            fc.ReLU(),
+            fc.MaxPool2d(2),
+            fc.Flatten(),
+            fc.Linear(36, 10, dtype=dtype, rng=1),
+        )
+
+    fused, plain = make(), make()
+    y = fused(x)
+    assert fused._fused_runs == [(0, 2)]
+    h = plain[2](plain[1](plain[0](x)))  # each layer called on its own: no fusion
+    y_plain = plain[4](plain[3](h))
+    np.testing.assert_array_equal(y, y_plain)
+    gx = fused.backward(gy, input_grad=input_grad)
+    g = plain[3].backward(plain[4].backward(gy))
+    gx_plain = plain[0].backward(plain[1].backward(plain[2].backward(g)), input_grad=input_grad)
+    assert (gx is None) == (not input_grad)
+    if input_grad:
+        np.testing.assert_array_equal(gx, gx_plain)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad)
+    w, b = fused[0].weight.data, fused[0].bias.data
+    z = np.maximum(R.conv2d(x, w, b), 0)
+    assert_close(h, R.max_pool2d(z, 2), dtype)
+    gz = R.max_pool2d_backward(g, z, 2)
+    rgx, rgw, rgb = R.conv2d_backward(np.where(z > 0, gz, 0), x, w)
+    if input_grad:
+        assert_close(gx, rgx, dtype)
+    assert_close(fused[0].weight.grad, rgw, dtype)
+    assert_close(fused[0].bias.grad, rgb, dtype)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        fc.MaxPool2d(2, stride=1),
+        fc.MaxPool2d(2, padding=1),
+        fc.MaxPool2d(2, ceil_mode=True),
+        fc.MaxPool2d(2, backend="reference"),
+        fc.AvgPool2d(2),
+    ],
+)
+def test_sequential_does_not_fuse_other_pools(pool):
+    """Pools the fused kernel does not cover run as layers of their own (conv + ReLU fused)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 1, 8, 8))
+    model = fc.Sequential(fc.Conv2d(1, 3, 3, dtype=np.float64, rng=0), fc.ReLU(), pool)
+    y = model(x)
+    assert model._fused_runs == []
+    z = np.maximum(R.conv2d(x, model[0].weight.data, model[0].bias.data), 0)
+    expected = pool(z)
+    assert_close(y, expected)
+    gy = rng.standard_normal(y.shape)
+    gx = model.backward(gy)
+    gz = pool.backward(gy)
+    rgx, rgw, _ = R.conv2d_backward(np.where(z > 0, gz, 0), x, model[0].weight.data)
+    assert_close(gx, rgx)
+    assert_close(model[0].weight.grad, rgw)
+
+
+def test_sequential_fused_run_in_eval_mode_and_layer_caches():
+    """The fused run also serves inference (eval mode); the ReLU and MaxPool2d it stands in
+    for hold no stale input afterwards, so calling their backward alone says so."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 1, 10, 10))
+    model = fc.Sequential(fc.Conv2d(1, 3, 3, dtype=np.float64, rng=0), fc.ReLU(), fc.MaxPool2d(2))
+    model.eval()
+    y = model(x)
+    z = np.maximum(R.conv2d(x, model[0].weight.data, model[0].bias.data), 0)
+    assert_close(y, R.max_pool2d(z, 2))
+    with pytest.raises(RuntimeError, match="MaxPool2d.backward called before forward"):
+        model[2].backward(np.ones_like(y))
+    gx = model.backward(np.ones_like(y))  # the model's own backward still works
+    assert gx.shape == x.shape

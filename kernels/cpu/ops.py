@@ -94,30 +94,67 @@ def conv2d_bias_relu(x, w, b, g, algorithm, saved=None):
     return _conv2d(x, w, b, g, algorithm, saved, True)
 
 
-def _conv2d(x, w, b, g, algorithm, saved, relu):
+def conv2d_pool(x, w, b, g, pg, relu, algorithm, saved=None):
+    """max_pool2d(relu(conv2d(x, w, b))) (without the ReLU when ``relu`` is False), pooled with
+    the non-overlapping windows of ``pg`` (stride = window, no padding, floor mode). Returns the
+    pooled y (N, K, PH, PW).
+
+    The im2col path pools in the pass that moves the GEMM result into NCHW order, so the
+    full-size output is never written. ``saved`` (required by the backward) receives the
+    pooled output and each window's argmax.
+    """
+    return _conv2d(x, w, b, g, algorithm, saved, relu, pg)
+
+
+def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, True), saved=None):
+    """Gradients of ``conv2d_pool`` from gy (N, K, PH, PW) and the ``saved`` dict of its
+    forward call: each window's gradient goes to its argmax (where the maximum is > 0 when
+    ``relu``), then through the convolution as in ``conv2d_backward``."""
+    y, code = saved["pool"]
+    with threads_for(g.N * g.K * g.OH * g.OW // POOL_ELEMENTS_PER_MAC):
+        gz = pool.max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
+    return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
+
+
+def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
     bias = np.zeros(g.K, x.dtype) if b is None else b
     work = g.flops() // 2
-    previous = None
+    previous = {}
     if saved is not None:
-        previous = saved.get("cols")  # last step's buffer: reused below when it fits
+        previous = dict(saved)  # last step's buffers: reused below when they fit
         saved.clear()
+    code = None  # each pooling window's argmax (its position in the window)
+    if pg is not None:
+        code = previous.get("pool", (None, None))[1]
+        if code is None or code.size != g.N * g.K * pg.OH * pg.OW:
+            code = np.empty(g.N * g.K * pg.OH * pg.OW, np.int32)
     if algorithm == "direct":  # one parallel loop over (n, k) planes
         with threads_for(work):
             y = direct.conv2d_forward(
                 x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
             )
-        return np.maximum(y, 0, out=y) if relu else y
+        if pg is not None:  # ReLU and pooling in one pass over the (N, K, P) output
+            P = g.OH * g.OW
+            z, y = y, np.empty((g.N, g.K, pg.OH, pg.OW), x.dtype)
+            zero = np.zeros(g.K, x.dtype)
+            im2col.kn_to_nk_pool(z, zero, P, g.K * P, y, code, 0, g.OH, g.OW, pg.KH, pg.KW, relu)
+            if saved is not None:
+                saved["pool"] = (y, code)
+        elif relu:
+            np.maximum(y, 0, out=y)
+        return y
     kept = None
     size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
     if saved is not None and size * x.itemsize <= KEEP_COLS_MAX_BYTES:
         # a buffer of the caller's own for all columns, reused across steps
-        kept = previous
+        kept = previous.get("cols")
         if kept is None or kept.size != size or kept.dtype != x.dtype:
             kept = np.empty(size, x.dtype)
         saved.update(x=x, g=g, cols=kept)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     wm = w.reshape(g.G, g.KG, R)
-    y = np.empty(g.y_shape, x.dtype)
+    y_shape = g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW)
+    y = np.empty(y_shape, x.dtype)
     parts = batch_chunks(g, x.itemsize)
 
     def run(i):
@@ -127,9 +164,17 @@ def _conv2d(x, w, b, g, algorithm, saved, relu):
         for gi in range(g.G):  # (KG, R) @ (R, nb*P) per group
             rows = slice(gi * g.KG, (gi + 1) * g.KG)
             np.matmul(wm[gi], cols[gi * R : (gi + 1) * R], out=ym[rows])
-        im2col.kn_to_nk(ym, bias, y[n0:n1].reshape(n1 - n0, g.K, P), relu)  # + bias
+        if pg is None:  # + bias (+ ReLU)
+            im2col.kn_to_nk(ym, bias, y[n0:n1].reshape(n1 - n0, g.K, P), relu)
+        else:  # + bias (+ ReLU), then max pooling
+            nbp = (n1 - n0) * P
+            im2col.kn_to_nk_pool(
+                ym, bias, nbp, P, y[n0:n1], code, n0, g.OH, g.OW, pg.KH, pg.KW, relu
+            )
 
     for_each(run, len(parts), work)
+    if pg is not None and saved is not None:
+        saved["pool"] = (y, code)
     return y
 
 

@@ -117,6 +117,30 @@ def max_pool2d_backward_indexed(gy, idx, N, C, H, W):
 
 
 @njit(parallel=True, cache=True)
+def max_pool2d_backward_coded(gy, y, code, OH, OW, KH, KW, relu):
+    """grad (N, C, OH, OW) of max pooling over non-overlapping KH x KW windows (stride = window,
+    floor mode), from each window's argmax ``code`` (row-major position in the window, as
+    im2col.kn_to_nk_pool writes it); with ``relu``, ReLU's backward too: a window passes its
+    gradient only where its maximum y > 0 (ReLU's output there; not for NaN). Rows and columns
+    past the last window get 0. One thread per (n, c) plane."""
+    N, C, PH, PW = gy.shape
+    gx = np.zeros((N, C, OH, OW), dtype=gy.dtype)
+    gxf = gx.ravel()
+    gyf = gy.ravel()
+    yf = y.ravel()
+    for nc in prange(N * C):
+        base = U(nc * OH * OW)
+        for ph in range(PH):
+            for pw in range(PW):
+                o = U((nc * PH + ph) * PW + pw)
+                if relu and not yf[o] > 0:
+                    continue
+                c = code[o]
+                gxf[base + U((ph * KH + c // KW) * OW + pw * KW + c % KW)] = gyf[o]
+    return gx
+
+
+@njit(parallel=True, cache=True)
 def max_pool2d_backward(gy, x, KH, KW, sh, sw, ph, pw):
     N, C, H, W = x.shape
     OH, OW = gy.shape[2], gy.shape[3]

@@ -41,6 +41,8 @@ __all__ = [
     "conv2d",
     "conv2d_backward",
     "conv2d_bias_relu",
+    "conv2d_pool",
+    "conv2d_pool_backward",
     "cross_entropy",
     "cross_entropy_device",
     "dropout",
@@ -273,6 +275,35 @@ def conv2d_bias_relu(x, w, b, g, algorithm, saved=None):
     """relu(conv2d(x, w, b)) in one pass: bias and ReLU fused into the kernels' epilogue."""
     host, (xd, w, b) = _inputs(x, w, b)
     return _out(host, _conv_forward(xd, x, w, b, g, algorithm, True, saved))
+
+
+def conv2d_pool(x, w, b, g, pg, relu, algorithm, saved=None):
+    """max_pool2d(relu(conv2d(x, w, b))) (no ReLU when ``relu`` is False) with the
+    non-overlapping windows of ``pg``: the fused conv + bias + ReLU kernels, then the pooling
+    kernel. The full-size output stays on the device, kept in ``saved`` (required by the
+    backward), whose pooling kernel finds each window's maximum again."""
+    host, (xd, w, b) = _inputs(x, w, b)
+    z = _conv_forward(xd, x, w, b, g, algorithm, relu, saved)
+    y = _empty((g.N, g.K, pg.OH, pg.OW), z.dtype)
+    L.launch(pool.max_pool2d_forward, *L.grid_1d(y.size), z, y, pg.KH, pg.KW, pg.sh, pg.sw, 0, 0)
+    if saved is not None:
+        saved["pool"] = z
+    return _out(host, y)
+
+
+def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, True), saved=None):
+    """Gradients of ``conv2d_pool`` from gy (N, K, PH, PW) and its forward call's ``saved``."""
+    z = saved["pool"]
+    _, (gyd,) = _inputs(gy)
+    gz = _empty(g.y_shape, z.dtype)
+    L.launch(
+        pool.max_pool2d_backward, *L.grid_1d(gz.size), gyd, z, gz, pg.KH, pg.KW, pg.sh, pg.sw, 0, 0
+    )
+    if relu:
+        gz = relu_backward(gz, z)
+    if isinstance(x, np.ndarray):  # a host call: grad_y comes back to the host first
+        gz = gz.copy_to_host()
+    return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
 
 
 def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None):

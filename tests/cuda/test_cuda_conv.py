@@ -190,6 +190,34 @@ def test_fused_bias_relu(algorithm, dtype):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_fused_pool(algorithm, dtype, relu):
+    """conv2d(..., pool=k): conv + bias (+ ReLU) + max-pool against the oracle's three ops,
+    gradients from the pooled gradient and the saved dict; on device arrays, the gradients
+    stay on the device."""
+    cfg = NAMED["batch1_odd"]  # 5x3 output: floor mode drops the last row and column
+    x, w, b = _arrays(cfg, dtype, 8)
+    p = conv_params(cfg)
+    act = "relu" if relu else None
+    z = reference.conv2d(x, w, b, **p)
+    z = np.maximum(z, 0) if relu else z
+    for xs in ((x, w, b), to_device(x, w, b)):
+        saved = {}
+        kw = dict(backend="cuda", algorithm=algorithm, activation=act, pool=2)
+        y = fc.conv2d(*xs, **p, saved=saved, **kw)
+        assert_close(y, reference.max_pool2d(z, 2))
+        gy = np.random.default_rng(1).standard_normal((1, 3, 2, 1)).astype(dtype)
+        gyd = gy if xs[0] is x else to_device(gy)[0]
+        got = fc.conv2d_backward(gyd, xs[0], xs[1], **p, saved=saved, **kw)
+        assert all(is_numba_device(a) for a in got) == (xs[0] is not x)
+        gz = reference.max_pool2d_backward(gy, z, 2)
+        expected = reference.conv2d_backward(np.where(z > 0, gz, 0) if relu else gz, x, w, **p)
+        for a, e in zip(got, expected):
+            assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
 def test_device_arrays_in_device_arrays_out(algorithm):
     """Device inputs stay on the device (numba device arrays out), auto picks cuda."""
     cfg = NAMED["depthwise_multiplier"]
