@@ -128,15 +128,22 @@ def max_pool2d_backward_coded(gy, y, code, OH, OW, KH, KW, relu):
     gxf = gx.ravel()
     gyf = gy.ravel()
     yf = y.ravel()
+    # Branch-free, with each code's offset looked up: a division by KW per window and a
+    # mispredicted branch per ReLU test made this 2.5x slower (LeNet-5 pool1, batch 64).
+    off = np.empty(KH * KW, np.uint64)
+    for c in range(KH * KW):
+        off[c] = U((c // KW) * OW + c % KW)
     for nc in prange(N * C):
         base = U(nc * OH * OW)
         for ph in range(PH):
+            row = base + U(ph * KH * OW)
+            o0 = U((nc * PH + ph) * PW)
             for pw in range(PW):
-                o = U((nc * PH + ph) * PW + pw)
-                if relu and not yf[o] > 0:
-                    continue
-                c = code[o]
-                gxf[base + U((ph * KH + c // KW) * OW + pw * KW + c % KW)] = gyf[o]
+                o = o0 + U(pw)
+                g = gyf[o]
+                if relu:
+                    g = g if yf[o] > 0 else 0
+                gxf[row + U(pw * KW) + off[code[o]]] = g
     return gx
 
 
