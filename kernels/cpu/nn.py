@@ -148,6 +148,8 @@ def linear_backward(gy, x, w, mask):
     def run(i):
         if tasks[i] == "x":
             out["x"] = gy @ w
+        elif gy.shape[0] == 1:  # one sample: an outer product. OpenBLAS's K=1 GEMM path
+            out["w"] = np.multiply(gy.T, x)  # ran 7-12x slower (9216 -> 128 layer: 1.36 ms)
         else:
             out["w"] = gy.T @ x
 
