@@ -13,17 +13,23 @@ from tests.strategies import arrays, conv_configs
 ALGOS = ("im2col", "direct")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def always_parallel():
+@pytest.fixture(autouse=True, scope="module", params=["native-gemm", "python-threads"])
+def always_parallel(request):
     """Small calls run on one thread (threads.SERIAL_BELOW, POOL_BELOW); the configurations
     here are small, so make every call take the multi-threaded path, the one where a race
-    would show, and cut batches into chunks of up to 2 images (N=3: a full and a partial one)."""
-    from fastconv.kernels.cpu import ops, threads
+    would show, and cut batches into chunks of up to 2 images (N=3: a full and a partial one).
+    Every test runs twice: im2col chunks in one prange loop calling BLAS from Numba (where
+    NumPy's BLAS allows it), and the Python-thread path used otherwise."""
+    from fastconv.kernels.cpu import blas, ops, threads
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(threads, "SERIAL_BELOW", 0)
         mp.setattr(threads, "POOL_BELOW", 0)
         mp.setattr(ops, "MIN_CHUNKS", 2)
+        if request.param == "python-threads":
+            mp.setattr(blas, "_found", False)
+        elif not blas.available():
+            pytest.skip("NumPy's BLAS has no 64-bit-integer CBLAS entry point here")
         yield
 
 

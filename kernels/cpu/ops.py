@@ -6,7 +6,9 @@ and a geometry from ``fastconv.shapes``; it returns new arrays in the input dtyp
 Notation: x (N, C, H, W), w (K, CG, KH, KW), y / gy (N, K, OH, OW), P = OH*OW, CG = C/G, KG = K/G.
 
 Threads: the im2col path cuts the batch into chunks and runs each chunk from im2col to the last
-transpose on one thread of fastconv's pool, with single-threaded BLAS (``threads.for_each``).
+transpose on one thread, with single-threaded BLAS: all chunks in one Numba ``prange`` loop that
+calls BLAS from inside (``im2col_gemm``, when ``blas.available()``), else chunk by chunk on
+fastconv's Python thread pool (``threads.for_each``).
 The direct kernels and pooling are Numba ``prange`` loops over planes on Numba's own threads.
 """
 
@@ -15,8 +17,8 @@ import threading
 
 import numpy as np
 
-from . import direct, im2col, pool
-from .threads import chunks, for_each, threads_for
+from . import blas, direct, im2col, im2col_gemm, pool, threads
+from .threads import blas_single, chunks, for_each, threads_for
 
 ALGORITHMS = ("im2col", "direct")
 _local = threading.local()
@@ -156,6 +158,32 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
     y_shape = g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW)
     y = np.empty(y_shape, x.dtype)
     parts = batch_chunks(g, x.itemsize)
+    if _native():  # every chunk in one native prange loop
+        with blas_single(), threads_for(work):
+            im2col_gemm.conv2d(
+                x,
+                w,
+                bias,
+                y,
+                _NONE[x.dtype] if kept is None else kept,
+                _NO_CODE if code is None else code,
+                _bounds(parts),
+                g.OH,
+                g.OW,
+                g.sh,
+                g.sw,
+                g.ph,
+                g.pw,
+                g.dh,
+                g.dw,
+                g.G,
+                relu,
+                0 if pg is None else pg.KH,
+                0 if pg is None else pg.KW,
+            )
+        if pg is not None and saved is not None:
+            saved["pool"] = (y, code)
+        return y
 
     def run(i):
         n0, n1 = parts[i]
@@ -206,6 +234,28 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
     gw_parts = np.empty((len(parts), g.G, R, g.KG), gy.dtype) if need_w else None
     gb_parts = np.empty((len(parts), g.K), gy.dtype)
     kept = _kept_cols(x, g, saved) if need_w else None
+    if _native():  # every chunk in one native prange loop
+        with blas_single(), threads_for(work):
+            im2col_gemm.conv2d_backward(
+                gy,
+                np.empty((0, g.C, g.H, g.W), gy.dtype) if x is None else x,
+                np.empty(g.w_shape, gy.dtype) if w is None else w,  # (w used only for grad_x)
+                np.empty((0, g.C, g.H, g.W), gy.dtype) if gx is None else gx,
+                np.empty((len(parts), g.G, R, g.KG), gy.dtype) if gw_parts is None else gw_parts,
+                gb_parts,
+                _NONE[gy.dtype] if kept is None else kept,
+                _bounds(parts),
+                g.sh,
+                g.sw,
+                g.ph,
+                g.pw,
+                g.dh,
+                g.dw,
+                g.G,
+                need_x,
+                need_w,
+            )
+        return _gradients(gx, gw_parts, gb_parts, g, need_b)
     wm = w.reshape(g.G, g.KG, R) if need_x else None
 
     def run(i):
@@ -229,10 +279,29 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
             )
 
     for_each(run, len(parts), work)
+    return _gradients(gx, gw_parts, gb_parts, g, need_b)
+
+
+def _gradients(gx, gw_parts, gb_parts, g, need_b):
+    """(grad_x, grad_w, grad_b) from the per-chunk parts, added in chunk order."""
     gw = None
-    if need_w:  # (G, R, KG) -> (K, CG, KH, KW)
+    if gw_parts is not None:  # (G, R, KG) -> (K, CG, KH, KW)
         gw = np.ascontiguousarray(_sum_parts(gw_parts).transpose(0, 2, 1)).reshape(g.w_shape)
     return gx, gw, (_sum_parts(gb_parts) if need_b else None)
+
+
+def _native():
+    """Run the im2col chunks as one prange loop calling BLAS from Numba (im2col_gemm.py)?"""
+    return blas.available() and not threads.forked
+
+
+def _bounds(parts):
+    """[(n0, n1)) chunks as the int64 array of their n0's, then the last n1."""
+    return np.array([p[0] for p in parts] + [parts[-1][1]], np.int64)
+
+
+_NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+_NO_CODE = np.empty(0, np.int32)
 
 
 def _kept_part(kept, g, n0, n1):

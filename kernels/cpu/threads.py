@@ -1,6 +1,7 @@
 """How the CPU backend's GEMM-based ops use several cores: the batch is cut into chunks, and a
 small pool of Python threads runs one chunk at a time each, calling single-threaded kernels and
-single-threaded BLAS (im2col convolution, Linear).
+single-threaded BLAS (Linear; the im2col convolution where BLAS cannot be called from inside
+Numba, see blas.py, or in a fork()ed child).
 
 Why not Numba's ``prange`` plus a multi-threaded BLAS, one after the other: at MNIST scale a
 layer is a few short phases (im2col, GEMM, transpose), each with its own fork/join, and the
@@ -49,13 +50,17 @@ _pool_size = 0
 _blas_users = 0
 _blas_saved: list[tuple[object, int]] = []
 _blas_controllers: list | None = None
+# True in a fork()ed child: GNU OpenMP cannot run parallel loops there once the parent has
+# (Numba aborts the process), so ops.py keeps such a child on this module's Python threads.
+forked = False
 
 
 def _after_fork_in_child() -> None:
     """A forked child has none of the parent's pool threads (and maybe a lock some other
     thread held at fork time): start from scratch, or the first chunked call would wait for
     workers that do not exist."""
-    global _lock, _pool, _pool_size, _blas_users, _state
+    global _lock, _pool, _pool_size, _blas_users, _state, forked
+    forked = True
     _lock = threading.Lock()
     _pool, _pool_size, _blas_users = None, 0, 0
     _blas_saved.clear()
