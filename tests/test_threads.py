@@ -72,7 +72,7 @@ def test_error_in_a_chunk_is_raised_after_all_threads_stop(pooled, two_threads):
 
 
 def test_blas_thread_count_is_restored(pooled, two_threads):
-    ctl = threads._blas()
+    ctl = threads.blas_libraries()
     if not ctl:
         pytest.skip("no BLAS library threadpoolctl can drive")
     before = [c.get_num_threads() for c in ctl]

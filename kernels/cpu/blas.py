@@ -6,12 +6,12 @@ and each take-back can wait for the other thread (tens of microseconds on a smal
 conv1 backward ran slower on two threads than on one. With GEMM callable from Numba, a whole
 chunk is one native call and all chunks one ``prange`` loop (im2col_gemm.py).
 
-How: threadpoolctl finds the OpenBLAS that NumPy loaded; its ILP64 CBLAS entry points
-(``scipy_cblas_sgemm64_`` in NumPy's own wheels, ``cblas_sgemm64_`` in other 64-bit-integer
-builds) are registered with LLVM under fixed names, which the kernels call as external
-functions (so Numba's on-disk cache stays valid across processes). Where no such library is
-found, ``available()`` is False and the CPU backend keeps its Python-thread path (threads.py).
-``FASTCONV_NATIVE_GEMM=0`` forces that path.
+How: threadpoolctl (threads.blas_libraries) finds the OpenBLAS that NumPy loaded; its ILP64
+CBLAS entry points (``scipy_cblas_sgemm64_`` in NumPy's own wheels, ``cblas_sgemm64_`` in other
+64-bit-integer builds) are registered with LLVM under fixed names, which the kernels call as
+external functions (so Numba's on-disk cache stays valid across processes). Where no such
+library is found, ``available()`` is False and the CPU backend keeps its Python-thread path
+(threads.py); ``FASTCONV_NATIVE_GEMM=0`` forces that path.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, types
 
 from ._common import U
+from .threads import blas_libraries
 
 _NAMES = ("fastconv_cblas_sgemm_ilp64", "fastconv_cblas_dgemm_ilp64")
 _found: bool | None = None
@@ -38,17 +39,11 @@ def available() -> bool:
 
 
 def _register() -> bool:
-    try:
-        import threadpoolctl
-
-        infos = threadpoolctl.threadpool_info()
-    except Exception:  # noqa: BLE001 — no BLAS information: the Python-thread path
-        return False
-    for info in infos:
-        if info.get("user_api") != "blas" or info.get("internal_api") != "openblas":
+    for lib_info in blas_libraries():  # threadpoolctl's handles, found once for both uses
+        if lib_info.internal_api != "openblas":
             continue
         try:
-            lib = ctypes.CDLL(info["filepath"])
+            lib = ctypes.CDLL(lib_info.filepath)
         except OSError:
             continue
         for prefix in ("scipy_", ""):

@@ -120,7 +120,6 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
 
 def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
     bias = np.zeros(g.K, x.dtype) if b is None else b
-    work = g.flops() // 2
     previous = {}
     if saved is not None:
         previous = dict(saved)  # last step's buffers: reused below when they fit
@@ -130,43 +129,52 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
         code = previous.get("pool", (None, None))[1]
         if code is None or code.size != g.N * g.K * pg.OH * pg.OW:
             code = np.empty(g.N * g.K * pg.OH * pg.OW, np.int32)
-    if algorithm == "direct":  # one parallel loop over (n, k) planes
-        with threads_for(work):
-            y = direct.conv2d_forward(
-                x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-            )
-        if pg is not None:  # ReLU and pooling in one pass over the (N, K, P) output
-            P = g.OH * g.OW
-            z, y = y, np.empty((g.N, g.K, pg.OH, pg.OW), x.dtype)
-            zero = np.zeros(g.K, x.dtype)
-            im2col.kn_to_nk_pool(z, zero, P, g.K * P, y, code, 0, g.OH, g.OW, pg.KH, pg.KW, relu)
-            if saved is not None:
-                saved["pool"] = (y, code)
-        elif relu:
-            np.maximum(y, 0, out=y)
-        return y
-    kept = None
-    size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
-    if saved is not None and size * x.itemsize <= KEEP_COLS_MAX_BYTES:
-        # a buffer of the caller's own for all columns, reused across steps
-        kept = previous.get("cols")
-        if kept is None or kept.size != size or kept.dtype != x.dtype:
-            kept = np.empty(size, x.dtype)
-        saved.update(x=x, g=g, cols=kept)
+    if algorithm == "direct":
+        y = _direct_forward(x, w, bias, g, relu, pg, code)
+    else:
+        kept = None
+        size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
+        if saved is not None and size * x.itemsize <= KEEP_COLS_MAX_BYTES:
+            # a buffer of the caller's own for all columns, reused across steps
+            kept = previous.get("cols")
+            if kept is None or kept.size != size or kept.dtype != x.dtype:
+                kept = np.empty(size, x.dtype)
+            saved.update(x=x, g=g, cols=kept)
+        y = _im2col_forward(x, w, bias, g, relu, pg, code, kept)
+    if pg is not None and saved is not None:
+        saved["pool"] = (y, code)
+    return y
+
+
+def _direct_forward(x, w, bias, g, relu, pg, code):
+    with threads_for(g.flops() // 2):  # one parallel loop over (n, k) planes
+        y = direct.conv2d_forward(x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
+    if pg is not None:  # ReLU and pooling in one pass over the (N, K, P) output
+        P = g.OH * g.OW
+        z, y = y, np.empty((g.N, g.K, pg.OH, pg.OW), x.dtype)
+        zero = np.zeros(g.K, x.dtype)
+        im2col.kn_to_nk_pool(z, zero, P, g.K * P, y, code, 0, g.OH, g.OW, pg.KH, pg.KW, relu)
+    elif relu:
+        np.maximum(y, 0, out=y)
+    return y
+
+
+def _im2col_forward(x, w, bias, g, relu, pg, code, kept):
+    """Per batch chunk: im2col (into ``kept`` when given), GEMM, then the epilogue (bias, ReLU,
+    pooling) into y; all chunks in one native loop when BLAS is callable from Numba."""
+    work = g.flops() // 2
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
-    wm = w.reshape(g.G, g.KG, R)
-    y_shape = g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW)
-    y = np.empty(y_shape, x.dtype)
+    y = np.empty(g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW), x.dtype)
     parts = batch_chunks(g, x.itemsize)
-    if _native():  # every chunk in one native prange loop
+    if _native():
         with blas_single(), threads_for(work):
             im2col_gemm.conv2d(
                 x,
                 w,
                 bias,
                 y,
-                _NONE[x.dtype] if kept is None else kept,
-                _NO_CODE if code is None else code,
+                np.empty(0, x.dtype) if kept is None else kept,
+                np.empty(0, np.int32) if code is None else code,
                 _bounds(parts),
                 g.OH,
                 g.OW,
@@ -181,9 +189,8 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
                 0 if pg is None else pg.KH,
                 0 if pg is None else pg.KW,
             )
-        if pg is not None and saved is not None:
-            saved["pool"] = (y, code)
         return y
+    wm = w.reshape(g.G, g.KG, R)
 
     def run(i):
         n0, n1 = parts[i]
@@ -201,8 +208,6 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
             )
 
     for_each(run, len(parts), work)
-    if pg is not None and saved is not None:
-        saved["pool"] = (y, code)
     return y
 
 
@@ -241,9 +246,9 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
                 np.empty((0, g.C, g.H, g.W), gy.dtype) if x is None else x,
                 np.empty(g.w_shape, gy.dtype) if w is None else w,  # (w used only for grad_x)
                 np.empty((0, g.C, g.H, g.W), gy.dtype) if gx is None else gx,
-                np.empty((len(parts), g.G, R, g.KG), gy.dtype) if gw_parts is None else gw_parts,
+                np.empty((0, 0, 0, 0), gy.dtype) if gw_parts is None else gw_parts,
                 gb_parts,
-                _NONE[gy.dtype] if kept is None else kept,
+                np.empty(0, gy.dtype) if kept is None else kept,
                 _bounds(parts),
                 g.sh,
                 g.sw,
@@ -298,10 +303,6 @@ def _native():
 def _bounds(parts):
     """[(n0, n1)) chunks as the int64 array of their n0's, then the last n1."""
     return np.array([p[0] for p in parts] + [parts[-1][1]], np.int64)
-
-
-_NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
-_NO_CODE = np.empty(0, np.int32)
 
 
 def _kept_part(kept, g, n0, n1):

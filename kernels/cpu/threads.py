@@ -90,7 +90,7 @@ def threads_for(work: int):
         numba.set_num_threads(n)
 
 
-def _blas():
+def blas_libraries():
     """threadpoolctl's handles on the loaded BLAS libraries (found once)."""
     global _blas_controllers
     if _blas_controllers is None:
@@ -109,7 +109,7 @@ def _blas_single_enter() -> None:
     global _blas_users
     with _lock:
         if _blas_users == 0:
-            _blas_saved[:] = [(c, c.get_num_threads()) for c in _blas()]
+            _blas_saved[:] = [(c, c.get_num_threads()) for c in blas_libraries()]
             for c, n in _blas_saved:
                 if n != 1:
                     c.set_num_threads(1)
