@@ -1,60 +1,31 @@
 """Direct convolution: forward, backward-data and backward-filter with no im2col buffer.
 
-Notation: x (N, C, H, W), weight (K, CG, KH, KW) with CG = C/G, y (N, K, OH, OW), KG = K/G.
-Input position of output (oh, ow), tap (kh, kw): ih = oh*sh - ph + kh*dh, iw = ow*sw - pw + kw*dw.
-Taps in the zero padding are skipped via ``valid_range`` instead of testing every element.
+Notation: x (N, C, H, W), weight (K, CG, KH, KW) with CG = C/G, y (N, K, OH, OW), KG = K/G,
+P = OH*OW, R = CG*KH*KW taps. Input position of output (oh, ow), tap (kh, kw):
+ih = oh*sh - ph + kh*dh, iw = ow*sw - pw + kw*dw.
 
 Backward, derived once from  y[n,k,oh,ow] = sum_{c,kh,kw} w[k,c,kh,kw] * x[n, g*CG+c, ih, iw]:
   grad_x[n, g*CG+c, ih, iw] = sum_{k in group g; kh, kw, oh, ow hitting (ih, iw)}
                                   w[k,c,kh,kw] * gy[n,k,oh,ow]
-      i.e. the transposed convolution of gy with w (a full correlation of the stride-dilated gy
-      with the flipped kernel); written here as a scatter from gy, one thread per (n, c) plane.
+      i.e. the transposed convolution of gy with w. At stride 1, oh = ih + ph - kh*dh; with
+      kh' = KH-1-kh this is oh = ih - q + kh'*dh, q = dh*(KH-1) - ph: a plain convolution of
+      gy (padding q, dilation d) with the flipped kernel, channel axes swapped, which
+      ``backward_data`` runs on the forward tiles. Other strides: a scatter from gy, one thread
+      per (n, c) plane (``conv2d_backward_data``).
   grad_w[k, c, kh, kw] = sum_{n, oh, ow} gy[n,k,oh,ow] * x[n, g*CG+c, ih, iw]
       i.e. the correlation of x with gy (gy acting as the kernel, dilation and stride swapped).
-Every output element is owned by one thread and summed in a fixed order: deterministic.
+Every output element is summed in a fixed order (grad_w: per chunk of images, chunks added in
+order by the caller): deterministic, whatever the thread count.
 """
+
+import functools
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, U, valid_range
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def conv2d_forward(x, w, b, OH, OW, sh, sw, ph, pw, dh, dw, G):
-    """y (N, K, OH, OW) from x, w and bias b (K,); one thread per (n, k) output plane."""
-    N, C, H, W = x.shape
-    K, CG, KH, KW = w.shape
-    KG = K // G
-    y = np.empty((N, K, OH, OW), dtype=x.dtype)
-    xf = x.ravel()
-    yf = y.ravel()
-    P = OH * OW
-    for nk in prange(N * K):
-        n = nk // K
-        k = nk % K
-        c0 = (k // KG) * CG
-        yb = U(nk * P)
-        b0 = b[k]
-        for p in range(P):
-            yf[yb + U(p)] = b0
-        for c in range(CG):
-            xb = (n * C + c0 + c) * H
-            for kh in range(KH):
-                oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
-                for kw in range(KW):
-                    ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
-                    wv = w[k, c, kh, kw]
-                    for oh in range(oh_lo, oh_hi):
-                        dst = yb + U(oh * OW + ow_lo)
-                        src = U((xb + oh * sh - ph + kh * dh) * W + ow_lo * sw - pw + kw * dw)
-                        if sw == 1:
-                            for i in range(ow_hi - ow_lo):
-                                yf[dst + U(i)] += wv * xf[src + U(i)]
-                        else:
-                            for i in range(ow_hi - ow_lo):
-                                yf[dst + U(i)] += wv * xf[src + U(i * sw)]
-    return y
+from .microkernel import COMBOS, VBYTES, lanes, tile, tile_rows, tile_vectors
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -91,39 +62,302 @@ def conv2d_backward_data(gy, w, H, W, sh, sw, ph, pw, dh, dw, G):
     return gx
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def conv2d_backward_filter(gy, x, KH, KW, sh, sw, ph, pw, dh, dw, G):
-    """grad_w (K, CG, KH, KW); one thread per (k, c) filter slice, reducing over n, oh, ow."""
-    N, K, OH, OW = gy.shape
+# --------------------------------------------------------------------------- tiled direct path
+# The loops above keep every partial sum in memory. The path below runs the same sums through
+# microkernel.tile, whose partial sums live in SIMD registers: per image (and group) the input
+# is copied once into a zero-bordered buffer (padding becomes ordinary zeros, so no tap needs a
+# bounds test), then tiles of MR x NV registers sweep the output. Two ways to lay the output
+# across the vector lanes (the plan picks the one that computes fewer wasted lanes):
+#   form A: lanes = output channels (KG rounded up to whole vectors), rows = output pixels at
+#           any stride / dilation; result (pixels, channels), transposed into y by the epilogue.
+#   form B: lanes = consecutive positions oh*Wp + ow of the padded width (stride 1 only; the
+#           columns ow >= OW are computed and dropped), rows = output channels.
+# grad_w uses form A's layout with the roles turned: rows = taps, steps = output pixels,
+# lanes = output channels of grad_y transposed to (pixels, channels).
+# grad_x at stride 1 is the forward pass of grad_y padded by q = dh*(KH-1) - ph with the kernel
+# flipped and its channel axes swapped (module docstring), so it reuses the forward tiles.
+
+
+class TiledPlan(NamedTuple):
+    """Tables and sizes of one tiled convolution (see ``plan``)."""
+
+    form_b: bool
+    combo: int  # index into microkernel.COMBOS
+    mr: int  # rows per tile
+    rows: int  # rows padded to a multiple of mr: pixels (A) or output channels (B)
+    L: int  # lanes per row of the result: KG padded (A) or OH*Wp padded (B)
+    step: int  # lanes per tile: NV*VL
+    Hp: int  # padded input height / width (row pitch)
+    Wp: int
+    arow: np.ndarray  # int64 tables, see microkernel.tile
+    aoff: np.ndarray
+    boff: np.ndarray
+
+
+def _padded_size(g):
+    """Rows / columns of the zero-bordered input copy: every tap of every output in bounds."""
+    return (g.OH - 1) * g.sh + (g.KH - 1) * g.dh + 1, (g.OW - 1) * g.sw + (g.KW - 1) * g.dw + 1
+
+
+def _taps(g, Hp, Wp):
+    """Offset of tap t = (c*KH + kh)*KW + kw (weight order) inside one group's padded input."""
+    c, kh, kw = np.meshgrid(np.arange(g.CG), np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    return (((c * Hp + kh * g.dh) * Wp + kw * g.dw).ravel()).astype(np.int64)
+
+
+def _pixels(g, Wp):
+    """Offset of output pixel p = oh*OW + ow's first tap inside the padded input."""
+    oh, ow = np.meshgrid(np.arange(g.OH), np.arange(g.OW), indexing="ij")
+    return ((oh * g.sh * Wp + ow * g.sw).ravel()).astype(np.int64)
+
+
+def _round(n, m):
+    return -(-n // m) * m
+
+
+def _cost(tiles, T, mr, nv, outputs, transposed):
+    """Estimated cycles: per tile T steps of MR*NV vector FMAs + storing the accumulators, plus
+    the epilogue (form A's transposing copy costs about a cycle an output, form B's a tenth).
+    Checked against measured single-thread times of the six MNIST-scale layers (ranking)."""
+    return tiles * (T * mr * nv + 2 * mr * nv + 10) + outputs * (1.0 if transposed else 0.1)
+
+
+@functools.lru_cache(maxsize=256)
+def plan(g, itemsize, choice=None):
+    """The tiled forward pass of geometry g (ConvGeom): form A or B and NV by the lowest
+    ``_cost``; ``choice`` = (form_b, nv) forces one (tests)."""
+    VL = lanes(itemsize)
+    Hp, Wp = _padded_size(g)
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    options = []
+    for form_b in (False, True) if g.sh == 1 and g.sw == 1 else (False,):
+        for nv in (1, 2, 3, 4):
+            mr = COMBOS[nv - 1][0]
+            if form_b:  # rows: output channels; lanes: OH*Wp positions
+                rows, L = _round(g.KG, mr), _round(g.OH * Wp, nv * VL)
+            else:  # rows: output pixels; lanes: output channels
+                rows, L = _round(P, mr), _round(g.KG, nv * VL)
+            tiles = rows // mr * (L // (nv * VL))
+            cost = _cost(tiles, R, mr, nv, P * g.KG, not form_b)
+            if choice is None or choice == (form_b, nv):
+                options.append((cost, form_b, nv - 1, mr, rows, L, nv * VL))
+    _, form_b, combo, mr, rows, L, step = min(options)
+    taps = _taps(g, Hp, Wp)
+    if form_b:  # a = weights (rows, R); b = padded input at tap offsets
+        arow, aoff, boff = np.arange(mr, dtype=np.int64) * R, np.arange(R, dtype=np.int64), taps
+    else:  # a = padded input at pixel offsets; b = weights (R, L)
+        arow = np.zeros(rows, np.int64)
+        arow[:P] = _pixels(g, Wp)
+        aoff, boff = taps, np.arange(R, dtype=np.int64) * L
+    return TiledPlan(form_b, combo, mr, rows, L, step, Hp, Wp, arow, aoff, boff)
+
+
+def pack_weights(w, g, p):
+    """w (K, CG, KH, KW) -> (G, R, L) for form A (taps x output channels), (G, rows, R) for
+    form B; the padding entries are zero."""
+    R = g.CG * g.KH * g.KW
+    wg = w.reshape(g.G, g.KG, R)
+    if p.form_b:
+        out = np.zeros((g.G, p.rows, R), w.dtype)
+        out[:, : g.KG] = wg
+    else:
+        out = np.zeros((g.G, R, p.L), w.dtype)
+        out[:, :, : g.KG] = wg.transpose(0, 2, 1)
+    return out
+
+
+@njit(cache=True)
+def _check_tile(combo, mr, step, isz):
+    """The tile shape this compiled code has (COMBOS as it was compiled) must be the plan's: a
+    stale on-disk cache with other shapes would write past the buffers, so refuse instead."""
+    if mr != tile_rows(combo) or step != tile_vectors(combo) * (VBYTES // isz):
+        raise RuntimeError("direct convolution: compiled tile shapes differ from the plan's")
+
+
+@njit(nogil=True, cache=True)
+def _pad_copy(x, n, xp, Hp, Wp, ph, pw):
+    """Image n of x into the zero-bordered xp (C, Hp, Wp) (rows / columns past Hp / Wp are
+    never read by any tap and are left out)."""
     _, C, H, W = x.shape
-    CG = C // G
-    KG = K // G
-    gw = np.zeros((K, CG, KH, KW), dtype=gy.dtype)
-    xf = x.ravel()
-    gyf = gy.ravel()
-    for kc in prange(K * CG):
-        k = kc // CG
-        cl = kc % CG
-        c = (k // KG) * CG + cl
-        for kh in range(KH):
-            oh_lo, oh_hi = valid_range(ph, kh * dh, sh, H, OH)
-            for kw in range(KW):
-                ow_lo, ow_hi = valid_range(pw, kw * dw, sw, W, OW)
-                acc = gw[k, cl, kh, kw]
-                for n in range(N):
-                    for oh in range(oh_lo, oh_hi):
-                        src_y = U(((n * K + k) * OH + oh) * OW + ow_lo)
-                        src_x = U(
-                            ((n * C + c) * H + oh * sh - ph + kh * dh) * W
-                            + ow_lo * sw
-                            - pw
-                            + kw * dw
+    xf, pf = x.ravel(), xp.ravel()
+    h1, w1 = min(H, Hp - ph), min(W, Wp - pw)
+    for c in range(C):
+        for ih in range(h1):
+            src = U(((n * C + c) * H + ih) * W)
+            dst = U((c * Hp + ih + ph) * Wp + pw)
+            for iw in range(w1):
+                pf[dst + U(iw)] = xf[src + U(iw)]
+
+
+@njit(parallel=True, cache=True)
+def conv2d_tiled(
+    x, wp, b, y, relu, bounds, ph, pw, form_b, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp
+):
+    """y (N, K, OH, OW) = conv(x) + b (ReLU with ``relu``) by the plan's tiles (``plan``, wp from
+    ``pack_weights``); each chunk of images [bounds[i], bounds[i+1]) on one thread, with its own
+    padded copy and result buffer."""
+    N, C, H, W = x.shape
+    _, K, OH, OW = y.shape
+    G = wp.shape[0]
+    CG, KG, P = C // G, K // G, OH * OW
+    R = aoff.size
+    isz = x.itemsize
+    f32 = isz == 4
+    plane = Hp * Wp
+    yf, wf = y.ravel(), wp.ravel()
+    pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
+    _check_tile(combo, mr, step, isz)
+    for i in prange(bounds.size - 1):
+        xp = np.zeros(C * plane + (L if form_b else 0), x.dtype)  # + tail read by form B
+        tmp = np.empty((rows if form_b else mr) * L, x.dtype)
+        pt, px = tmp.ctypes.data, xp.ctypes.data
+        for n in range(bounds[i], bounds[i + 1]):
+            _pad_copy(x, n, xp[: C * plane].reshape(C, Hp, Wp), Hp, Wp, ph, pw)
+            for g in range(G):
+                xg = px + U(g * CG * plane * isz)
+                wg = wf.ctypes.data + U(g * wp.shape[1] * wp.shape[2] * isz)
+                o = U((n * K + g * KG) * P)  # y's (n, g*KG) plane
+                for r0 in range(0, rows, mr):
+                    for j in range(0, L, step):
+                        if form_b:  # a = weight rows r0.., b = input from lane j on
+                            a0, c0 = wg + U(r0 * R * isz), pt + U((r0 * L + j) * isz)
+                            tile(combo, f32, a0, pa, po, xg + U(j * isz), pb, R, c0, L, False)
+                        else:  # a = input at pixel offsets arow[r0..], b = weights (R, L)
+                            a0, c0 = pa + U(r0 * 8), pt + U(j * isz)
+                            tile(combo, f32, xg, a0, po, wg + U(j * isz), pb, R, c0, L, False)
+                    if not form_b:  # these mr pixels (mr, L), still in L1, into y
+                        for k in range(KG):
+                            bk = b[g * KG + k]
+                            for r in range(min(mr, P - r0)):
+                                v = tmp[U(r * L + k)] + bk
+                                if relu and v < 0:
+                                    v = 0  # NaN stays NaN, as in np.maximum
+                                yf[o + U(k * P + r0 + r)] = v
+                if form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
+                    for k in range(KG):
+                        bk = b[g * KG + k]
+                        for oh in range(OH):
+                            src, dst = U(k * L + oh * Wp), o + U(k * P + oh * OW)
+                            for ow in range(OW):
+                                v = tmp[src + U(ow)] + bk
+                                if relu and v < 0:
+                                    v = 0
+                                yf[dst + U(ow)] = v
+
+
+@functools.lru_cache(maxsize=256)
+def filter_plan(g, itemsize, nv=None):
+    """Tables of the tiled grad_w: rows = taps (R, padded), steps = output pixels, lanes =
+    output channels (KG padded): tile result (rows, L) = grad_w_g^T. NV by ``_cost`` unless
+    given (tests)."""
+    VL = lanes(itemsize)
+    Hp, Wp = _padded_size(g)
+    R, P = g.CG * g.KH * g.KW, g.OH * g.OW
+    options = []
+    for v in (1, 2, 3, 4) if nv is None else (nv,):
+        mr = COMBOS[v - 1][0]
+        rows, L = _round(R, mr), _round(g.KG, v * VL)
+        cost = _cost(rows // mr * (L // (v * VL)), P, mr, v, P * g.KG, True)
+        options.append((cost, v - 1, mr, rows, L, v * VL))
+    _, combo, mr, rows, L, step = min(options)
+    arow = np.zeros(rows, np.int64)
+    arow[:R] = _taps(g, Hp, Wp)
+    boff = np.arange(P, dtype=np.int64) * L
+    return TiledPlan(False, combo, mr, rows, L, step, Hp, Wp, arow, _pixels(g, Wp), boff)
+
+
+@njit(parallel=True, cache=True)
+def conv2d_filter_tiled(
+    x, gy, parts, bounds, ph, pw, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp
+):
+    """parts[i] (G, rows, L): chunk i's grad_w^T (taps x output channels), summed over its
+    images in order; the caller adds the parts in chunk order (``filter_plan``)."""
+    N, C, H, W = x.shape
+    _, K, OH, OW = gy.shape
+    G = parts.shape[1]
+    CG, KG, P = C // G, K // G, OH * OW
+    isz = x.itemsize
+    f32 = isz == 4
+    plane = Hp * Wp
+    gyf, pf = gy.ravel(), parts.ravel()
+    pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
+    _check_tile(combo, mr, step, isz)
+    for i in prange(bounds.size - 1):
+        xp = np.zeros(C * plane, x.dtype)
+        gt = np.zeros(P * L, x.dtype)  # grad_y of one image and group, (P, L); pad lanes 0
+        px, pg = xp.ctypes.data, gt.ctypes.data
+        n0 = bounds[i]
+        for n in range(n0, bounds[i + 1]):
+            _pad_copy(x, n, xp.reshape(C, Hp, Wp), Hp, Wp, ph, pw)
+            for g in range(G):
+                for k in range(KG):
+                    src = U((n * K + g * KG + k) * P)
+                    for p in range(P):
+                        gt[U(p * L + k)] = gyf[src + U(p)]
+                xg = px + U(g * CG * plane * isz)
+                part = pf.ctypes.data + U(((i * G + g) * rows * L) * isz)
+                for r0 in range(0, rows, mr):
+                    for j in range(0, L, step):
+                        c0 = part + U((r0 * L + j) * isz)
+                        tile(
+                            combo,
+                            f32,
+                            xg,
+                            pa + U(r0 * 8),
+                            po,
+                            pg + U(j * isz),
+                            pb,
+                            P,
+                            c0,
+                            L,
+                            n > n0,
                         )
-                        if sw == 1:
-                            for i in range(ow_hi - ow_lo):
-                                acc += gyf[src_y + U(i)] * xf[src_x + U(i)]
-                        else:
-                            for i in range(ow_hi - ow_lo):
-                                acc += gyf[src_y + U(i)] * xf[src_x + U(i * sw)]
-                gw[k, cl, kh, kw] = acc
-    return gw
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _tables(p):
+    """The plan's arguments common to both tiled kernels, in their order."""
+    return p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L, p.step, p.Hp, p.Wp
+
+
+def forward(x, w, b, g, relu, bounds):
+    """y (N, K, OH, OW) = conv(x, w) + b (ReLU with ``relu``); chunks of images ``bounds``."""
+    p = plan(g, x.itemsize)
+    y = np.empty(g.y_shape, x.dtype)
+    wp = pack_weights(w, g, p)
+    conv2d_tiled(x, wp, b, y, relu, bounds, g.ph, g.pw, p.form_b, *_tables(p))
+    return y
+
+
+def transposed_geometry(g):
+    """grad_x's geometry as a forward convolution of grad_y (stride 1), or None where that
+    form does not apply (stride > 1, or padding beyond the kernel's reach: q < 0)."""
+    qh, qw = g.dh * (g.KH - 1) - g.ph, g.dw * (g.KW - 1) - g.pw
+    if g.sh != 1 or g.sw != 1 or qh < 0 or qw < 0:
+        return None
+    return g._replace(C=g.K, H=g.OH, W=g.OW, K=g.C, OH=g.H, OW=g.W, ph=qh, pw=qw)
+
+
+def backward_data(gy, w, g, bounds):
+    """grad_x (N, C, H, W) of the convolution with weight w."""
+    gt = transposed_geometry(g)
+    if gt is None:
+        return conv2d_backward_data(gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
+    # wt[g*CG + c, k, kh', kw'] = w[g*KG + k, c, KH-1-kh', KW-1-kw']
+    wt = w.reshape(g.G, g.KG, g.CG, g.KH, g.KW)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+    wt = np.ascontiguousarray(wt).reshape(g.C, g.KG, g.KH, g.KW)
+    return forward(gy, wt, np.zeros(g.C, gy.dtype), gt, False, bounds)
+
+
+def backward_filter(gy, x, g, bounds):
+    """grad_w (K, CG, KH, KW): per chunk of images a (G, taps, KG) part, added in chunk order."""
+    p = filter_plan(g, x.itemsize)
+    parts = np.empty((bounds.size - 1, g.G, p.rows, p.L), x.dtype)
+    conv2d_filter_tiled(x, gy, parts, bounds, g.ph, g.pw, *_tables(p))
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    R = g.CG * g.KH * g.KW
+    return np.ascontiguousarray(total[:, :R, : g.KG].transpose(0, 2, 1)).reshape(g.w_shape)

@@ -9,7 +9,8 @@ Threads: the im2col path cuts the batch into chunks and runs each chunk from im2
 transpose on one thread, with single-threaded BLAS: all chunks in one Numba ``prange`` loop that
 calls BLAS from inside (``im2col_gemm``, when ``blas.available()``), else chunk by chunk on
 fastconv's Python thread pool (``threads.for_each``).
-The direct kernels and pooling are Numba ``prange`` loops over planes on Numba's own threads.
+The direct convolution (register tiles, microkernel.py) runs chunks of images, and pooling runs
+planes, as Numba ``prange`` loops on Numba's own threads.
 """
 
 import math
@@ -147,15 +148,13 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
 
 
 def _direct_forward(x, w, bias, g, relu, pg, code):
-    with threads_for(g.flops() // 2):  # one parallel loop over (n, k) planes
-        y = direct.conv2d_forward(x, w, bias, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
+    with threads_for(g.flops() // 2):  # one parallel loop over chunks of images
+        y = direct.forward(x, w, bias, g, relu and pg is None, _direct_bounds(g, x.itemsize))
     if pg is not None:  # ReLU and pooling in one pass over the (N, K, P) output
         P = g.OH * g.OW
         z, y = y, np.empty((g.N, g.K, pg.OH, pg.OW), x.dtype)
         zero = np.zeros(g.K, x.dtype)
         im2col.kn_to_nk_pool(z, zero, P, g.K * P, y, code, 0, g.OH, g.OW, pg.KH, pg.KW, relu)
-    elif relu:
-        np.maximum(y, 0, out=y)
     return y
 
 
@@ -220,18 +219,15 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
     """
     need_x, need_w, need_b = mask
     work = g.flops() // 2 * (int(need_x) + int(need_w))
-    if algorithm == "direct":  # parallel loops over (n, c) and (k, c) planes
+    if algorithm == "direct":  # parallel loops over chunks of images
         gb = gy.sum(axis=(0, 2, 3)) if need_b else None
         gx = gw = None
+        bounds = _direct_bounds(g, gy.itemsize)
         with threads_for(work):
             if need_x:
-                gx = direct.conv2d_backward_data(
-                    gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-                )
+                gx = direct.backward_data(gy, w, g, bounds)
             if need_w:
-                gw = direct.conv2d_backward_filter(
-                    gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
-                )
+                gw = direct.backward_filter(gy, x, g, bounds)
         return gx, gw, gb
     parts = batch_chunks(g, gy.itemsize)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
@@ -298,6 +294,12 @@ def _gradients(gx, gw_parts, gb_parts, g, need_b):
 def _native():
     """Run the im2col chunks as one prange loop calling BLAS from Numba (im2col_gemm.py)?"""
     return blas.available() and not threads.forked
+
+
+def _direct_bounds(g, itemsize):
+    """The direct path's chunks of images: those of the im2col path (a function of the
+    geometry only, so grad_w's per-chunk parts add up the same on any thread count)."""
+    return _bounds(batch_chunks(g, itemsize))
 
 
 def _bounds(parts):

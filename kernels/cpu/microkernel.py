@@ -1,0 +1,188 @@
+"""The register-blocked inner kernel of the direct convolution, written in LLVM IR.
+
+Numba does not block loops for registers: its direct loops kept every partial sum in memory and
+ran at 10-25 % of what a core can do. This module emits, per (MR, NV), one small loop whose
+MR x NV partial sums are SIMD registers for its whole life:
+
+    acc[i][v] = sum_{t < T}  a[arow[i] + aoff[t]]  *  b[boff[t] + v*VL : + VL]
+    c[i*ldc + v*VL : + VL]  =  acc[i][v]            (+= with ``add``)
+
+one scalar of ``a`` broadcast per row, NV vectors of ``b`` per step, MR*NV fused multiply-adds.
+The offset tables make it a convolution: with a = the padded input, arow = output pixel offsets
+and aoff = tap offsets, b = the weights laid out (taps, output channels), it is the forward
+pass with output channels across the vector lanes (direct.py, "form A"); with a = the weights,
+b = the padded input and boff = tap offsets, output pixels go across the lanes ("form B"); with
+a = the padded input at tap offsets, aoff = pixel offsets and b = grad_y laid out (pixels,
+output channels), it is the filter gradient. LeNet-5's conv2 forward (16 images, one thread)
+ran 173 us as im2col + BLAS GEMM and 68 us as form A.
+
+VL is the SIMD width of this CPU (64 bytes with AVX-512, else 32), MR x NV is chosen so that
+the accumulators, NV vectors of b and one broadcast fit the register file. The caller passes
+raw addresses (``arr.ctypes.data``, uint64) and guarantees every offset is in bounds: nothing
+here checks. Results are summed over t in order: deterministic.
+"""
+
+import itertools
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+__all__ = ["COMBOS", "VBYTES", "lanes", "tile", "tile_rows", "tile_vectors"]
+
+_AVX512 = bool(llb.get_host_cpu_features().get("avx512f", False))
+VBYTES = 64 if _AVX512 else 32  # bytes per SIMD register used by the tiles
+_REGISTERS = 32 if _AVX512 else 16
+
+
+def _rows(nv):
+    """Rows MR for NV vectors: MR*NV accumulators + NV vectors of b + MR broadcasts of a fit
+    the register file (LLVM may load all broadcasts of a step first; it spilled otherwise)."""
+    return max(1, min(12, (_REGISTERS - nv) // (nv + 1)))
+
+
+# (MR, NV) of the tiles compiled, NV = 1..4: combo index = NV - 1.
+COMBOS = tuple((_rows(nv), nv) for nv in (1, 2, 3, 4))
+
+
+def lanes(itemsize):
+    """VL: elements of this size per SIMD register."""
+    return VBYTES // itemsize
+
+
+_I64, _I32 = ir.IntType(64), ir.IntType(32)
+_ARGS = (types.uintp,) * 5 + (types.int64, types.uintp, types.int64, types.boolean)
+
+
+_loops = itertools.count()
+
+
+def _no_unroll(module):
+    """Loop metadata that keeps LLVM from unrolling the tile loop: unrolled by two, it loaded
+    every broadcast of both steps first and spilled registers (LeNet-5 conv1: 2-3x slower)."""
+    off = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    tag = module.add_metadata([ir.MetaDataString(module, f"fastconv.tile.{next(_loops)}")])
+    loop_id = module.add_metadata([off, tag])
+    loop_id.operands = (loop_id, off, tag)  # a loop id's first operand is itself
+    return loop_id
+
+
+def _make(mr, nv, itemsize):
+    fl = ir.FloatType() if itemsize == 4 else ir.DoubleType()
+    vl = VBYTES // itemsize
+    vt = ir.VectorType(fl, vl)
+
+    @intrinsic
+    def tile(typingctx, a, arow, aoff, b, boff, T, c, ldc, add):
+        def codegen(context, builder, signature, args):
+            a, arow, aoff, b, boff, T, c, ldc, add = args
+            fp, ip, vp = fl.as_pointer(), _I64.as_pointer(), vt.as_pointer()
+            a, b, c = (builder.inttoptr(v, fp) for v in (a, b, c))
+            arow, aoff, boff = (builder.inttoptr(v, ip) for v in (arow, aoff, boff))
+
+            def at(p, i):
+                return builder.gep(p, [i if isinstance(i, ir.Value) else ir.Constant(_I64, i)])
+
+            def vload(p):
+                return builder.load(builder.bitcast(p, vp), align=itemsize)
+
+            rowp = [at(a, builder.load(at(arow, i))) for i in range(mr)]
+            zero = ir.Constant(vt, None)
+            name = f"llvm.fma.v{vl}f{8 * itemsize}"
+            fma = builder.module.globals.get(name) or ir.Function(
+                builder.module, ir.FunctionType(vt, [vt, vt, vt]), name
+            )
+            splat = ir.Constant(ir.VectorType(_I32, vl), [0] * vl)
+            entry = builder.block
+            loop = builder.function.append_basic_block("tile_loop")
+            done = builder.function.append_basic_block("tile_done")
+            builder.cbranch(builder.icmp_signed(">", T, ir.Constant(_I64, 0)), loop, done)
+
+            builder.position_at_end(loop)  # one step t: NV loads of b, MR broadcasts of a
+            t = builder.phi(_I64)
+            acc = [[builder.phi(vt) for _ in range(nv)] for _ in range(mr)]
+            ao, bo = builder.load(at(aoff, t)), builder.load(at(boff, t))
+            bt = at(b, bo)
+            bv = [vload(at(bt, v * vl)) for v in range(nv)]
+            new = []
+            for i in range(mr):
+                s = builder.insert_element(
+                    ir.Constant(vt, ir.Undefined), builder.load(at(rowp[i], ao)), _I32(0)
+                )
+                s = builder.shuffle_vector(s, ir.Constant(vt, ir.Undefined), splat)
+                new.append([builder.call(fma, [s, bv[v], acc[i][v]]) for v in range(nv)])
+            t1 = builder.add(t, ir.Constant(_I64, 1))
+            t.add_incoming(ir.Constant(_I64, 0), entry)
+            t.add_incoming(t1, loop)
+            for i in range(mr):
+                for v in range(nv):
+                    acc[i][v].add_incoming(zero, entry)
+                    acc[i][v].add_incoming(new[i][v], loop)
+            br = builder.cbranch(builder.icmp_signed("<", t1, T), loop, done)
+            br.set_metadata("llvm.loop", _no_unroll(builder.module))
+
+            builder.position_at_end(done)  # store (or add to) c
+            res = [[builder.phi(vt) for _ in range(nv)] for _ in range(mr)]
+            for i in range(mr):
+                for v in range(nv):
+                    res[i][v].add_incoming(zero, entry)
+                    res[i][v].add_incoming(new[i][v], loop)
+            for i in range(mr):
+                crow = at(c, builder.mul(ldc, ir.Constant(_I64, i)))
+                for v in range(nv):
+                    r = res[i][v]
+                    p = builder.bitcast(at(crow, v * vl), vp)
+                    with builder.if_then(add):
+                        old = builder.load(p, align=itemsize)
+                        builder.store(builder.fadd(old, r), p, align=itemsize)
+                    with builder.if_then(builder.not_(add)):
+                        builder.store(r, p, align=itemsize)
+            return context.get_dummy_value()
+
+        return types.void(*_ARGS), codegen
+
+    return tile
+
+
+_S = [_make(mr, nv, 4) for mr, nv in COMBOS]
+_D = [_make(mr, nv, 8) for mr, nv in COMBOS]
+_s0, _s1, _s2, _s3 = _S
+_d0, _d1, _d2, _d3 = _D
+
+
+@njit(inline="always", cache=True)
+def tile(combo, f32, a, arow, aoff, b, boff, T, c, ldc, add):
+    """Run tile COMBOS[combo] in float32 (``f32``) or float64. Addresses are uint64."""
+    if f32:
+        if combo == 0:
+            _s0(a, arow, aoff, b, boff, T, c, ldc, add)
+        elif combo == 1:
+            _s1(a, arow, aoff, b, boff, T, c, ldc, add)
+        elif combo == 2:
+            _s2(a, arow, aoff, b, boff, T, c, ldc, add)
+        else:
+            _s3(a, arow, aoff, b, boff, T, c, ldc, add)
+    elif combo == 0:
+        _d0(a, arow, aoff, b, boff, T, c, ldc, add)
+    elif combo == 1:
+        _d1(a, arow, aoff, b, boff, T, c, ldc, add)
+    elif combo == 2:
+        _d2(a, arow, aoff, b, boff, T, c, ldc, add)
+    else:
+        _d3(a, arow, aoff, b, boff, T, c, ldc, add)
+
+
+_MR = tuple(mr for mr, _ in COMBOS)
+_NV = tuple(nv for _, nv in COMBOS)
+
+
+@njit(cache=True)
+def tile_rows(combo):
+    """MR of COMBOS[combo] as compiled into the caller (see direct._check_tile)."""
+    return _MR[combo]
+
+
+@njit(cache=True)
+def tile_vectors(combo):
+    return _NV[combo]
