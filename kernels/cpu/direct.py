@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ._common import FASTMATH, U, valid_range
+from ._common import FASTMATH, U, grad_w_from_parts, valid_range
 from .microkernel import COMBOS, VBYTES, lanes, tile, tile_rows, tile_vectors
 
 
@@ -356,8 +356,4 @@ def backward_filter(gy, x, g, bounds):
     p = filter_plan(g, x.itemsize)
     parts = np.empty((bounds.size - 1, g.G, p.rows, p.L), x.dtype)
     conv2d_filter_tiled(x, gy, parts, bounds, g.ph, g.pw, *_tables(p))
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    R = g.CG * g.KH * g.KW
-    return np.ascontiguousarray(total[:, :R, : g.KG].transpose(0, 2, 1)).reshape(g.w_shape)
+    return grad_w_from_parts(parts[:, :, : g.CG * g.KH * g.KW, : g.KG], g)

@@ -19,6 +19,7 @@ import threading
 import numpy as np
 
 from . import blas, direct, im2col, im2col_gemm, pool, threads
+from ._common import grad_w_from_parts, sum_parts
 from .threads import blas_single, chunks, for_each, threads_for
 
 ALGORITHMS = ("im2col", "direct")
@@ -177,13 +178,7 @@ def _im2col_forward(x, w, bias, g, relu, pg, code, kept):
                 _bounds(parts),
                 g.OH,
                 g.OW,
-                g.sh,
-                g.sw,
-                g.ph,
-                g.pw,
-                g.dh,
-                g.dw,
-                g.G,
+                *_steps(g),
                 relu,
                 0 if pg is None else pg.KH,
                 0 if pg is None else pg.KW,
@@ -246,13 +241,7 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
                 gb_parts,
                 np.empty(0, gy.dtype) if kept is None else kept,
                 _bounds(parts),
-                g.sh,
-                g.sw,
-                g.ph,
-                g.pw,
-                g.dh,
-                g.dw,
-                g.G,
+                *_steps(g),
                 need_x,
                 need_w,
             )
@@ -286,9 +275,14 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
 def _gradients(gx, gw_parts, gb_parts, g, need_b):
     """(grad_x, grad_w, grad_b) from the per-chunk parts, added in chunk order."""
     gw = None
-    if gw_parts is not None:  # (G, R, KG) -> (K, CG, KH, KW)
-        gw = np.ascontiguousarray(_sum_parts(gw_parts).transpose(0, 2, 1)).reshape(g.w_shape)
-    return gx, gw, (_sum_parts(gb_parts) if need_b else None)
+    if gw_parts is not None:
+        gw = grad_w_from_parts(gw_parts, g)
+    return gx, gw, (sum_parts(gb_parts) if need_b else None)
+
+
+def _steps(g):
+    """(sh, sw, ph, pw, dh, dw, G): the im2col_gemm kernels' geometry arguments, in order."""
+    return g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G
 
 
 def _native():
@@ -312,14 +306,6 @@ def _kept_part(kept, g, n0, n1):
     shape = (g.C * g.KH * g.KW, (n1 - n0) * g.OH * g.OW)
     per = shape[0] * g.OH * g.OW
     return kept[n0 * per : n1 * per].reshape(shape)
-
-
-def _sum_parts(parts):
-    """Sum over the first axis, one part after the other (fixed order)."""
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
 
 
 _NO_INDEX = np.empty(0, np.uint64)
