@@ -1,13 +1,13 @@
-"""Every register tile of the direct convolution (microkernel.COMBOS x form A / B, and the
-grad_w tiles) against the oracle, each forced in turn: the plan's cost model alone would only
-ever exercise the shapes it prefers."""
+"""Every register tile of the direct convolution (microkernel.COMBOS x form A / B, the grad_w
+tiles and the grad_w dot tiles, microkernel.DOT_COMBOS) against the oracle, each forced in turn:
+the plans' cost models alone would only ever exercise the shapes they prefer."""
 
 import numpy as np
 import pytest
-from fastconv.kernels.cpu import direct
+from fastconv.kernels.cpu import direct, pool
 
 from fastconv import reference
-from fastconv.shapes import conv2d_geometry
+from fastconv.shapes import conv2d_geometry, pool2d_geometry
 from tests.helpers import DTYPES, assert_close
 
 # (x shape, w shape, stride, padding, dilation, groups): odd sizes so every tile has a ragged
@@ -23,6 +23,10 @@ FORMS = [(False, nv) for nv in (1, 2, 3, 4)] + [(True, nv) for nv in (1, 2, 3, 4
 
 def _geom(xs, ws, s, p, d, G):
     return conv2d_geometry("conv2d", xs, ws, s, p, d, G)
+
+
+def pool_geometry(y_shape, window):
+    return pool2d_geometry("max_pool2d", y_shape, window)
 
 
 def _chunks(n):
@@ -43,9 +47,46 @@ def test_forward_tile_matches_oracle(case, form, dtype):
     pl = direct.plan(g, x.itemsize, form)
     y = np.empty(g.y_shape, dtype)
     wp = direct.pack_weights(w, g, pl)
-    direct.conv2d_tiled(x, wp, b, y, True, _chunks(g.N), g.ph, g.pw, pl.form_b, *direct._tables(pl))
+    code, pool = np.empty(0, np.int32), (0, 0)
+    tables = direct._tables(pl)
+    direct.conv2d_tiled(
+        x, wp, b, y, code, True, pool, g.OH, g.OW, _chunks(g.N), g.ph, g.pw, pl.form_b, *tables
+    )
     ref = reference.conv2d(x, w, b, stride=s, padding=p, dilation=d, groups=G)
     assert_close(y, np.maximum(ref, 0), dtype, "tiled forward + ReLU")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{'B' if f[0] else 'A'}{f[1]}")
+@pytest.mark.parametrize("window", [(2, 2), (3, 2)])
+def test_forward_tile_pooled_matches_oracle(case, form, window, dtype):
+    """Bias, ReLU and max pooling in the tiles' epilogue; the argmax codes must point at each
+    window's maximum (row-major position in the window)."""
+    xs, ws, s, p, d, G = case
+    g = _geom(*case)
+    if form[0] and (g.sh, g.sw) != (1, 1):
+        pytest.skip("form B is for stride 1 only (the plan never offers it otherwise)")
+    rng = np.random.default_rng(14)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    pl = direct.plan.__wrapped__(g, x.itemsize, form)
+    pg = pool_geometry(g.y_shape, window)
+    code = np.full(g.N * g.K * pg.OH * pg.OW, -1, np.int32)
+    y = np.empty((g.N, g.K, pg.OH, pg.OW), dtype)
+    wp = direct.pack_weights(w, g, pl)
+    tables = direct._tables(pl)
+    direct.conv2d_tiled(
+        x, wp, b, y, code, True, window, g.OH, g.OW, _chunks(g.N), g.ph, g.pw, form[0], *tables
+    )
+    z = np.maximum(reference.conv2d(x, w, b, stride=s, padding=p, dilation=d, groups=G), 0)
+    assert_close(y, reference.max_pool2d(z, window), dtype, "tiled forward + ReLU + pool")
+    kh, kw = window
+    n, k, i, j = np.indices(y.shape)
+    c = code.reshape(y.shape)
+    assert ((c >= 0) & (c < kh * kw)).all()
+    at = z[n, k, i * kh + c // kw, j * kw + c % kw]  # the element each code points at
+    assert_close(at, reference.max_pool2d(z, window), dtype, "value at the argmax")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -59,9 +100,98 @@ def test_filter_tile_matches_oracle(case, nv, dtype, monkeypatch):
     gy = rng.standard_normal(g.y_shape).astype(dtype)
     plan = direct.filter_plan.__wrapped__  # uncached, NV forced
     monkeypatch.setattr(direct, "filter_plan", lambda g_, isz: plan(g_, isz, nv))
+    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: False)
     gw = direct.backward_filter(gy, x, g, _chunks(g.N))
     ref = reference.conv2d_backward(gy, x, w, stride=s, padding=p, dilation=d, groups=G)[1]
     assert_close(gw, ref, dtype, "tiled grad_w")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("nk", (1, 2, 3, 4))
+def test_filter_dot_tile_matches_oracle(case, nk, dtype, monkeypatch):
+    xs, ws, s, p, d, G = case
+    g = _geom(*case)
+    if (g.sh, g.sw) != (1, 1):
+        pytest.skip("the dot form is for stride 1 only (use_dot never offers it otherwise)")
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    gy = rng.standard_normal(g.y_shape).astype(dtype)
+    plan = direct.dot_plan.__wrapped__  # uncached, NK forced
+    monkeypatch.setattr(direct, "dot_plan", lambda g_, isz: plan(g_, isz, nk))
+    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: True)
+    gw = direct.backward_filter(gy, x, g, _chunks(g.N))
+    ref = reference.conv2d_backward(gy, x, w, stride=s, padding=p, dilation=d, groups=G)[1]
+    assert_close(gw, ref, dtype, "dot grad_w")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dot", [True, False], ids=["dot", "tiles"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("window", [(2, 2), (3, 2)])
+def test_filter_from_pooled_gradient_matches_oracle(dot, relu, window, dtype, monkeypatch):
+    """grad_w and grad_b straight from conv2d_pool's gradient (argmax codes, ReLU mask): the
+    dot form rebuilds each plane in its own buffer, the tiles from the full-size gradient."""
+    case = CASES[0]
+    xs, ws, s, p, d, G = case
+    g = _geom(*case)
+    rng = np.random.default_rng(15)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    pg = pool_geometry(g.y_shape, window)
+    code = np.empty(g.N * g.K * pg.OH * pg.OW, np.int32)
+    y = direct.forward(x, w, b, g, relu, _chunks(g.N), pg, code)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: dot)
+    gw = direct.backward_filter(gy, x, g, _chunks(g.N), (y, code, relu, pg))
+    gb = pool.max_pool2d_backward_bias(gy, y, relu)
+    z = reference.conv2d(x, w, b, stride=s, padding=p, dilation=d, groups=G)
+    z = np.maximum(z, 0) if relu else z
+    gz = reference.max_pool2d_backward(gy, z, window)
+    gz = np.where(z > 0, gz, 0) if relu else gz
+    ref = reference.conv2d_backward(gz, x, w, stride=s, padding=p, dilation=d, groups=G)
+    assert_close(gw, ref[1], dtype, "grad_w from the pooled gradient")
+    assert_close(gb, ref[2], dtype, "grad_b from the pooled gradient")
+
+
+def test_filter_dot_redone_on_tiles_when_input_not_finite(monkeypatch):
+    """x[0, 0, 1, 0] = inf: the dot form's zero lanes of row 0 meet it through tap (0, 1), whose
+    true gradient is finite. The chunk is flagged and the tiles give the oracle's answer."""
+    x = np.random.default_rng(12).standard_normal((2, 1, 6, 6))
+    x[0, 0, 1, 0] = np.inf
+    w = np.ones((2, 1, 3, 3))
+    g = _geom(x.shape, w.shape, 1, 0, 1, 1)
+    gy = np.random.default_rng(13).standard_normal(g.y_shape)
+    d = direct.dot_plan(g, 8)
+    parts = np.empty((2, 1, d.rows, d.cols))
+    bad = np.zeros(2, np.bool_)
+    chunks = np.array([0, 1, 2], np.int64)
+    no_pool = (gy, np.empty(0, np.int32), False, (0, 0), g.OH, g.OW)
+    direct.conv2d_filter_dot(
+        x,
+        gy,
+        *no_pool,
+        parts,
+        bad,
+        chunks,
+        g.ph,
+        g.pw,
+        d.arow,
+        d.combo,
+        d.mr,
+        d.nk,
+        d.S,
+        d.Hp,
+        d.Wp,
+    )
+    assert bad.tolist() == [True, False]
+    assert np.isnan(parts[0, 0, 1, :2]).all()  # tap (0, 1): 0 * inf in a zero lane
+    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: True)
+    gw = direct.backward_filter(gy, x, g, chunks)
+    ref = reference.conv2d_backward(gy, x, w)[1]
+    assert (np.isfinite(gw) == np.isfinite(ref)).all() and np.isfinite(gw[:, 0, 0, 1]).all()
+    fin = np.isfinite(ref)
+    assert_close(gw[fin], ref[fin], np.float64, "grad_w where finite")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -552,7 +552,9 @@ def test_sequential_fuses_conv_relu_with_the_same_result(algorithm):
 def test_sequential_fuses_conv_relu_maxpool_with_the_same_result(algorithm, input_grad, dtype):
     """Conv2d, ReLU, MaxPool2d(2) run as one fused conv + bias + ReLU + max-pool: the output and
     every gradient are bit-identical to the three layers called one after the other (odd 7x7
-    conv output: floor mode drops the last row and column), and match the oracle."""
+    conv output: floor mode drops the last row and column), and match the oracle. One
+    exception: the direct path sums the fused conv's bias gradient over the pooled gradient
+    (a quarter of the terms, the same nonzero values, another order): equal within rounding."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((5, 2, 9, 9)).astype(dtype)
     gy = rng.standard_normal((5, 10)).astype(dtype)
@@ -578,8 +580,11 @@ def test_sequential_fuses_conv_relu_maxpool_with_the_same_result(algorithm, inpu
     assert (gx is None) == (not input_grad)
     if input_grad:
         np.testing.assert_array_equal(gx, gx_plain)
-    for a, b in zip(fused.parameters(), plain.parameters()):
-        np.testing.assert_array_equal(a.grad, b.grad)
+    for i, (a, b) in enumerate(zip(fused.parameters(), plain.parameters())):
+        if algorithm == "direct" and i == 1:  # the conv bias: summed over the pooled gradient
+            assert_close(a.grad, b.grad, dtype)
+        else:
+            np.testing.assert_array_equal(a.grad, b.grad)
     w, b = fused[0].weight.data, fused[0].bias.data
     z = np.maximum(R.conv2d(x, w, b), 0)
     assert_close(h, R.max_pool2d(z, 2), dtype)

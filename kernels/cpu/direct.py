@@ -25,7 +25,19 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, U, grad_w_from_parts, valid_range
-from .microkernel import COMBOS, VBYTES, lanes, tile, tile_rows, tile_vectors
+from .im2col import pool_planes
+from .microkernel import (
+    COMBOS,
+    DOT_COMBOS,
+    VBYTES,
+    dot_tile,
+    dot_tile_shape,
+    lanes,
+    tile,
+    tile_rows,
+    tile_vectors,
+)
+from .pool import max_pool2d_backward_coded
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -76,6 +88,9 @@ def conv2d_backward_data(gy, w, H, W, sh, sw, ph, pw, dh, dw, G):
 # lanes = output channels of grad_y transposed to (pixels, channels).
 # grad_x at stride 1 is the forward pass of grad_y padded by q = dh*(KH-1) - ph with the kernel
 # flipped and its channel axes swapped (module docstring), so it reuses the forward tiles.
+
+
+_NO_CODE = np.empty(0, np.int32)  # no pooling: no argmax codes
 
 
 class TiledPlan(NamedTuple):
@@ -191,15 +206,20 @@ def _pad_copy(x, n, xp, Hp, Wp, ph, pw):
 
 @njit(parallel=True, cache=True)
 def conv2d_tiled(
-    x, wp, b, y, relu, bounds, ph, pw, form_b, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp
-):
-    """y (N, K, OH, OW) = conv(x) + b (ReLU with ``relu``) by the plan's tiles (``plan``, wp from
-    ``pack_weights``); each chunk of images [bounds[i], bounds[i+1]) on one thread, with its own
-    padded copy and result buffer."""
+    x, wp, b, y, code, relu, pool, OH, OW, bounds, ph, pw, form_b, arow, aoff, boff, combo, mr,
+    rows, L, step, Hp, Wp,
+):  # fmt: skip
+    """y = conv(x) + b (ReLU with ``relu``) by the plan's tiles (``plan``, wp from
+    ``pack_weights``); y (N, K, OH, OW), or with ``pool`` = (PKH, PKW) != (0, 0) that output
+    max-pooled (im2col.pool_planes: y (N, K, OH // PKH, OW // PKW), each window's argmax in
+    ``code``), with no full-size output written. Each chunk of images [bounds[i], bounds[i+1])
+    runs on one thread, with its own padded copy and result buffer."""
     N, C, H, W = x.shape
-    _, K, OH, OW = y.shape
+    K = y.shape[1]
     G = wp.shape[0]
     CG, KG, P = C // G, K // G, OH * OW
+    PKH, PKW = pool
+    PH, PW = (OH // PKH, OW // PKW) if PKH > 0 else (OH, OW)
     R = aoff.size
     isz = x.itemsize
     f32 = isz == 4
@@ -210,13 +230,14 @@ def conv2d_tiled(
     for i in prange(bounds.size - 1):
         xp = np.zeros(C * plane + (L if form_b else 0), x.dtype)  # + tail read by form B
         tmp = np.empty((rows if form_b else mr) * L, x.dtype)
+        z = np.empty(KG * P if PKH > 0 and not form_b else 0, x.dtype)  # form A before pooling
         pt, px = tmp.ctypes.data, xp.ctypes.data
         for n in range(bounds[i], bounds[i + 1]):
             _pad_copy(x, n, xp[: C * plane].reshape(C, Hp, Wp), Hp, Wp, ph, pw)
             for g in range(G):
                 xg = px + U(g * CG * plane * isz)
                 wg = wf.ctypes.data + U(g * wp.shape[1] * wp.shape[2] * isz)
-                o = U((n * K + g * KG) * P)  # y's (n, g*KG) plane
+                o = U((n * K + g * KG) * PH * PW)  # y's (n, g*KG) plane
                 for r0 in range(0, rows, mr):
                     for j in range(0, L, step):
                         if form_b:  # a = weight rows r0.., b = input from lane j on
@@ -225,7 +246,11 @@ def conv2d_tiled(
                         else:  # a = input at pixel offsets arow[r0..], b = weights (R, L)
                             a0, c0 = pa + U(r0 * 8), pt + U(j * isz)
                             tile(combo, f32, xg, a0, po, wg + U(j * isz), pb, R, c0, L, False)
-                    if not form_b:  # these mr pixels (mr, L), still in L1, into y
+                    if not form_b and PKH > 0:  # these mr pixels (mr, L) -> z (KG, P)
+                        for k in range(KG):
+                            for r in range(min(mr, P - r0)):
+                                z[U(k * P + r0 + r)] = tmp[U(r * L + k)]
+                    elif not form_b:  # these mr pixels (mr, L), still in L1, into y
                         for k in range(KG):
                             bk = b[g * KG + k]
                             for r in range(min(mr, P - r0)):
@@ -233,7 +258,13 @@ def conv2d_tiled(
                                 if relu and v < 0:
                                     v = 0  # NaN stays NaN, as in np.maximum
                                 yf[o + U(k * P + r0 + r)] = v
-                if form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
+                if PKH > 0:  # bias, ReLU and pooling from z (A) or tmp (B, row pitch Wp)
+                    if form_b:
+                        a, ks, rs = tmp, L, Wp
+                    else:
+                        a, ks, rs = z, P, OW
+                    pool_planes(a, 0, ks, rs, b, g * KG, KG, yf, o, code, o, PH, PW, PKH, PKW, relu)
+                elif form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
                     for k in range(KG):
                         bk = b[g * KG + k]
                         for oh in range(OH):
@@ -314,6 +345,144 @@ def conv2d_filter_tiled(
                         )
 
 
+# grad_w with few output channels per group (LeNet-5 conv1: 6): the tiles above would leave most
+# lanes of each vector idle. The "dot" form puts output pixels across the lanes instead:
+#   grad_w[g*KG + k, t] = sum_j  xp[taps[t] + j] * gyp[k, j],   j = oh*Wp + ow < OH*Wp,
+# a dot product of two contiguous runs (microkernel.dot_tile: MR taps x NK channels a tile),
+# where gyp is one group's grad_y with its rows widened to the padded width Wp (zeros at
+# ow >= OW, and past OH*Wp up to whole vectors). Stride 1 only (j steps one input column a lane).
+# Those zero lanes meet input values of other columns: 0 * inf would be NaN where the true sum
+# is finite, so a chunk whose input holds a non-finite value is flagged, and the caller redoes
+# the whole gradient on the tiles.
+@njit(nogil=True, cache=True)
+def _grad_plane(gyf, yf, code, off, relu, PKH, PKW, plane, OH, OW, dst, d0, rp):
+    """Plane ``plane`` (= n*K + k) of grad_y into dst[d0 + oh*rp + ow] (row pitch rp; other
+    columns untouched): copied, or with PKH > 0 rebuilt from the gradient of the max-pooled
+    output (conv2d_pool): each window's value at its argmax (off[code] = its offset at pitch
+    rp), where y > 0 with ``relu``, zeros elsewhere (pool.max_pool2d_backward_coded's rules)."""
+    if PKH == 0:
+        for oh in range(OH):
+            s0, d = U((plane * OH + oh) * OW), d0 + U(oh * rp)
+            for ow in range(OW):
+                dst[d + U(ow)] = gyf[s0 + U(ow)]
+        return
+    PH, PW = OH // PKH, OW // PKW
+    for oh in range(OH):
+        d = d0 + U(oh * rp)
+        for ow in range(OW):
+            dst[d + U(ow)] = 0
+    for ph in range(PH):
+        o0, d = U((plane * PH + ph) * PW), d0 + U(ph * PKH * rp)
+        for pw in range(PW):
+            v = gyf[o0 + U(pw)]
+            if relu:
+                v = v if yf[o0 + U(pw)] > 0 else 0
+            dst[d + U(pw * PKW) + off[code[o0 + U(pw)]]] = v
+
+
+class DotPlan(NamedTuple):
+    combo: int  # index into microkernel.DOT_COMBOS
+    mr: int  # taps per tile
+    nk: int  # output channels per tile
+    rows: int  # taps R padded to a multiple of mr
+    cols: int  # KG padded to a multiple of nk
+    S: int  # vector steps per dot product: OH*Wp rounded up to whole vectors
+    Hp: int
+    Wp: int
+    arow: np.ndarray  # tap offsets (rows entries; the padding rows read offset 0)
+
+
+def _dot_cost(R, KG, S, mr, nk):
+    """Estimated cycles of one image and group: a step issues MR*NK multiply-adds and MR + NK
+    vector loads (about one load a cycle), then each accumulator's lanes are added up."""
+    tiles = _round(R, mr) // mr * (_round(KG, nk) // nk)
+    return tiles * (S * max(mr * nk, mr + nk) + 8 * mr * nk)
+
+
+@functools.lru_cache(maxsize=256)
+def dot_plan(g, itemsize, nk=None):
+    """The dot form of grad_w for geometry g (stride 1), NK by the lowest ``_dot_cost`` unless
+    given (tests)."""
+    VL = lanes(itemsize)
+    Hp, Wp = _padded_size(g)
+    R, S = g.CG * g.KH * g.KW, -(-g.OH * Wp // VL)
+    options = []
+    for c, (mr, k) in enumerate(DOT_COMBOS):
+        if nk is None or nk == k:
+            options.append((_dot_cost(R, g.KG, S, mr, k), c, mr, k))
+    _, combo, mr, k = min(options)
+    arow = np.zeros(_round(R, mr), np.int64)
+    arow[:R] = _taps(g, Hp, Wp)
+    return DotPlan(combo, mr, k, arow.size, _round(g.KG, k), S, Hp, Wp, arow)
+
+
+def use_dot(g, itemsize):
+    """grad_w in the dot form? Stride 1, and its estimated cost below the tiles' one."""
+    if g.sh != 1 or g.sw != 1:
+        return False
+    d, p = dot_plan(g, itemsize), filter_plan(g, itemsize)
+    P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    tile = _cost(
+        p.rows // p.mr * (p.L // p.step), P, p.mr, p.step // lanes(itemsize), P * g.KG, True
+    )
+    # + widening grad_y's rows: a quarter cycle an element (a copy at memory speed)
+    return _dot_cost(R, g.KG, d.S, d.mr, d.nk) + g.KG * g.OH * d.Wp / 4 < tile
+
+
+@njit(cache=True)
+def _check_dot(combo, mr, nk):
+    if (mr, nk) != dot_tile_shape(combo):
+        raise RuntimeError("direct convolution: compiled dot tile shapes differ from the plan's")
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv2d_filter_dot(
+    x, gy, y, code, relu, pool, OH, OW, parts, bad, bounds, ph, pw, arow, combo, mr, nk, S, Hp, Wp
+):
+    """parts[i] (G, rows, cols): chunk i's grad_w^T (taps x output channels), summed over its
+    images in order; bad[i] = True where chunk i's input holds inf or NaN (its part is then
+    not valid). Tables from ``dot_plan``. gy (N, K, OH, OW), or with ``pool`` = (PKH, PKW) !=
+    (0, 0) the gradient of conv2d_pool's output, with its y and argmax ``code`` (``_grad_plane``:
+    the full-size gradient is never written)."""
+    N, C, H, W = x.shape
+    K = gy.shape[1]
+    PKH, PKW = pool
+    G, rows, cols = parts.shape[1], parts.shape[2], parts.shape[3]
+    CG, KG = C // G, K // G
+    isz = x.itemsize
+    f32 = isz == 4
+    plane, J = Hp * Wp, S * (VBYTES // isz)
+    gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
+    off = np.empty(max(PKH * PKW, 1), np.uint64)  # argmax code -> offset in the window, pitch Wp
+    for c in range(PKH * PKW):
+        off[c] = U((c // PKW) * Wp + c % PKW)
+    _check_dot(combo, mr, nk)
+    for i in prange(bounds.size - 1):
+        xp = np.zeros(C * plane + Wp + J, x.dtype)  # + tail: lanes past the last tap's row
+        gp = np.zeros(cols * J, x.dtype)  # one group's grad_y, rows widened to Wp
+        px, pgp, pa = xp.ctypes.data, gp.ctypes.data, arow.ctypes.data
+        check = xp[0]
+        n0 = bounds[i]
+        for n in range(n0, bounds[i + 1]):
+            _pad_copy(x, n, xp[: C * plane].reshape(C, Hp, Wp), Hp, Wp, ph, pw)
+            for e in range(C * plane):
+                check += xp[U(e)] * 0  # NaN once any input is inf or NaN
+            for g in range(G):
+                for k in range(KG):
+                    plane_k = n * K + g * KG + k
+                    _grad_plane(
+                        gyf, yf, code, off, relu, PKH, PKW, plane_k, OH, OW, gp, U(k * J), Wp
+                    )
+                xg = px + U(g * CG * plane * isz)
+                part = pf.ctypes.data + U(((i * G + g) * rows * cols) * isz)
+                for r0 in range(0, rows, mr):
+                    for k0 in range(0, cols, nk):
+                        b0 = pgp + U(k0 * J * isz)
+                        c0 = part + U((r0 * cols + k0) * isz)
+                        dot_tile(combo, f32, xg, pa + U(r0 * 8), b0, J, S, c0, cols, n > n0)
+        bad[i] = check != check
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -322,12 +491,17 @@ def _tables(p):
     return p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L, p.step, p.Hp, p.Wp
 
 
-def forward(x, w, b, g, relu, bounds):
-    """y (N, K, OH, OW) = conv(x, w) + b (ReLU with ``relu``); chunks of images ``bounds``."""
+def forward(x, w, b, g, relu, bounds, pg=None, code=_NO_CODE):
+    """y (N, K, OH, OW) = conv(x, w) + b (ReLU with ``relu``); chunks of images ``bounds``.
+    With pg (a pooling geometry of non-overlapping windows): y max-pooled, (N, K, PH, PW), each
+    window's argmax in ``code`` (N*K*PH*PW int32)."""
     p = plan(g, x.itemsize)
-    y = np.empty(g.y_shape, x.dtype)
+    pool = (0, 0) if pg is None else (pg.KH, pg.KW)
+    y = np.empty(g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW), x.dtype)
     wp = pack_weights(w, g, p)
-    conv2d_tiled(x, wp, b, y, relu, bounds, g.ph, g.pw, p.form_b, *_tables(p))
+    conv2d_tiled(
+        x, wp, b, y, code, relu, pool, g.OH, g.OW, bounds, g.ph, g.pw, p.form_b, *_tables(p)
+    )
     return y
 
 
@@ -351,9 +525,29 @@ def backward_data(gy, w, g, bounds):
     return forward(gy, wt, np.zeros(g.C, gy.dtype), gt, False, bounds)
 
 
-def backward_filter(gy, x, g, bounds):
-    """grad_w (K, CG, KH, KW): per chunk of images a (G, taps, KG) part, added in chunk order."""
+def backward_filter(gy, x, g, bounds, pooled=None):
+    """grad_w (K, CG, KH, KW): per chunk of images a (G, taps, KG) part, added in chunk order;
+    in the dot form where ``use_dot`` says so and the input is finite, else on the tiles.
+    pooled = (y, code, relu, pg): gy is the gradient of conv2d_pool's output (y, argmax codes)."""
+    R = g.CG * g.KH * g.KW
+    if use_dot(g, x.itemsize):
+        d = dot_plan(g, x.itemsize)
+        parts = np.empty((bounds.size - 1, g.G, d.rows, d.cols), x.dtype)
+        bad = np.zeros(bounds.size - 1, np.bool_)
+        y, code, relu, pool = gy, _NO_CODE, False, (0, 0)
+        if pooled is not None:
+            y, code, relu, pg = pooled
+            pool = (pg.KH, pg.KW)
+        conv2d_filter_dot(
+            x, gy, y, code, relu, pool, g.OH, g.OW, parts, bad, bounds, g.ph, g.pw,
+            d.arow, d.combo, d.mr, d.nk, d.S, d.Hp, d.Wp,
+        )  # fmt: skip
+        if not bad.any():
+            return grad_w_from_parts(parts[:, :, :R, : g.KG], g)
+    if pooled is not None:
+        y, code, relu, pg = pooled
+        gy = max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
     p = filter_plan(g, x.itemsize)
     parts = np.empty((bounds.size - 1, g.G, p.rows, p.L), x.dtype)
     conv2d_filter_tiled(x, gy, parts, bounds, g.ph, g.pw, *_tables(p))
-    return grad_w_from_parts(parts[:, :, : g.CG * g.KH * g.KW, : g.KG], g)
+    return grad_w_from_parts(parts[:, :, :R, : g.KG], g)

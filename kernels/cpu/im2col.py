@@ -135,25 +135,36 @@ def kn_to_nk_pool(a, b, ks, ns, out, code, n0, OH, OW, KH, KW, relu):
 
     a[k, n*P + p] sits at a.ravel()[k*ks + n*ns + p]: ks = nb*P, ns = P for the GEMM layout;
     ks = P, ns = K*P read an (nb, K, P) array instead. Each window's argmax, as its row-major
-    position in the window, goes to code[((n0 + n)*K + k)*PH*PW + window]. First maximum in
+    position in the window, goes to code[((n0 + n)*K + k)*PH*PW + window] (``pool_planes``).
+    """
+    nb, K, PH, PW = out.shape
+    af, of = a.ravel(), out.ravel()
+    for n in range(nb):
+        o = n * K * PH * PW
+        pool_planes(
+            af, n * ns, ks, OW, b, 0, K, of, o, code, n0 * K * PH * PW + o, PH, PW, KH, KW, relu
+        )
+
+
+@njit(nogil=True, cache=True)
+def pool_planes(af, a0, ks, rs, b, k0, nk, of, o0, code, c0, PH, PW, KH, KW, relu):
+    """Planes k < nk of a conv output, at af[a0 + k*ks + oh*rs + ow] (row pitch rs), plus
+    b[k0 + k] (and ReLU, with ``relu``), max-pooled over non-overlapping KH x KW windows (stride
+    = window, floor mode) into of[o0 + k*PH*PW + window]; each window's argmax, as its
+    row-major position in the window, into code[c0 + k*PH*PW + window]. First maximum in
     row-major window order, a NaN wins (pool.py's rules: the result equals max_pool2d of the
     unfused output). 2x2 windows take an unrolled loop that LLVM vectorises (5x faster).
     """
-    nb, K, PH, PW = out.shape
-    af = a.ravel()
-    of = out.ravel()
-    for nk in range(nb * K):
-        n = nk // K
-        k = nk % K
-        bk = b[k]
-        src = U(k * ks + n * ns)
-        dst = U(nk * PH * PW)
-        cdst = U((n0 * K + nk) * PH * PW)
+    for kk in range(nk):
+        bk = b[k0 + kk]
+        src = U(a0 + kk * ks)
+        dst = U(o0 + kk * PH * PW)
+        cdst = U(c0 + kk * PH * PW)
         for ph in range(PH):
-            r0 = src + U(ph * KH * OW)
-            o0 = U(ph * PW)
+            r0 = src + U(ph * KH * rs)
+            orow = U(ph * PW)
             if KH == 2 and KW == 2:
-                r1 = r0 + U(OW)
+                r1 = r0 + U(rs)
                 for pw in range(PW):
                     c = U(2 * pw)
                     v0 = af[r0 + c] + bk
@@ -171,8 +182,8 @@ def kn_to_nk_pool(a, b, ks, ns, out, code, n0, OH, OW, KH, KW, relu):
                     t = (v3 > v2) | ((v3 != v3) & (v2 == v2))
                     m23, i23 = (v3 if t else v2), (3 if t else 2)
                     t = (m23 > m01) | ((m23 != m23) & (m01 == m01))
-                    of[dst + o0 + U(pw)] = m23 if t else m01
-                    code[cdst + o0 + U(pw)] = i23 if t else i01
+                    of[dst + orow + U(pw)] = m23 if t else m01
+                    code[cdst + orow + U(pw)] = i23 if t else i01
                 continue
             for pw in range(PW):
                 r = r0 + U(pw * KW)
@@ -182,9 +193,9 @@ def kn_to_nk_pool(a, b, ks, ns, out, code, n0, OH, OW, KH, KW, relu):
                 bi = 0
                 for i in range(KH):
                     for j in range(KW):
-                        v = af[r + U(i * OW + j)] + bk
+                        v = af[r + U(i * rs + j)] + bk
                         if relu and v < 0:
                             v = 0
                         best, bi = _take(v, i * KW + j, best, bi)
-                of[dst + o0 + U(pw)] = best
-                code[cdst + o0 + U(pw)] = bi
+                of[dst + orow + U(pw)] = best
+                code[cdst + orow + U(pw)] = bi

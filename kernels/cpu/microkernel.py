@@ -29,7 +29,17 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["COMBOS", "VBYTES", "lanes", "tile", "tile_rows", "tile_vectors"]
+__all__ = [
+    "COMBOS",
+    "DOT_COMBOS",
+    "VBYTES",
+    "dot_tile",
+    "dot_tile_shape",
+    "lanes",
+    "tile",
+    "tile_rows",
+    "tile_vectors",
+]
 
 _AVX512 = bool(llb.get_host_cpu_features().get("avx512f", False))
 VBYTES = 64 if _AVX512 else 32  # bytes per SIMD register used by the tiles
@@ -44,6 +54,16 @@ def _rows(nv):
 
 # (MR, NV) of the tiles compiled, NV = 1..4: combo index = NV - 1.
 COMBOS = tuple((_rows(nv), nv) for nv in (1, 2, 3, 4))
+
+
+def _dot_rows(nk):
+    """Rows MR of a dot tile with NK columns: MR*NK accumulators + NK vectors of b (a's
+    vectors feed the multiply-adds straight from memory) fit the register file."""
+    return max(1, min(12, (_REGISTERS - nk - 2) // nk))
+
+
+# (MR, NK) of the dot tiles compiled, NK = 1..4: combo index = NK - 1.
+DOT_COMBOS = tuple((_dot_rows(nk), nk) for nk in (1, 2, 3, 4))
 
 
 def lanes(itemsize):
@@ -145,6 +165,98 @@ def _make(mr, nv, itemsize):
     return tile
 
 
+_DOT_ARGS = (types.uintp, types.uintp, types.uintp, types.int64, types.int64, types.uintp)
+_DOT_ARGS += (types.int64, types.boolean)
+
+
+def _make_dot(mr, nk, itemsize):
+    """The dot tile: MR x NK vector accumulators, lane-wise products summed over S steps, then
+    each accumulator's lanes added up (a fixed tree: deterministic):
+
+        c[i*ldc + k]  =  sum_{s < S} sum_lanes  a[arow[i] + s*VL : + VL] * b[k*ldb + s*VL : + VL]
+
+    (+= with ``add``). MR + NK vector loads feed MR*NK fused multiply-adds a step."""
+    fl = ir.FloatType() if itemsize == 4 else ir.DoubleType()
+    vl = VBYTES // itemsize
+    vt = ir.VectorType(fl, vl)
+
+    @intrinsic
+    def dot_tile(typingctx, a, arow, b, ldb, S, c, ldc, add):
+        def codegen(context, builder, signature, args):
+            a, arow, b, ldb, S, c, ldc, add = args
+            fp, ip, vp = fl.as_pointer(), _I64.as_pointer(), vt.as_pointer()
+            a, b, c = (builder.inttoptr(v, fp) for v in (a, b, c))
+            arow = builder.inttoptr(arow, ip)
+
+            def at(p, i):
+                return builder.gep(p, [i if isinstance(i, ir.Value) else ir.Constant(_I64, i)])
+
+            def vload(p):
+                return builder.load(builder.bitcast(p, vp), align=itemsize)
+
+            rowp = [at(a, builder.load(at(arow, i))) for i in range(mr)]
+            colp = [at(b, builder.mul(ldb, ir.Constant(_I64, k))) for k in range(nk)]
+            zero = ir.Constant(vt, None)
+            name = f"llvm.fma.v{vl}f{8 * itemsize}"
+            fma = builder.module.globals.get(name) or ir.Function(
+                builder.module, ir.FunctionType(vt, [vt, vt, vt]), name
+            )
+            entry = builder.block
+            loop = builder.function.append_basic_block("dot_loop")
+            done = builder.function.append_basic_block("dot_done")
+            builder.cbranch(builder.icmp_signed(">", S, ir.Constant(_I64, 0)), loop, done)
+
+            builder.position_at_end(loop)  # one step s: NK loads of b, MR of a
+            s = builder.phi(_I64)
+            acc = [[builder.phi(vt) for _ in range(nk)] for _ in range(mr)]
+            o = builder.mul(s, ir.Constant(_I64, vl))
+            bv = [vload(at(colp[k], o)) for k in range(nk)]
+            new = []
+            for i in range(mr):
+                av = vload(at(rowp[i], o))
+                new.append([builder.call(fma, [av, bv[k], acc[i][k]]) for k in range(nk)])
+            s1 = builder.add(s, ir.Constant(_I64, 1))
+            s.add_incoming(ir.Constant(_I64, 0), entry)
+            s.add_incoming(s1, loop)
+            for i in range(mr):
+                for k in range(nk):
+                    acc[i][k].add_incoming(zero, entry)
+                    acc[i][k].add_incoming(new[i][k], loop)
+            br = builder.cbranch(builder.icmp_signed("<", s1, S), loop, done)
+            br.set_metadata("llvm.loop", _no_unroll(builder.module))
+
+            builder.position_at_end(done)  # lanes added pairwise, then stored (or added) to c
+            res = [[builder.phi(vt) for _ in range(nk)] for _ in range(mr)]
+            for i in range(mr):
+                for k in range(nk):
+                    res[i][k].add_incoming(zero, entry)
+                    res[i][k].add_incoming(new[i][k], loop)
+            for i in range(mr):
+                crow = at(c, builder.mul(ldc, ir.Constant(_I64, i)))
+                for k in range(nk):
+                    r = res[i][k]
+                    width = vl
+                    while width > 1:
+                        width //= 2
+                        undef = ir.Constant(r.type, ir.Undefined)
+                        halves = [
+                            builder.shuffle_vector(
+                                r, undef, ir.Constant(ir.VectorType(_I32, width), list(idx))
+                            )
+                            for idx in (range(width), range(width, 2 * width))
+                        ]
+                        r = builder.fadd(*halves)
+                    v = builder.extract_element(r, _I32(0))
+                    p = at(crow, k)
+                    old = builder.load(p)
+                    builder.store(builder.select(add, builder.fadd(old, v), v), p)
+            return context.get_dummy_value()
+
+        return types.void(*_DOT_ARGS), codegen
+
+    return dot_tile
+
+
 _S = [_make(mr, nv, 4) for mr, nv in COMBOS]
 _D = [_make(mr, nv, 8) for mr, nv in COMBOS]
 _s0, _s1, _s2, _s3 = _S
@@ -171,6 +283,44 @@ def tile(combo, f32, a, arow, aoff, b, boff, T, c, ldc, add):
         _d2(a, arow, aoff, b, boff, T, c, ldc, add)
     else:
         _d3(a, arow, aoff, b, boff, T, c, ldc, add)
+
+
+_DS = [_make_dot(mr, nk, 4) for mr, nk in DOT_COMBOS]
+_DD = [_make_dot(mr, nk, 8) for mr, nk in DOT_COMBOS]
+_ds0, _ds1, _ds2, _ds3 = _DS
+_dd0, _dd1, _dd2, _dd3 = _DD
+
+
+@njit(inline="always", cache=True)
+def dot_tile(combo, f32, a, arow, b, ldb, S, c, ldc, add):
+    """Run dot tile DOT_COMBOS[combo] in float32 (``f32``) or float64. Addresses are uint64."""
+    if f32:
+        if combo == 0:
+            _ds0(a, arow, b, ldb, S, c, ldc, add)
+        elif combo == 1:
+            _ds1(a, arow, b, ldb, S, c, ldc, add)
+        elif combo == 2:
+            _ds2(a, arow, b, ldb, S, c, ldc, add)
+        else:
+            _ds3(a, arow, b, ldb, S, c, ldc, add)
+    elif combo == 0:
+        _dd0(a, arow, b, ldb, S, c, ldc, add)
+    elif combo == 1:
+        _dd1(a, arow, b, ldb, S, c, ldc, add)
+    elif combo == 2:
+        _dd2(a, arow, b, ldb, S, c, ldc, add)
+    else:
+        _dd3(a, arow, b, ldb, S, c, ldc, add)
+
+
+_DMR = tuple(mr for mr, _ in DOT_COMBOS)
+_DNK = tuple(nk for _, nk in DOT_COMBOS)
+
+
+@njit(cache=True)
+def dot_tile_shape(combo):
+    """(MR, NK) of DOT_COMBOS[combo] as compiled into the caller (see direct._check_tile)."""
+    return _DMR[combo], _DNK[combo]
 
 
 _MR = tuple(mr for mr, _ in COMBOS)

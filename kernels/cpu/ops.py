@@ -115,9 +115,28 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
     forward call: each window's gradient goes to its argmax (where the maximum is > 0 when
     ``relu``), then through the convolution as in ``conv2d_backward``."""
     y, code = saved["pool"]
-    with threads_for(g.N * g.K * g.OH * g.OW // POOL_ELEMENTS_PER_MAC):
-        gz = pool.max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
+    need_x, need_w, need_b = mask
+    if algorithm == "direct":  # grad_b from the pooled gradient; grad_w without the full size
+        gb = pool.max_pool2d_backward_bias(gy, y, relu) if need_b else None
+        gx = gw = gz = None
+        bounds = _direct_bounds(g, gy.itemsize)
+        if need_x or (need_w and not direct.use_dot(g, gy.itemsize)):
+            gz = _unpool(gy, y, code, g, pg, relu)
+        with threads_for(g.flops() // 2 * (int(need_x) + int(need_w))):
+            if need_w:  # the dot form rebuilds grad_y plane by plane from the pooled one
+                pooled = None if gz is not None else (y, code, relu, pg)
+                gw = direct.backward_filter(gy if gz is None else gz, x, g, bounds, pooled)
+            if need_x:
+                gx = direct.backward_data(gz, w, g, bounds)
+        return gx, gw, gb
+    gz = _unpool(gy, y, code, g, pg, relu)
     return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
+
+
+def _unpool(gy, y, code, g, pg, relu):
+    """The full-size gradient of conv2d_pool's convolution output from the pooled one."""
+    with threads_for(g.N * g.K * g.OH * g.OW // POOL_ELEMENTS_PER_MAC):
+        return pool.max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
 
 
 def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
@@ -149,14 +168,12 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
 
 
 def _direct_forward(x, w, bias, g, relu, pg, code):
+    """Bias, ReLU and pooling in the tiles' epilogue (direct.conv2d_tiled)."""
     with threads_for(g.flops() // 2):  # one parallel loop over chunks of images
-        y = direct.forward(x, w, bias, g, relu and pg is None, _direct_bounds(g, x.itemsize))
-    if pg is not None:  # ReLU and pooling in one pass over the (N, K, P) output
-        P = g.OH * g.OW
-        z, y = y, np.empty((g.N, g.K, pg.OH, pg.OW), x.dtype)
-        zero = np.zeros(g.K, x.dtype)
-        im2col.kn_to_nk_pool(z, zero, P, g.K * P, y, code, 0, g.OH, g.OW, pg.KH, pg.KW, relu)
-    return y
+        bounds = _direct_bounds(g, x.itemsize)
+        if pg is None:
+            return direct.forward(x, w, bias, g, relu, bounds)
+        return direct.forward(x, w, bias, g, relu, bounds, pg, code)
 
 
 def _im2col_forward(x, w, bias, g, relu, pg, code, kept):

@@ -14,7 +14,7 @@ input (h1 = min(h0 + KH, H + ph)); without, the number of real input pixels in t
 import numpy as np
 from numba import njit, prange
 
-from ._common import U
+from ._common import FASTMATH, U
 
 
 @njit(inline="always", cache=True)
@@ -114,6 +114,28 @@ def max_pool2d_backward_indexed(gy, idx, N, C, H, W):
             o = U(nc * OH * OW + j)
             gxf[idx[o]] += gyf[o]
     return gx
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def max_pool2d_backward_bias(gy, y, relu):
+    """grad_b (C,) of a convolution whose output was max-pooled (conv2d_pool), straight from
+    the pooled gradient gy (N, C, PH, PW): each window passes its gradient to exactly one
+    element (where the maximum y > 0 with ``relu``), so the sum over the full-size gradient is
+    the sum over windows. Summed in a fixed order (deterministic)."""
+    N, C, PH, PW = gy.shape
+    gyf, yf = gy.ravel(), y.ravel()
+    gb = np.zeros(C, gy.dtype)
+    for c in range(C):
+        acc = gyf[0] * 0
+        for n in range(N):
+            o = U((n * C + c) * PH * PW)
+            for e in range(PH * PW):
+                v = gyf[o + U(e)]
+                if relu:
+                    v = v if yf[o + U(e)] > 0 else 0
+                acc += v
+        gb[c] = acc
+    return gb
 
 
 @njit(parallel=True, cache=True)
