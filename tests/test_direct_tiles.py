@@ -89,40 +89,29 @@ def test_forward_tile_pooled_matches_oracle(case, form, window, dtype):
     assert_close(at, reference.max_pool2d(z, window), dtype, "value at the argmax")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("nv", (1, 2, 3, 4))
-def test_filter_tile_matches_oracle(case, nv, dtype, monkeypatch):
-    xs, ws, s, p, d, G = case
-    g = _geom(*case)
-    rng = np.random.default_rng(8)
-    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
-    gy = rng.standard_normal(g.y_shape).astype(dtype)
-    plan = direct.filter_plan.__wrapped__  # uncached, NV forced
-    monkeypatch.setattr(direct, "filter_plan", lambda g_, isz: plan(g_, isz, nv))
-    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: False)
-    gw = direct.backward_filter(gy, x, g, _chunks(g.N))
-    ref = reference.conv2d_backward(gy, x, w, stride=s, padding=p, dilation=d, groups=G)[1]
-    assert_close(gw, ref, dtype, "tiled grad_w")
+ROUTES = [(False, n) for n in (1, 2, 3, 4)] + [(True, n) for n in (1, 2, 3, 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("nk", (1, 2, 3, 4))
-def test_filter_dot_tile_matches_oracle(case, nk, dtype, monkeypatch):
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{'dot-nk' if r[0] else 'tile-nv'}{r[1]}")
+def test_filter_tile_matches_oracle(case, route, dtype, monkeypatch):
+    """grad_w on the tiles (NV forced) and on the dot tiles (NK forced)."""
+    dot, n = route
     xs, ws, s, p, d, G = case
     g = _geom(*case)
-    if (g.sh, g.sw) != (1, 1):
+    if dot and (g.sh, g.sw) != (1, 1):
         pytest.skip("the dot form is for stride 1 only (use_dot never offers it otherwise)")
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(11 if dot else 8)
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     gy = rng.standard_normal(g.y_shape).astype(dtype)
-    plan = direct.dot_plan.__wrapped__  # uncached, NK forced
-    monkeypatch.setattr(direct, "dot_plan", lambda g_, isz: plan(g_, isz, nk))
-    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: True)
+    name = "dot_plan" if dot else "filter_plan"
+    plan = getattr(direct, name).__wrapped__  # uncached, NK / NV forced
+    monkeypatch.setattr(direct, name, lambda g_, isz: plan(g_, isz, n))
+    monkeypatch.setattr(direct, "use_dot", lambda g_, isz: dot)
     gw = direct.backward_filter(gy, x, g, _chunks(g.N))
     ref = reference.conv2d_backward(gy, x, w, stride=s, padding=p, dilation=d, groups=G)[1]
-    assert_close(gw, ref, dtype, "dot grad_w")
+    assert_close(gw, ref, dtype, "dot grad_w" if dot else "tiled grad_w")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -37,7 +37,7 @@ from .microkernel import (
     tile_rows,
     tile_vectors,
 )
-from .pool import max_pool2d_backward_coded
+from .pool import grad_plane, max_pool2d_backward_coded
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -354,32 +354,6 @@ def conv2d_filter_tiled(
 # Those zero lanes meet input values of other columns: 0 * inf would be NaN where the true sum
 # is finite, so a chunk whose input holds a non-finite value is flagged, and the caller redoes
 # the whole gradient on the tiles.
-@njit(nogil=True, cache=True)
-def _grad_plane(gyf, yf, code, off, relu, PKH, PKW, plane, OH, OW, dst, d0, rp):
-    """Plane ``plane`` (= n*K + k) of grad_y into dst[d0 + oh*rp + ow] (row pitch rp; other
-    columns untouched): copied, or with PKH > 0 rebuilt from the gradient of the max-pooled
-    output (conv2d_pool): each window's value at its argmax (off[code] = its offset at pitch
-    rp), where y > 0 with ``relu``, zeros elsewhere (pool.max_pool2d_backward_coded's rules)."""
-    if PKH == 0:
-        for oh in range(OH):
-            s0, d = U((plane * OH + oh) * OW), d0 + U(oh * rp)
-            for ow in range(OW):
-                dst[d + U(ow)] = gyf[s0 + U(ow)]
-        return
-    PH, PW = OH // PKH, OW // PKW
-    for oh in range(OH):
-        d = d0 + U(oh * rp)
-        for ow in range(OW):
-            dst[d + U(ow)] = 0
-    for ph in range(PH):
-        o0, d = U((plane * PH + ph) * PW), d0 + U(ph * PKH * rp)
-        for pw in range(PW):
-            v = gyf[o0 + U(pw)]
-            if relu:
-                v = v if yf[o0 + U(pw)] > 0 else 0
-            dst[d + U(pw * PKW) + off[code[o0 + U(pw)]]] = v
-
-
 class DotPlan(NamedTuple):
     combo: int  # index into microkernel.DOT_COMBOS
     mr: int  # taps per tile
@@ -442,8 +416,8 @@ def conv2d_filter_dot(
     """parts[i] (G, rows, cols): chunk i's grad_w^T (taps x output channels), summed over its
     images in order; bad[i] = True where chunk i's input holds inf or NaN (its part is then
     not valid). Tables from ``dot_plan``. gy (N, K, OH, OW), or with ``pool`` = (PKH, PKW) !=
-    (0, 0) the gradient of conv2d_pool's output, with its y and argmax ``code`` (``_grad_plane``:
-    the full-size gradient is never written)."""
+    (0, 0) the gradient of conv2d_pool's output, with its y and argmax ``code``
+    (``pool.grad_plane``: the full-size gradient is never written)."""
     N, C, H, W = x.shape
     K = gy.shape[1]
     PKH, PKW = pool
@@ -470,7 +444,7 @@ def conv2d_filter_dot(
             for g in range(G):
                 for k in range(KG):
                     plane_k = n * K + g * KG + k
-                    _grad_plane(
+                    grad_plane(
                         gyf, yf, code, off, relu, PKH, PKW, plane_k, OH, OW, gp, U(k * J), Wp
                     )
                 xg = px + U(g * CG * plane * isz)

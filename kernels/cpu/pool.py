@@ -138,34 +138,49 @@ def max_pool2d_backward_bias(gy, y, relu):
     return gb
 
 
+@njit(nogil=True, cache=True)
+def grad_plane(gyf, yf, code, off, relu, PKH, PKW, plane, OH, OW, dst, d0, rp):
+    """Plane ``plane`` (= n*K + k) of grad_y into dst[d0 + oh*rp + ow] (row pitch rp; other
+    columns untouched): copied, or with PKH > 0 rebuilt from the gradient of the max-pooled
+    output (conv2d_pool): each window's value at its argmax (off[code] = its offset at pitch
+    rp), where y > 0 with ``relu``, zeros elsewhere: max_pool2d_backward_coded, one plane."""
+    if PKH == 0:
+        for oh in range(OH):
+            s0, d = U((plane * OH + oh) * OW), d0 + U(oh * rp)
+            for ow in range(OW):
+                dst[d + U(ow)] = gyf[s0 + U(ow)]
+        return
+    PH, PW = OH // PKH, OW // PKW
+    for oh in range(OH):
+        d = d0 + U(oh * rp)
+        for ow in range(OW):
+            dst[d + U(ow)] = 0
+    for ph in range(PH):
+        o0, d = U((plane * PH + ph) * PW), d0 + U(ph * PKH * rp)
+        for pw in range(PW):
+            v = gyf[o0 + U(pw)]
+            if relu:
+                v = v if yf[o0 + U(pw)] > 0 else 0
+            dst[d + U(pw * PKW) + off[code[o0 + U(pw)]]] = v
+
+
 @njit(parallel=True, cache=True)
 def max_pool2d_backward_coded(gy, y, code, OH, OW, KH, KW, relu):
     """grad (N, C, OH, OW) of max pooling over non-overlapping KH x KW windows (stride = window,
     floor mode), from each window's argmax ``code`` (row-major position in the window, as
     im2col.kn_to_nk_pool writes it); with ``relu``, ReLU's backward too: a window passes its
     gradient only where its maximum y > 0 (ReLU's output there; not for NaN). Rows and columns
-    past the last window get 0. One thread per (n, c) plane."""
+    past the last window get 0. One thread per (n, c) plane (``grad_plane``)."""
     N, C, PH, PW = gy.shape
-    gx = np.zeros((N, C, OH, OW), dtype=gy.dtype)
-    gxf = gx.ravel()
-    gyf = gy.ravel()
-    yf = y.ravel()
+    gx = np.empty((N, C, OH, OW), dtype=gy.dtype)
+    gxf, gyf, yf = gx.ravel(), gy.ravel(), y.ravel()
     # Branch-free, with each code's offset looked up: a division by KW per window and a
     # mispredicted branch per ReLU test made this 2.5x slower (LeNet-5 pool1, batch 64).
     off = np.empty(KH * KW, np.uint64)
     for c in range(KH * KW):
         off[c] = U((c // KW) * OW + c % KW)
     for nc in prange(N * C):
-        base = U(nc * OH * OW)
-        for ph in range(PH):
-            row = base + U(ph * KH * OW)
-            o0 = U((nc * PH + ph) * PW)
-            for pw in range(PW):
-                o = o0 + U(pw)
-                g = gyf[o]
-                if relu:
-                    g = g if yf[o] > 0 else 0
-                gxf[row + U(pw * KW) + off[code[o]]] = g
+        grad_plane(gyf, yf, code, off, relu, KH, KW, nc, OH, OW, gxf, U(nc * OH * OW), OW)
     return gx
 
 
