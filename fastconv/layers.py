@@ -863,8 +863,11 @@ class Linear(Layer):
         if b is not None:
             self.bias.data = _device.like(self.bias.data, b)
 
-    def forward(self, x: Array) -> Array:
-        y = F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+    def forward(self, x: Array, *, activation: str | None = None) -> Array:
+        """y = x @ weight.T + bias; ``activation="relu"``: relu(y) in the same pass (what
+        ``Sequential`` asks for when a ReLU follows)."""
+        b = None if self.bias is None else self.bias.data
+        y = F.linear(x, self.weight.data, b, activation=activation)
         self._cache = x
         return y
 
@@ -1092,8 +1095,8 @@ class Sequential(Layer):
         - Conv2d, ReLU, MaxPool2d(k) (stride k, no padding, floor mode) run as one conv + bias
           + ReLU + max-pool: the full-size output is never written, and the backward pass
           goes from the pooled gradient straight to the convolution's;
-        - Conv2d, ReLU run as one conv + bias + ReLU (the ReLU layer keeps the output for
-          its backward)."""
+        - Conv2d, ReLU run as one conv + bias + ReLU, and Linear, ReLU as one GEMM + bias +
+          ReLU (the ReLU layer keeps the output for its backward)."""
         layers = self.layers
         self._fused_runs = []
         i = 0
@@ -1108,6 +1111,11 @@ class Sequential(Layer):
                     i += 3
                     continue
                 x = layer.forward(x, activation="relu")
+                layers[i + 1]._cache = x
+                i += 2
+                continue
+            if type(layer) is Linear and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+                x = layer.forward(x, activation="relu")  # bias and ReLU in the GEMM's epilogue
                 layers[i + 1]._cache = x
                 i += 2
                 continue

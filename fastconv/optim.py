@@ -126,17 +126,22 @@ class SGD(Optimizer):
                 f"got momentum={momentum}, dampening={dampening}"
             )
 
-    def _update(self, p: Parameter, state: dict[str, Any]) -> None:
-        buf, first = None, True
+    def step(self) -> None:
+        """All parameters in one ``sgd_update_many`` call (the numbers checked once)."""
+        live = [(p, s) for p, s in zip(self.params, self.state) if p.grad is not None]
+        if not live:
+            return
+        bufs, first = None, True
         if self.momentum != 0:
-            first = "momentum_buffer" not in state
-            if first:
-                state["momentum_buffer"] = _device.zeros_like(p.data)
-            buf = state["momentum_buffer"]
-        F.sgd_update(
-            p.data,
-            p.grad,
-            buf,
+            first = ["momentum_buffer" not in s for _, s in live]
+            for (p, s), f in zip(live, first):
+                if f:
+                    s["momentum_buffer"] = _device.zeros_like(p.data)
+            bufs = [s["momentum_buffer"] for _, s in live]
+        F.sgd_update_many(
+            [p.data for p, _ in live],
+            [p.grad for p, _ in live],
+            bufs,
             self.lr,
             self.momentum,
             self.dampening,

@@ -632,6 +632,25 @@ def check_update(op: str, p: Any, grad: Any, **state: Any) -> Any:
     return grad
 
 
+def fit_for_update(p: Any, grad: Any, buf: Any = None) -> bool:
+    """The common case of ``check_update``, checked in a few attribute reads: host arrays of
+    one float dtype and shape, p and buf (when given) writeable, C-contiguous and native, grad
+    C-contiguous. False means: run ``check_update`` (which raises, or converts grad)."""
+    t = np.ndarray
+    if not (type(p) is t and type(grad) is t and (buf is None or type(buf) is t)):
+        return False
+    dt = p.dtype
+    if dt.type not in (np.float32, np.float64) or grad.dtype != dt or grad.shape != p.shape:
+        return False
+    pf, gf = p.flags, grad.flags
+    if not (pf.c_contiguous and pf.writeable and gf.c_contiguous and dt.isnative):
+        return False
+    if buf is None:
+        return True
+    bf = buf.flags
+    return buf.dtype == dt and buf.shape == p.shape and bf.c_contiguous and bf.writeable
+
+
 def check_step(op: str, step: Any) -> int:
     """An optimizer's update count, from 1 (this update included)."""
     if not _is_int(step) or step < 1:

@@ -3,6 +3,8 @@ oracle (fastconv.reference), the oracle against finite differences, and every va
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from fastconv.kernels.cpu import nn as K
@@ -83,6 +85,43 @@ def test_linear_matches_oracle(dtype, bias, n, f, o):
         lambda g, x, w: F.linear_backward(g, x, w),
         lambda g, x, w: R.linear_backward(g, x, w),
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,f,o", [(1, 3, 2), (6, 17, 9), (40, 33, 70)])
+def test_linear_relu_matches_oracle(monkeypatch, native, dtype, bias, n, f, o):
+    """activation="relu": bias and ReLU in the GEMM's epilogue (native: one compiled call
+    around BLAS; else NumPy), with NaN kept and -inf clamped as np.maximum does."""
+    if not native:
+        monkeypatch.setattr(K, "_native", lambda: False)
+    x, w = rnd((n, f), dtype), rnd((o, f), dtype, 1)
+    b = rnd((o,), dtype, 2) if bias else None
+    if bias:
+        b[0], b[-1] = -np.inf, np.nan
+    got = F.linear(x, w, b, activation="relu")
+    expect = np.maximum(R.linear(x, w, b), 0)
+    assert got.dtype == dtype
+    assert_close(got, expect, dtype, "relu(linear)")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expect))
+    assert_close(F.linear(x, w, b), R.linear(x, w, b), dtype, "linear")
+
+
+def test_linear_backward_native_matches_oracle_for_every_mask():
+    x, w, g = rnd((7, 5)), rnd((3, 5), seed=1), rnd((7, 3), seed=2)
+    ref = R.linear_backward(g, x, w)
+    for mask in itertools.product([False, True], repeat=3):
+        got = F.linear_backward(g, x, w, output_mask=mask)
+        for a, e, m in zip(got, ref, mask):
+            assert (a is None) == (not m)
+            if m:
+                assert_close(a, e)
+
+
+def test_linear_activation_must_be_relu_or_none():
+    with pytest.raises(ValueError, match=r"linear: activation must be None or 'relu'; got 'tanh'"):
+        F.linear(rnd((2, 3)), rnd((4, 3)), activation="tanh")
 
 
 def test_linear_backward_mask_skips_outputs():
@@ -207,6 +246,57 @@ def test_sgd_update_matches_oracle(dtype, momentum, dampening, weight_decay, nes
     assert_close(p, p_ref, dtype, "p")
     if momentum:
         assert_close(buf, buf_ref, dtype, "buf")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "momentum,dampening,weight_decay,nesterov",
+    [(0.0, 0.0, 0.0, False), (0.9, 0.1, 1e-2, False), (0.9, 0.0, 1e-3, True)],
+)
+def test_sgd_update_many_matches_oracle_per_parameter(
+    backend, momentum, dampening, weight_decay, nesterov
+):
+    # mixed shapes and dtypes, one first step among later ones, a non-contiguous grad
+    shapes = [(3, 4), (7,), (2, 3, 2, 2), (1,)]
+    dtypes = [np.float64, np.float32, np.float32, np.float64]
+    ps = [rnd(s, d, i) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    gs = [rnd(s, d, 10 + i) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    gs[0] = rnd((4, 3), np.float64, 10).T  # (3, 4), Fortran order
+    bufs = [rnd(s, d, 20 + i) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    first = [False, True, False, False]
+    expect = [
+        R.sgd_update(p, g, b, 0.1, momentum, dampening, weight_decay, nesterov, f)
+        for p, g, b, f in zip(ps, gs, bufs, first)
+    ]
+    F.sgd_update_many(
+        ps, gs, bufs if momentum else None, 0.1, momentum, dampening, weight_decay, nesterov,
+        first, backend=backend,
+    )  # fmt: skip
+    for p, b, (p_ref, b_ref), d in zip(ps, bufs, expect, dtypes):
+        assert_close(p, p_ref, d, "p")
+        if momentum:
+            assert_close(b, b_ref, d, "buf")
+
+
+def test_sgd_update_many_errors():
+    p, g = np.ones(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"sgd_update_many: params, grads, bufs and first must"):
+        F.sgd_update_many([p, p], [g], None, 0.1)
+    with pytest.raises(ValueError, match=r"sgd_update_many: momentum=0.9 needs a momentum buf"):
+        F.sgd_update_many([p], [g], [None], 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"sgd_update_many: lr must be in \[0, inf\]"):
+        F.sgd_update_many([p], [g], None, -1.0)
+    with pytest.raises(ValueError, match=r"sgd_update_many: inputs must have the same shape"):
+        F.sgd_update_many([p, p], [g, np.ones(4)], None, 0.1)
+    with pytest.raises(ValueError, match=r"sgd_update_many: p is updated in place"):
+        F.sgd_update_many([np.ones(6)[::2]], [g], None, 0.1)
+    with pytest.raises(TypeError, match=r"sgd_update_many: p must be a NumPy array"):
+        F.sgd_update_many([[1.0, 2.0, 3.0]], [g], None, 0.1)
+    before = p.copy()
+    with pytest.raises(TypeError, match=r"sgd_update_many: all inputs must have the same dtype"):
+        F.sgd_update_many([p, np.ones(3, np.float32)], [g, g], None, 0.1)
+    np.testing.assert_array_equal(p, before)  # checked before any parameter was updated
+    F.sgd_update_many([], [], None, 0.1)  # nothing to do
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -573,6 +663,7 @@ def test_public_names_are_exported():
         "dropout",
         "batch_norm2d",
         "sgd_update",
+        "sgd_update_many",
         "adam_update",
         "rmsprop_update",
         "adagrad_update",

@@ -568,13 +568,22 @@ def zeros(shape: tuple[int, ...], dtype: Any) -> Any:
 # --------------------------------------------------------------------------- linear
 
 
-def linear(x, w, b):
-    """y = x @ w.T + b (bias fused in the GEMM epilogue). Shape: x (N, F), w (O, F) -> (N, O)."""
+def linear(x, w, b, relu=False):
+    """y = x @ w.T + b, then max(y, 0) with ``relu`` (both fused in the GEMM epilogue).
+    Shape: x (N, F), w (O, F) -> (N, O)."""
     host, (x, w, b) = _inputs(x, w, b)
     (N, F), O = x.shape, int(w.shape[0])
     y = _empty((N, O), x.dtype)
     # (N, F) @ (F, O): B = w read transposed
-    _gemm(x.reshape(1, N, F), w.reshape(1, O, F), y.reshape(1, N, O), tb=True, bias=b, bias_mode=2)
+    _gemm(
+        x.reshape(1, N, F),
+        w.reshape(1, O, F),
+        y.reshape(1, N, O),
+        tb=True,
+        bias=b,
+        bias_mode=2,
+        relu=relu,
+    )
     return _out(host, y)
 
 
