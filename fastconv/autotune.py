@@ -147,21 +147,24 @@ def _write(k: str, choice: str) -> None:
         pass
 
 
-def measure(candidates: dict[str, Callable[[], Any]], repeats: int = 5) -> tuple[str, dict]:
-    """Time each candidate (one warm-up call, then the best of ``repeats``); fastest wins.
+def measure(candidates: dict[str, Callable[[], Any]], repeats: int = 7) -> tuple[str, dict]:
+    """Time each candidate (one warm-up call each, then ``repeats`` rounds that call every
+    candidate once, in turn); the smallest time wins.
 
     The minimum, not the median: on a shared machine other work only ever adds time, so the
-    fastest run is the best estimate of what the algorithm itself costs.
+    fastest run is the best estimate of what the algorithm itself costs. In turns, not one
+    candidate's calls after the other's: the load on a shared machine drifts over tens of
+    milliseconds, and timed in blocks one candidate could get all the quiet moments (LeNet-5's
+    conv1 backward was once remembered as im2col, which then ran 1.7x slower than direct).
     """
-    times: dict[str, float] = {}
-    for name, fn in candidates.items():
+    for fn in candidates.values():
         fn()  # warm-up: JIT compile or cache load, page faults of fresh workspaces
-        ts = []
-        for _ in range(repeats):
+    times = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-        times[name] = min(ts)
+            times[name] = min(times[name], time.perf_counter() - t0)
     return min(times, key=times.get), times
 
 

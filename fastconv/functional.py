@@ -84,14 +84,15 @@ def conv2d(
             return ops.conv2d_pool(x, weight, bias, g, pg, relu, algo, keep)
         return getattr(ops, fn)(x, weight, bias, g, algo, keep)
 
-    be, algo = dispatch.choose(  # autotuned on the convolution without pooling
+    be, algo = dispatch.choose(  # each candidate timed on this very call (fusions included)
         op,
         g,
         backend,
         algorithm,
         _on_device(x, weight, bias),
         x.dtype,
-        lambda a: lambda: getattr(dispatch.backend_ops(op, "cpu"), fn)(x, weight, bias, g, a),
+        lambda a: _timed_call(run, a, None if saved is None else {}),
+        variant=_variant(relu, pg),
     )
     if be == "reference":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -108,6 +109,22 @@ def conv2d(
     if saved is not None and pg is not None:  # what conv2d_backward checks
         saved["fused"] = (x, g, relu, pg, be)
     return y
+
+
+def _timed_call(run: Any, algorithm: str, scratch: dict | None):
+    """The autotuner's candidate: ``run`` on the CPU with one algorithm. ``scratch`` stands in
+    for the caller's saved dict and lives across the timed calls, so buffers kept there are
+    reused after the warm-up call, as they are from one training step to the next."""
+    return lambda: run("cpu", algorithm, scratch)
+
+
+def _variant(relu: bool, pg: Any, mask: tuple | None = None) -> str:
+    """The part of an autotune key beyond (op, geometry, dtype, threads): the fusions and
+    which gradients are asked for, since each changes what the candidates do."""
+    out = "" if mask is None else str(mask)
+    if relu:
+        out += "+relu"
+    return out if pg is None else f"{out}+pool{pg.KH}x{pg.KW}"
 
 
 def _fused(op: str, g: shapes.ConvGeom, activation: Any, pool: Any):
@@ -184,10 +201,9 @@ def conv2d_backward(
             return ops.conv2d_pool_backward(grad_y, x, weight, g, pg, relu, algo, mask, keep)
         return ops.conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
 
-    def plain(a):  # the candidate timed for the autotuner: the convolution's own backward
-        gz = grad_y if pg is None else np.zeros(g.y_shape, grad_y.dtype)
-        ops = dispatch.backend_ops(op, "cpu")
-        return lambda: ops.conv2d_backward(gz, x, weight, g, a, mask)
+    def candidate(a):  # timed for the autotuner: this very call, fused pooling included
+        # (no kept columns: the im2col path rebuilds them, as after a direct forward)
+        return _timed_call(run, a, None if pg is None else {"pool": saved["pool"]})
 
     be, algo = dispatch.choose(
         op,
@@ -196,8 +212,8 @@ def conv2d_backward(
         algorithm,
         _on_device(grad_y, x, weight),
         x.dtype,
-        plain,
-        variant=str(mask),
+        candidate,
+        variant=_variant(relu, pg, mask),
     )
     if pg is not None and saved["fused"][4] != be:
         raise ValueError(

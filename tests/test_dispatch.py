@@ -160,6 +160,42 @@ def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
     assert out.returncode == 0, out.stderr
 
 
+def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
+    """A fused conv + ReLU + max-pool is tuned as such, forward and backward: its own keys
+    (the fusion in them), candidates that run the fused op, and each candidate's buffers kept
+    across its timed calls; the candidates are called in turns."""
+    from fastconv import autotune
+
+    order, rounds = [], []
+    real_measure = autotune.measure
+
+    def spy(candidates, repeats=7):
+        def tracked(name, fn):
+            def call():
+                order.append(name)
+                return fn()
+
+            return call
+
+        rounds.append(sorted(candidates))
+        return real_measure({k: tracked(k, f) for k, f in candidates.items()}, repeats)
+
+    monkeypatch.setattr(autotune, "measure", spy)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    saved = {}
+    y = fc.conv2d(x, w, activation="relu", pool=2, saved=saved)
+    gy = rng.standard_normal(y.shape)
+    fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved)
+    keys = sorted(autotune._read(autotune.cache_path()))
+    assert len(keys) == 2 and all("+relu+pool2x2" in k for k in keys), keys
+    assert rounds == [["direct", "im2col"]] * 2
+    # warm-up calls first, then the two candidates alternate
+    per_op = len(order) // 2
+    assert order[:per_op] == ["im2col", "direct"] * (per_op // 2)
+    assert saved["pool"][0] is y  # the caller's dict still holds its own forward call
+
+
 def test_autotune_off_uses_heuristic(tune_dir, monkeypatch):
     from fastconv import autotune
 
