@@ -9,6 +9,7 @@ receptive field makes that output NaN; max pooling treats NaN as the largest val
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -813,9 +814,7 @@ def flatten(x: Array) -> Array:
         )
     if len(x.shape) < 1:
         raise ValueError(f"flatten: x must have a batch dimension; got x.shape={tuple(x.shape)}")
-    n = int(x.shape[0])
-    rest = int(np.prod(x.shape[1:], dtype=np.int64))
-    return x.reshape(n, rest)
+    return x.reshape(int(x.shape[0]), math.prod(int(s) for s in x.shape[1:]))
 
 
 def _conv1d_args(op, x, weight, stride, padding, dilation):

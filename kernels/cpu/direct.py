@@ -10,8 +10,12 @@ Backward, derived once from  y[n,k,oh,ow] = sum_{c,kh,kw} w[k,c,kh,kw] * x[n, g*
       i.e. the transposed convolution of gy with w. At stride 1, oh = ih + ph - kh*dh; with
       kh' = KH-1-kh this is oh = ih - q + kh'*dh, q = dh*(KH-1) - ph: a plain convolution of
       gy (padding q, dilation d) with the flipped kernel, channel axes swapped, which
-      ``backward_data`` runs on the forward tiles. Other strides: a scatter from gy, one thread
-      per (n, c) plane (``conv2d_backward_data``).
+      ``backward_data`` can run on the forward tiles. Or read the sum per tap: for each
+      (kh, kw), grad_x[n, c, oh + kh*dh - ph, ow + kw*dw - pw] += sum_k w[k,c,kh,kw] *
+      gy[n,k,oh,ow], an (input channels x grad_y positions) product over k added at the
+      tap's offset of the padded grad_x (``conv2d_data_scatter``), which never runs a tap over
+      gy's zero border. The cost model picks one of the two. Other strides: a scatter from
+      gy, one thread per (n, c) plane (``conv2d_backward_data``).
   grad_w[k, c, kh, kw] = sum_{n, oh, ow} gy[n,k,oh,ow] * x[n, g*CG+c, ih, iw]
       i.e. the correlation of x with gy (gy acting as the kernel, dilation and stride swapped).
 Every output element is summed in a fixed order (grad_w: per chunk of images, chunks added in
@@ -87,7 +91,9 @@ def conv2d_backward_data(gy, w, H, W, sh, sw, ph, pw, dh, dw, G):
 # grad_w uses form A's layout with the roles turned: rows = taps, steps = output pixels,
 # lanes = output channels of grad_y transposed to (pixels, channels).
 # grad_x at stride 1 is the forward pass of grad_y padded by q = dh*(KH-1) - ph with the kernel
-# flipped and its channel axes swapped (module docstring), so it reuses the forward tiles.
+# flipped and its channel axes swapped (module docstring), so it can reuse the forward tiles;
+# or a scatter: per tap, rows = input channels, lanes = grad_y positions at the padded width,
+# steps = output channels, each tile added into the padded grad_x at the tap's offset.
 
 
 _NO_CODE = np.empty(0, np.int32)  # no pooling: no argmax codes
@@ -107,6 +113,7 @@ class TiledPlan(NamedTuple):
     arow: np.ndarray  # int64 tables, see microkernel.tile
     aoff: np.ndarray
     boff: np.ndarray
+    cost: float = 0.0  # ``_cost`` of the chosen layout (plan only)
 
 
 def _padded_size(g):
@@ -156,7 +163,7 @@ def plan(g, itemsize, choice=None):
             cost = _cost(tiles, R, mr, nv, P * g.KG, not form_b)
             if choice is None or choice == (form_b, nv):
                 options.append((cost, form_b, nv - 1, mr, rows, L, nv * VL))
-    _, form_b, combo, mr, rows, L, step = min(options)
+    cost, form_b, combo, mr, rows, L, step = min(options)
     taps = _taps(g, Hp, Wp)
     if form_b:  # a = weights (rows, R); b = padded input at tap offsets
         arow, aoff, boff = np.arange(mr, dtype=np.int64) * R, np.arange(R, dtype=np.int64), taps
@@ -164,7 +171,7 @@ def plan(g, itemsize, choice=None):
         arow = np.zeros(rows, np.int64)
         arow[:P] = _pixels(g, Wp)
         aoff, boff = taps, np.arange(R, dtype=np.int64) * L
-    return TiledPlan(form_b, combo, mr, rows, L, step, Hp, Wp, arow, aoff, boff)
+    return TiledPlan(form_b, combo, mr, rows, L, step, Hp, Wp, arow, aoff, boff, cost)
 
 
 def pack_weights(w, g, p):
@@ -457,6 +464,109 @@ def conv2d_filter_dot(
         bad[i] = check != check
 
 
+class ScatterPlan(NamedTuple):
+    """Tables of the scatter-form grad_x (see ``scatter_plan``)."""
+
+    combo: int
+    mr: int
+    rows: int  # input channels of a group, padded to a multiple of mr
+    L: int  # lanes of one grad_y plane: OH*Wp padded to whole tiles
+    step: int
+    Hp: int  # padded input height / width (the row pitch of both buffers)
+    Wp: int
+    plane: int  # one grad_x plane in the padded buffer, with room for the last tap's lanes
+    taps: np.ndarray  # int64 offset of tap (kh, kw) in a padded plane
+    arow: np.ndarray  # int64: row r of a tap's weight block starts at r*KG
+    aoff: np.ndarray  # int64: output channel k of grad_y
+    boff: np.ndarray  # int64: k's grad_y plane, k*L
+    cost: float
+
+
+@functools.lru_cache(maxsize=256)
+def scatter_plan(g, itemsize, nv=None):
+    """grad_x at stride 1 as a scatter (``conv2d_data_scatter``): per tap (kh, kw), tile rows =
+    input channels, lanes = grad_y positions oh*Wp + ow, steps = the group's KG output
+    channels; each tile adds its result into the padded grad_x at the tap's offset. Only the
+    lanes with ow >= OW are wasted: the flipped forward instead runs every tap over grad_y's
+    zero border too (LeNet-5's conv2: 2x the useful multiply-adds). NV by ``_cost`` unless
+    given (tests)."""
+    VL = lanes(itemsize)
+    Hp, Wp = _padded_size(g)
+    T = g.KH * g.KW
+    options = []
+    for v in (1, 2, 3, 4) if nv is None else (nv,):
+        mr = COMBOS[v - 1][0]
+        rows, L = _round(g.CG, mr), _round(g.OH * Wp, v * VL)
+        tiles = T * (rows // mr) * (L // (v * VL))
+        # + zeroing and cropping the padded grad_x, copying grad_y in (~a tenth of a cycle each)
+        cost = _cost(tiles, g.KG, mr, v, 0, False) + (rows * Hp * Wp + g.KG * L) / 10
+        options.append((cost * g.G, v - 1, mr, rows, L, v * VL))
+    cost, combo, mr, rows, L, step = min(options)
+    kh, kw = np.meshgrid(np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    taps = ((kh * g.dh * Wp + kw * g.dw).ravel()).astype(np.int64)
+    plane = int(taps[-1]) + L
+    arow = np.arange(rows, dtype=np.int64) * g.KG
+    aoff = np.arange(g.KG, dtype=np.int64)
+    return ScatterPlan(
+        combo, mr, rows, L, step, Hp, Wp, plane, taps, arow, aoff, aoff * L, cost
+    )  # fmt: skip
+
+
+def pack_scatter_weights(w, g, p):
+    """w (K, CG, KH, KW) -> (G, KH*KW, rows, KG): per group and tap, input channels x output
+    channels; the padding rows are zero."""
+    wg = w.reshape(g.G, g.KG, g.CG, g.KH * g.KW).transpose(0, 3, 2, 1)  # (G, T, CG, KG)
+    out = np.zeros((g.G, g.KH * g.KW, p.rows, g.KG), w.dtype)
+    out[:, :, : g.CG] = wg
+    return out
+
+
+@njit(parallel=True, cache=True)
+def conv2d_data_scatter(
+    gy, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp, plane
+):  # fmt: skip
+    """gx (N, C, H, W) = grad_x at stride 1 from gy (N, K, OH, OW) and wp from
+    ``pack_scatter_weights``, tables from ``scatter_plan``. Per image: grad_y copied into a
+    buffer with rows at pitch Wp (zeros at ow >= OW and past OH*Wp), every (tap, row block,
+    lane block) tile added into a zeroed padded grad_x, which is then cropped into gx. Each
+    chunk of images [bounds[i], bounds[i+1]) runs on one thread."""
+    N, K, OH, OW = gy.shape
+    _, C, H, W = gx.shape
+    G, T = wp.shape[0], wp.shape[1]
+    CG, KG = C // G, K // G
+    isz = gy.itemsize
+    f32 = isz == 4
+    gyf, gxf, wf = gy.ravel(), gx.ravel(), wp.ravel()
+    pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
+    _check_tile(combo, mr, step, isz)
+    for i in prange(bounds.size - 1):
+        gyp = np.zeros(K * L, gy.dtype)
+        gxp = np.empty(G * rows * plane, gy.dtype)
+        py, px = gyp.ctypes.data, gxp.ctypes.data
+        for n in range(bounds[i], bounds[i + 1]):
+            for k in range(K):  # grad_y rows at pitch Wp (the zeros in between stay zero)
+                for oh in range(OH):
+                    src, dst = U(((n * K + k) * OH + oh) * OW), U(k * L + oh * Wp)
+                    for ow in range(OW):
+                        gyp[dst + U(ow)] = gyf[src + U(ow)]
+            gxp[:] = 0
+            for g in range(G):
+                b0 = py + U(g * KG * L * isz)
+                for t in range(T):
+                    a0 = wf.ctypes.data + U((g * T + t) * rows * KG * isz)
+                    c0 = px + U((g * rows * plane + taps[t]) * isz)
+                    for r0 in range(0, rows, mr):
+                        for j in range(0, L, step):
+                            cj, bj = c0 + U((r0 * plane + j) * isz), b0 + U(j * isz)
+                            tile(combo, f32, a0, pa + U(r0 * 8), po, bj, pb, KG, cj, plane, True)
+                for c in range(CG):  # crop: padded (ih + ph, iw + pw) -> gx (ih, iw)
+                    for ih in range(H):
+                        src = U((g * rows + c) * plane + (ih + ph) * Wp + pw)
+                        dst = U(((n * C + g * CG + c) * H + ih) * W)
+                        for iw in range(W):
+                            gxf[dst + U(iw)] = gxp[src + U(iw)]
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -488,8 +598,27 @@ def transposed_geometry(g):
     return g._replace(C=g.K, H=g.OH, W=g.OW, K=g.C, OH=g.H, OW=g.W, ph=qh, pw=qw)
 
 
-def backward_data(gy, w, g, bounds):
-    """grad_x (N, C, H, W) of the convolution with weight w."""
+def use_scatter(g, itemsize):
+    """grad_x in the scatter form? Stride 1, and its estimated cost below the flipped
+    forward's (or that form does not apply: padding beyond the kernel's reach)."""
+    if g.sh != 1 or g.sw != 1:
+        return False
+    gt = transposed_geometry(g)
+    return gt is None or scatter_plan(g, itemsize).cost < plan(gt, itemsize).cost
+
+
+def backward_data(gy, w, g, bounds, form=None):
+    """grad_x (N, C, H, W) of the convolution with weight w: the scatter form or the flipped
+    forward by the cost model at stride 1 (``form`` = "scatter" / "forward" forces one:
+    tests), else ``conv2d_backward_data``."""
+    if form == "scatter" or (form is None and use_scatter(g, gy.itemsize)):
+        p = scatter_plan(g, gy.itemsize)
+        gx = np.empty((g.N, g.C, g.H, g.W), gy.dtype)
+        conv2d_data_scatter(
+            gy, pack_scatter_weights(w, g, p), gx, bounds, g.ph, g.pw, p.taps, p.arow, p.aoff,
+            p.boff, p.combo, p.mr, p.rows, p.L, p.step, p.Hp, p.Wp, p.plane,
+        )  # fmt: skip
+        return gx
     gt = transposed_geometry(g)
     if gt is None:
         return conv2d_backward_data(gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)

@@ -186,7 +186,7 @@ def linear_backward(gy, x, w, mask):
         gw = np.empty((O, F), gy.dtype) if need_w else np.empty((0, 0), gy.dtype)
         gb = np.empty(O, gy.dtype) if need_b else np.empty(0, gy.dtype)
         with threads.blas_single():
-            if need_x and need_w and N * O * F * 2 >= threads.SERIAL_BELOW:
+            if need_x and need_w and N * O * F * 2 >= threads.POOL_BELOW:
                 _linear_grads_2(gy, x, w, gx, gw, gb)  # the two GEMMs on two threads
             else:
                 _linear_grads_1(gy, x, w, gx, gw, gb)
