@@ -160,9 +160,10 @@ def test_scatter_is_chosen_where_the_flipped_forward_wastes_most():
 @pytest.mark.parametrize("dot", [True, False], ids=["dot", "tiles"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("window", [(2, 2), (3, 2)])
-def test_filter_from_pooled_gradient_matches_oracle(dot, relu, window, dtype, monkeypatch):
-    """grad_w and grad_b straight from conv2d_pool's gradient (argmax codes, ReLU mask): the
-    dot form rebuilds each plane in its own buffer, the tiles from the full-size gradient."""
+def test_gradients_from_pooled_gradient_match_oracle(dot, relu, window, dtype, monkeypatch):
+    """grad_w, grad_b and grad_x straight from conv2d_pool's gradient (argmax codes, ReLU
+    mask): the dot form, the grad_w tiles and the scatter grad_x rebuild each plane in their
+    own buffers; the flipped-forward grad_x runs on the unpooled gradient."""
     case = CASES[0]
     xs, ws, s, p, d, G = case
     g = _geom(*case)
@@ -183,6 +184,9 @@ def test_filter_from_pooled_gradient_matches_oracle(dot, relu, window, dtype, mo
     ref = reference.conv2d_backward(gz, x, w, stride=s, padding=p, dilation=d, groups=G)
     assert_close(gw, ref[1], dtype, "grad_w from the pooled gradient")
     assert_close(gb, ref[2], dtype, "grad_b from the pooled gradient")
+    for form in ("scatter", "forward"):
+        gx = direct.backward_data(gy, w, g, _chunks(g.N), form, (y, code, relu, pg))
+        assert_close(gx, ref[0], dtype, f"grad_x ({form}) from the pooled gradient")
 
 
 def test_filter_dot_redone_on_tiles_when_input_not_finite(monkeypatch):

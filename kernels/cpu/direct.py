@@ -306,50 +306,54 @@ def filter_plan(g, itemsize, nv=None):
 
 @njit(parallel=True, cache=True)
 def conv2d_filter_tiled(
-    x, gy, parts, bounds, ph, pw, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp
-):
+    x, gy, y, code, relu, pool, OH, OW, parts, bounds, ph, pw, arow, aoff, boff, combo, mr,
+    rows, L, step, Hp, Wp,
+):  # fmt: skip
     """parts[i] (G, rows, L): chunk i's grad_w^T (taps x output channels), summed over its
-    images in order; the caller adds the parts in chunk order (``filter_plan``)."""
+    images in order; the caller adds the parts in chunk order (``filter_plan``). gy (N, K, OH,
+    OW), or with ``pool`` = (PKH, PKW) != (0, 0) the gradient of conv2d_pool's output, with its
+    y and argmax ``code``: each plane is rebuilt in a buffer of its own (``pool.grad_plane``)."""
     N, C, H, W = x.shape
-    _, K, OH, OW = gy.shape
+    K = gy.shape[1]
+    PKH, PKW = pool
     G = parts.shape[1]
     CG, KG, P = C // G, K // G, OH * OW
     isz = x.itemsize
     f32 = isz == 4
     plane = Hp * Wp
-    gyf, pf = gy.ravel(), parts.ravel()
+    gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
+    off = _window_offsets(PKH, PKW, OW)
     _check_tile(combo, mr, step, isz)
     for i in prange(bounds.size - 1):
         xp = np.zeros(C * plane, x.dtype)
         gt = np.zeros(P * L, x.dtype)  # grad_y of one image and group, (P, L); pad lanes 0
+        gk = np.empty(P, x.dtype)  # one plane of grad_y
         px, pg = xp.ctypes.data, gt.ctypes.data
         n0 = bounds[i]
         for n in range(n0, bounds[i + 1]):
             _pad_copy(x, n, xp.reshape(C, Hp, Wp), Hp, Wp, ph, pw)
             for g in range(G):
                 for k in range(KG):
-                    src = U((n * K + g * KG + k) * P)
+                    nk = n * K + g * KG + k
+                    grad_plane(gyf, yf, code, off, relu, PKH, PKW, nk, OH, OW, gk, U(0), OW)
                     for p in range(P):
-                        gt[U(p * L + k)] = gyf[src + U(p)]
+                        gt[U(p * L + k)] = gk[U(p)]
                 xg = px + U(g * CG * plane * isz)
                 part = pf.ctypes.data + U(((i * G + g) * rows * L) * isz)
                 for r0 in range(0, rows, mr):
                     for j in range(0, L, step):
-                        c0 = part + U((r0 * L + j) * isz)
-                        tile(
-                            combo,
-                            f32,
-                            xg,
-                            pa + U(r0 * 8),
-                            po,
-                            pg + U(j * isz),
-                            pb,
-                            P,
-                            c0,
-                            L,
-                            n > n0,
-                        )
+                        c0, bj = part + U((r0 * L + j) * isz), pg + U(j * isz)
+                        tile(combo, f32, xg, pa + U(r0 * 8), po, bj, pb, P, c0, L, n > n0)
+
+
+@njit(cache=True)
+def _window_offsets(PKH, PKW, rp):
+    """Offset of each argmax code (row-major position in a PKH x PKW window) at row pitch rp."""
+    off = np.empty(max(PKH * PKW, 1), np.uint64)
+    for c in range(PKH * PKW):
+        off[c] = U((c // PKW) * rp + c % PKW)
+    return off
 
 
 # grad_w with few output channels per group (LeNet-5 conv1: 6): the tiles above would leave most
@@ -434,9 +438,7 @@ def conv2d_filter_dot(
     f32 = isz == 4
     plane, J = Hp * Wp, S * (VBYTES // isz)
     gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
-    off = np.empty(max(PKH * PKW, 1), np.uint64)  # argmax code -> offset in the window, pitch Wp
-    for c in range(PKH * PKW):
-        off[c] = U((c // PKW) * Wp + c % PKW)
+    off = _window_offsets(PKH, PKW, Wp)  # argmax code -> offset in the window, pitch Wp
     _check_dot(combo, mr, nk)
     for i in prange(bounds.size - 1):
         xp = np.zeros(C * plane + Wp + J, x.dtype)  # + tail: lanes past the last tap's row
@@ -523,21 +525,26 @@ def pack_scatter_weights(w, g, p):
 
 @njit(parallel=True, cache=True)
 def conv2d_data_scatter(
-    gy, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr, rows, L, step, Hp, Wp, plane
+    gy, y, code, relu, pool, OH, OW, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr,
+    rows, L, step, Hp, Wp, plane,
 ):  # fmt: skip
     """gx (N, C, H, W) = grad_x at stride 1 from gy (N, K, OH, OW) and wp from
     ``pack_scatter_weights``, tables from ``scatter_plan``. Per image: grad_y copied into a
     buffer with rows at pitch Wp (zeros at ow >= OW and past OH*Wp), every (tap, row block,
     lane block) tile added into a zeroed padded grad_x, which is then cropped into gx. Each
-    chunk of images [bounds[i], bounds[i+1]) runs on one thread."""
-    N, K, OH, OW = gy.shape
+    chunk of images [bounds[i], bounds[i+1]) runs on one thread. With ``pool`` = (PKH, PKW)
+    != (0, 0), gy is the gradient of conv2d_pool's output (y, argmax ``code``), rebuilt plane
+    by plane into that buffer (``pool.grad_plane``)."""
+    K = gy.shape[1]
+    PKH, PKW = pool
     _, C, H, W = gx.shape
     G, T = wp.shape[0], wp.shape[1]
     CG, KG = C // G, K // G
     isz = gy.itemsize
     f32 = isz == 4
-    gyf, gxf, wf = gy.ravel(), gx.ravel(), wp.ravel()
+    gyf, yf, gxf, wf = gy.ravel(), y.ravel(), gx.ravel(), wp.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
+    off = _window_offsets(PKH, PKW, Wp)
     _check_tile(combo, mr, step, isz)
     for i in prange(bounds.size - 1):
         gyp = np.zeros(K * L, gy.dtype)
@@ -545,10 +552,7 @@ def conv2d_data_scatter(
         py, px = gyp.ctypes.data, gxp.ctypes.data
         for n in range(bounds[i], bounds[i + 1]):
             for k in range(K):  # grad_y rows at pitch Wp (the zeros in between stay zero)
-                for oh in range(OH):
-                    src, dst = U(((n * K + k) * OH + oh) * OW), U(k * L + oh * Wp)
-                    for ow in range(OW):
-                        gyp[dst + U(ow)] = gyf[src + U(ow)]
+                grad_plane(gyf, yf, code, off, relu, PKH, PKW, n * K + k, OH, OW, gyp, U(k * L), Wp)
             gxp[:] = 0
             for g in range(G):
                 b0 = py + U(g * KG * L * isz)
@@ -607,18 +611,32 @@ def use_scatter(g, itemsize):
     return gt is None or scatter_plan(g, itemsize).cost < plan(gt, itemsize).cost
 
 
-def backward_data(gy, w, g, bounds, form=None):
+def _pooled_args(gy, pooled):
+    """(y, code, relu, (PKH, PKW)) for the kernels that rebuild grad_y planes from conv2d_pool's
+    gradient: pooled = (y, argmax codes, relu, pooling geometry), or None for a plain gy."""
+    if pooled is None:
+        return gy, _NO_CODE, False, (0, 0)
+    y, code, relu, pg = pooled
+    return y, code, relu, (pg.KH, pg.KW)
+
+
+def backward_data(gy, w, g, bounds, form=None, pooled=None):
     """grad_x (N, C, H, W) of the convolution with weight w: the scatter form or the flipped
     forward by the cost model at stride 1 (``form`` = "scatter" / "forward" forces one:
-    tests), else ``conv2d_backward_data``."""
+    tests), else ``conv2d_backward_data``. pooled = (y, code, relu, pg): gy is the gradient of
+    conv2d_pool's output (the scatter form rebuilds its planes, the others get it unpooled)."""
     if form == "scatter" or (form is None and use_scatter(g, gy.itemsize)):
         p = scatter_plan(g, gy.itemsize)
         gx = np.empty((g.N, g.C, g.H, g.W), gy.dtype)
         conv2d_data_scatter(
-            gy, pack_scatter_weights(w, g, p), gx, bounds, g.ph, g.pw, p.taps, p.arow, p.aoff,
-            p.boff, p.combo, p.mr, p.rows, p.L, p.step, p.Hp, p.Wp, p.plane,
+            gy, *_pooled_args(gy, pooled), g.OH, g.OW, pack_scatter_weights(w, g, p), gx,
+            bounds, g.ph, g.pw, p.taps, p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L,
+            p.step, p.Hp, p.Wp, p.plane,
         )  # fmt: skip
         return gx
+    if pooled is not None:
+        y, code, relu, pg = pooled
+        gy = max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
     gt = transposed_geometry(g)
     if gt is None:
         return conv2d_backward_data(gy, w, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.G)
@@ -637,20 +655,15 @@ def backward_filter(gy, x, g, bounds, pooled=None):
         d = dot_plan(g, x.itemsize)
         parts = np.empty((bounds.size - 1, g.G, d.rows, d.cols), x.dtype)
         bad = np.zeros(bounds.size - 1, np.bool_)
-        y, code, relu, pool = gy, _NO_CODE, False, (0, 0)
-        if pooled is not None:
-            y, code, relu, pg = pooled
-            pool = (pg.KH, pg.KW)
         conv2d_filter_dot(
-            x, gy, y, code, relu, pool, g.OH, g.OW, parts, bad, bounds, g.ph, g.pw,
+            x, gy, *_pooled_args(gy, pooled), g.OH, g.OW, parts, bad, bounds, g.ph, g.pw,
             d.arow, d.combo, d.mr, d.nk, d.S, d.Hp, d.Wp,
         )  # fmt: skip
         if not bad.any():
             return grad_w_from_parts(parts[:, :, :R, : g.KG], g)
-    if pooled is not None:
-        y, code, relu, pg = pooled
-        gy = max_pool2d_backward_coded(gy, y, code, g.OH, g.OW, pg.KH, pg.KW, relu)
     p = filter_plan(g, x.itemsize)
     parts = np.empty((bounds.size - 1, g.G, p.rows, p.L), x.dtype)
-    conv2d_filter_tiled(x, gy, parts, bounds, g.ph, g.pw, *_tables(p))
+    conv2d_filter_tiled(
+        x, gy, *_pooled_args(gy, pooled), g.OH, g.OW, parts, bounds, g.ph, g.pw, *_tables(p)
+    )
     return grad_w_from_parts(parts[:, :, :R, : g.KG], g)

@@ -118,16 +118,14 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
     need_x, need_w, need_b = mask
     if algorithm == "direct":  # grad_b from the pooled gradient; grad_w without the full size
         gb = pool.max_pool2d_backward_bias(gy, y, relu) if need_b else None
-        gx = gw = gz = None
+        gx = gw = None
         bounds = _direct_bounds(g, gy.itemsize)
-        if need_x or (need_w and not direct.use_dot(g, gy.itemsize)):
-            gz = _unpool(gy, y, code, g, pg, relu)
+        pooled = (y, code, relu, pg)  # the kernels rebuild grad_y plane by plane from it
         with threads_for(g.flops() // 2 * (int(need_x) + int(need_w))):
-            if need_w:  # the dot form rebuilds grad_y plane by plane from the pooled one
-                pooled = None if gz is not None else (y, code, relu, pg)
-                gw = direct.backward_filter(gy if gz is None else gz, x, g, bounds, pooled)
+            if need_w:
+                gw = direct.backward_filter(gy, x, g, bounds, pooled)
             if need_x:
-                gx = direct.backward_data(gz, w, g, bounds)
+                gx = direct.backward_data(gy, w, g, bounds, pooled=pooled)
         return gx, gw, gb
     gz = _unpool(gy, y, code, g, pg, relu)
     return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
