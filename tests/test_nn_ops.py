@@ -108,6 +108,27 @@ def test_linear_relu_matches_oracle(monkeypatch, native, dtype, bias, n, f, o):
     assert_close(F.linear(x, w, b), R.linear(x, w, b), dtype, "linear")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_linear_few_rows_matches_oracle(monkeypatch, dtype, n):
+    """A few rows through many weights: the loops split over output features (LINEAR_WIDE
+    lowered so that a small layer takes them), forward with bias and ReLU, every mask."""
+    monkeypatch.setattr(K, "LINEAR_WIDE", 0)
+    x, w, b = rnd((n, 37), dtype), rnd((11, 37), dtype, 1), rnd((11,), dtype, 2)
+    assert K._few(n, w)
+    assert_close(F.linear(x, w, b), R.linear(x, w, b), dtype, "linear")
+    relu = F.linear(x, w, b, activation="relu")
+    assert_close(relu, np.maximum(R.linear(x, w, b), 0), dtype, "relu(linear)")
+    g = rnd((n, 11), dtype, 3)
+    ref = R.linear_backward(g, x, w)
+    for mask in itertools.product([False, True], repeat=3):
+        got = F.linear_backward(g, x, w, output_mask=mask)
+        for a, e, m in zip(got, ref, mask):
+            assert (a is None) == (not m)
+            if m:
+                assert_close(a, e, dtype)
+
+
 def test_linear_backward_native_matches_oracle_for_every_mask():
     x, w, g = rnd((7, 5)), rnd((3, 5), seed=1), rnd((7, 3), seed=2)
     ref = R.linear_backward(g, x, w)

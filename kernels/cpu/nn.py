@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import blas, threads
+from ._common import FASTMATH, U
 from .blas import gemm
 from .threads import chunks, for_each
 
@@ -117,6 +118,11 @@ def tanh_backward(gy, y):
 # pool, LeNet-5's three Linear layers took ~0.9 ms of its 4.6 ms batch-64 step.
 LINEAR_SPLIT_ABOVE = 1 << 23  # multiply-adds above which the forward GEMM is cut in row blocks
 LINEAR_BLOCKS = 4  # that many (fixed, so the result does not depend on the thread count)
+# Fewer rows than LINEAR_BLOCKS and at least this many weights: compiled loops split over the
+# output features instead. Such a layer reads more weights than it does arithmetic, and as a
+# BLAS GEMM with one row on one thread (mnist_cnn's 9216 -> 128 at batch 1: 4.7 MB of
+# weights) it took 0.89 ms forward and 0.65 ms backward.
+LINEAR_WIDE = 1 << 18
 
 
 def linear(x, w, b, relu=False):
@@ -129,6 +135,9 @@ def linear(x, w, b, relu=False):
     split = x.size * O >= LINEAR_SPLIT_ABOVE and N >= LINEAR_BLOCKS
     rows = chunks(N, -(-N // LINEAR_BLOCKS)) if split else [(0, N)]
     y = np.empty((N, O), x.dtype)
+    if _few(N, w):
+        _linear_few(x, w, np.zeros(0, x.dtype) if b is None else b, y, relu)
+        return y
     if _native():
         bias = np.zeros(0, x.dtype) if b is None else b
         with threads.blas_single():
@@ -150,6 +159,71 @@ def linear(x, w, b, relu=False):
 
 def _native():
     return blas.available() and not threads.forked
+
+
+def _few(N, w):
+    """A few rows through many weights: the ``_linear_few`` loops (not in a fork()ed child,
+    where the OpenMP loops cannot run)."""
+    return N < LINEAR_BLOCKS and w.size >= LINEAR_WIDE and not threads.forked
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _linear_few(x, w, b, y, relu):
+    """y = x @ w.T (+ b) (ReLU) for a few rows: one thread per block of output features, each
+    output one dot product over F (vectorised; its order fixed by the compiled loop). Flat
+    arrays and unsigned offsets, as in the convolution kernels (_common.py)."""
+    N, F = x.shape
+    O = w.shape[0]
+    xf, wf, yf = x.ravel(), w.ravel(), y.ravel()
+    zero = y.dtype.type(0)
+    for o in prange(O):
+        wo = U(o * F)
+        for n in range(N):
+            xn = U(n * F)
+            acc = zero
+            for f in range(F):
+                acc += xf[xn + U(f)] * wf[wo + U(f)]
+            v = acc + b[o] if b.size else acc
+            yf[U(n * O + o)] = zero if relu and not (v > 0 or v != v) else v
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _linear_grads_few(gy, x, w, gx, gw, gb):
+    """``linear_backward`` for a few rows: gw and gb one output feature per iteration, then gx
+    in LINEAR_BLOCKS blocks of input features, each streaming long runs of every weight row
+    (runs of 256 cost a TLB miss per row each: 4x slower). An output of size 0 is not wanted."""
+    N, O = gy.shape
+    F = w.shape[1]
+    gyf, xf, wf = gy.ravel(), x.ravel(), w.ravel()
+    zero = gy.dtype.type(0)
+    for o in prange(O):
+        if gw.size:
+            gwf = gw.ravel()
+            wo = U(o * F)
+            for f in range(F):
+                gwf[wo + U(f)] = zero
+            for n in range(N):
+                g, xn = gyf[U(n * O + o)], U(n * F)
+                for f in range(F):
+                    gwf[wo + U(f)] += g * xf[xn + U(f)]
+        if gb.size:
+            acc = zero
+            for n in range(N):
+                acc += gyf[U(n * O + o)]
+            gb[o] = acc
+    if gx.size:
+        gxf = gx.ravel()
+        size = -(-F // LINEAR_BLOCKS)
+        for i in prange(LINEAR_BLOCKS):
+            f0, f1 = min(F, i * size), min(F, i * size + size)
+            for n in range(N):
+                xn = U(n * F)
+                for f in range(f0, f1):
+                    gxf[xn + U(f)] = zero
+                for o in range(O):
+                    g, wo = gyf[U(n * O + o)], U(o * F)
+                    for f in range(f0, f1):
+                        gxf[xn + U(f)] += g * wf[wo + U(f)]
 
 
 @njit(nogil=True, cache=True)
@@ -181,10 +255,13 @@ def linear_backward(gy, x, w, mask):
     need_x, need_w, need_b = mask
     N, O = gy.shape
     F = w.shape[1]
-    if _native():
+    if _few(N, w) or _native():
         gx = np.empty((N, F), gy.dtype) if need_x else np.empty((0, 0), gy.dtype)
         gw = np.empty((O, F), gy.dtype) if need_w else np.empty((0, 0), gy.dtype)
         gb = np.empty(O, gy.dtype) if need_b else np.empty(0, gy.dtype)
+        if _few(N, w):
+            _linear_grads_few(gy, x, w, gx, gw, gb)
+            return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None)
         with threads.blas_single():
             if need_x and need_w and N * O * F * 2 >= threads.POOL_BELOW:
                 _linear_grads_2(gy, x, w, gx, gw, gb)  # the two GEMMs on two threads
