@@ -342,29 +342,39 @@ def max_pool2d(x, g, saved=None):
         saved.clear()
         saved.update(x=x, g=g, idx=idx)
     with threads_for(x.size // POOL_ELEMENTS_PER_MAC):
-        if (g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW) == (
-            2,
-            2,
-            2,
-            2,
-            0,
-            0,
-            g.H // 2,
-            g.W // 2,
-        ):
+        if _is_2x2(g):
             return pool.max_pool2d_forward_2x2(x, idx)
         return pool.max_pool2d_forward(x, idx, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+
+
+def _is_2x2(g):
+    """The common case the unrolled kernels serve: 2x2 windows, stride 2, no padding, floor
+    mode (then the divisor of average pooling is 4 with or without count_include_pad)."""
+    return (g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW) == (
+        2,
+        2,
+        2,
+        2,
+        0,
+        0,
+        g.H // 2,
+        g.W // 2,
+    )
 
 
 def max_pool2d_backward(gy, x, g, saved=None):
     with threads_for(x.size // POOL_ELEMENTS_PER_MAC):
         if saved is not None and saved.get("x") is x and saved.get("g") == g:
             return pool.max_pool2d_backward_indexed(gy, saved["idx"], g.N, g.C, g.H, g.W)
+        if _is_2x2(g):
+            return pool.max_pool2d_backward_2x2(gy, x)
         return pool.max_pool2d_backward(gy, x, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw)
 
 
 def avg_pool2d(x, g):
     with threads_for(x.size // POOL_ELEMENTS_PER_MAC):
+        if _is_2x2(g):
+            return pool.avg_pool2d_forward_2x2(x)
         return pool.avg_pool2d_forward(
             x, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
         )
@@ -372,6 +382,8 @@ def avg_pool2d(x, g):
 
 def avg_pool2d_backward(gy, x, g):
     with threads_for(x.size // POOL_ELEMENTS_PER_MAC):
+        if _is_2x2(g):
+            return pool.avg_pool2d_backward_2x2(gy, g.H, g.W)
         return pool.avg_pool2d_backward(
             gy, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.count_include_pad
         )
