@@ -23,12 +23,20 @@ def test_auto_is_cpu_for_host_and_cuda_for_device():
 
 
 def test_documented_cpu_heuristic():
-    assert select("conv2d", LENET_C2) == Choice("cpu", "im2col")  # 6*5*5 = 150 >= 8, K=16
-    assert select("conv2d", DEPTHWISE) == Choice("cpu", "direct")  # K/G = 1 < 4
-    assert select("conv2d", LENET_C1) == Choice("cpu", "im2col")  # 1*5*5 = 25
-    one_by_one = shapes.conv2d_geometry("t", (2, 3, 5, 5), (16, 3, 1, 1))
-    assert select("conv2d", one_by_one).algorithm == "direct"  # 3*1*1 = 3 < 8
-    assert select("conv2d_backward", LENET_C2).algorithm == "im2col"
+    strided = shapes.conv2d_geometry("t", (64, 16, 14, 14), (32, 16, 3, 3), 2, 1)
+    one_by_one = shapes.conv2d_geometry("t", (2, 3, 5, 5), (16, 3, 1, 1), 2)
+    # the CPU: direct for every forward convolution and the conv2d backward ops at stride 1
+    for geom in (LENET_C1, LENET_C2, DEPTHWISE, strided):
+        assert select("conv2d", geom) == Choice("cpu", "direct")
+    for op in ("conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight"):
+        assert select(op, LENET_C2).algorithm == "direct"
+        assert select(op, strided).algorithm == "im2col"  # 16*3*3 = 144 >= 8, K=32
+        assert select(op, one_by_one).algorithm == "direct"  # 3*1*1 = 3 < 8
+    assert select("conv_transpose2d", LENET_C2).algorithm == "im2col"  # the general rule
+    # elsewhere (CUDA) the general rule: im2col unless the GEMM is thin
+    assert select("conv2d", LENET_C2, on_device=True).algorithm == "im2col"  # 150, K=16
+    assert select("conv2d", LENET_C1, on_device=True).algorithm == "im2col"  # 1*5*5 = 25
+    assert select("conv2d", DEPTHWISE, on_device=True).algorithm == "direct"  # K/G = 1 < 4
 
 
 def test_explicit_choices_win():
@@ -105,7 +113,10 @@ def test_cuda_backend_without_gpu_is_a_clear_error():
 def test_select_uses_tuned_choice_only_when_auto():
     assert select("conv2d", LENET_C2, tuned="direct", autotune=True) == Choice("cpu", "direct")
     assert select("conv2d", LENET_C2, autotune=True) == Choice("cpu", "auto")  # measure now
-    assert select("conv2d", LENET_C2, tuned="direct", autotune=False).algorithm == "im2col"
+    strided = shapes.conv2d_geometry("t", (64, 16, 14, 14), (32, 16, 3, 3), 2, 1)
+    assert select("conv2d_backward", strided, tuned="direct", autotune=False).algorithm == (
+        "im2col"
+    )  # tuning off: the heuristic, not the remembered choice
     assert select("conv2d", LENET_C2, algorithm="im2col", tuned="direct", autotune=True) == Choice(
         "cpu", "im2col"
     )
