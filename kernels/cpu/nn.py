@@ -116,12 +116,18 @@ def tanh_backward(gy, y):
 # call is one native call: the forward's row blocks, or the backward's two GEMMs, share one
 # prange loop, with bias, ReLU and grad_b in the same pass. As NumPy calls on the Python thread
 # pool, LeNet-5's three Linear layers took ~0.9 ms of its 4.6 ms batch-64 step.
-LINEAR_SPLIT_ABOVE = 1 << 23  # multiply-adds above which the forward GEMM is cut in row blocks
-LINEAR_BLOCKS = 4  # that many (fixed, so the result does not depend on the thread count)
-# Fewer rows than LINEAR_BLOCKS and at least this many weights: compiled loops split over the
-# output features instead. Such a layer reads more weights than it does arithmetic, and as a
+# Multiply-adds from which the forward GEMM is cut in LINEAR_BLOCKS blocks, of output features
+# where BLAS is called from Numba (each block packs only its part of the weights: LeNet-5's
+# 400 -> 120 at batch 64, 0.10 -> 0.055 ms; mnist_cnn's 9216 -> 128, 2.45 -> 1.33 ms, where 4
+# blocks of rows took 2.45 ms, each packing all the weights), else of rows (NumPy calls on the
+# thread pool). A fixed count: the result does not depend on the thread count.
+LINEAR_SPLIT_ABOVE = 1 << 20
+LINEAR_BLOCKS = 2
+# Fewer rows than LINEAR_FEW and at least LINEAR_WIDE weights: compiled loops split over the
+# output features instead of BLAS. Such a layer reads more weights than it does arithmetic, and as a
 # BLAS GEMM with one row on one thread (mnist_cnn's 9216 -> 128 at batch 1: 4.7 MB of
 # weights) it took 0.89 ms forward and 0.65 ms backward.
+LINEAR_FEW = 4
 LINEAR_WIDE = 1 << 18
 
 
@@ -129,11 +135,10 @@ def linear(x, w, b, relu=False):
     """y = x @ w.T + b, then max(y, 0) with ``relu``. Shape: x (N, F), w (O, F), b (O,) or
     None -> y (N, O).
 
-    Large products run as 4 fixed blocks of rows (each output element is still one dot
+    Large products run as LINEAR_BLOCKS fixed blocks (each output element is still one dot
     product over F, so the blocks do not change it); small ones as one GEMM."""
     N, O = x.shape[0], w.shape[0]
-    split = x.size * O >= LINEAR_SPLIT_ABOVE and N >= LINEAR_BLOCKS
-    rows = chunks(N, -(-N // LINEAR_BLOCKS)) if split else [(0, N)]
+    split = x.size * O >= LINEAR_SPLIT_ABOVE
     y = np.empty((N, O), x.dtype)
     if _few(N, w):
         _linear_few(x, w, np.zeros(0, x.dtype) if b is None else b, y, relu)
@@ -142,10 +147,12 @@ def linear(x, w, b, relu=False):
         bias = np.zeros(0, x.dtype) if b is None else b
         with threads.blas_single():
             if split:
-                _linear_blocks(x, w, bias, y, np.array([r[0] for r in rows] + [N]), relu)
+                _linear_blocks(x, w, bias, y, LINEAR_BLOCKS, relu)
             else:
-                _linear_rows(x, w, bias, y, 0, N, relu)
+                _linear_cols(x, w, bias, y, 0, O, relu)
         return y
+    split = split and N >= LINEAR_BLOCKS
+    rows = chunks(N, -(-N // LINEAR_BLOCKS)) if split else [(0, N)]
 
     def run(i):
         n0, n1 = rows[i]
@@ -164,7 +171,7 @@ def _native():
 def _few(N, w):
     """A few rows through many weights: the ``_linear_few`` loops (not in a fork()ed child,
     where the OpenMP loops cannot run)."""
-    return N < LINEAR_BLOCKS and w.size >= LINEAR_WIDE and not threads.forked
+    return N < LINEAR_FEW and w.size >= LINEAR_WIDE and not threads.forked
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -190,7 +197,7 @@ def _linear_few(x, w, b, y, relu):
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _linear_grads_few(gy, x, w, gx, gw, gb):
     """``linear_backward`` for a few rows: gw and gb one output feature per iteration, then gx
-    in LINEAR_BLOCKS blocks of input features, each streaming long runs of every weight row
+    in LINEAR_FEW blocks of input features, each streaming long runs of every weight row
     (runs of 256 cost a TLB miss per row each: 4x slower). An output of size 0 is not wanted."""
     N, O = gy.shape
     F = w.shape[1]
@@ -213,8 +220,8 @@ def _linear_grads_few(gy, x, w, gx, gw, gb):
             gb[o] = acc
     if gx.size:
         gxf = gx.ravel()
-        size = -(-F // LINEAR_BLOCKS)
-        for i in prange(LINEAR_BLOCKS):
+        size = -(-F // LINEAR_FEW)
+        for i in prange(LINEAR_FEW):
             f0, f1 = min(F, i * size), min(F, i * size + size)
             for n in range(N):
                 xn = U(n * F)
@@ -227,24 +234,28 @@ def _linear_grads_few(gy, x, w, gx, gw, gb):
 
 
 @njit(nogil=True, cache=True)
-def _linear_rows(x, w, b, y, n0, n1, relu):
-    """y[n0:n1] = x[n0:n1] @ w.T (+ b) (ReLU): one GEMM, then bias and ReLU in one pass."""
+def _linear_cols(x, w, b, y, o0, o1, relu):
+    """y[:, o0:o1] = x @ w[o0:o1].T (+ b) (ReLU): one GEMM, then bias and ReLU in one pass."""
     N, F = x.shape
     O = w.shape[0]
-    gemm(False, True, n1 - n0, O, F, x.ravel(), n0 * F, F, w.ravel(), 0, F, y.ravel(), n0 * O, O)
+    if o1 <= o0:
+        return
+    gemm(False, True, N, o1 - o0, F, x.ravel(), 0, F, w.ravel(), o0 * F, F, y.ravel(), o0, O)
     if b.size == 0 and not relu:
         return
     zero = y.dtype.type(0)
-    for n in range(n0, n1):
-        for o in range(O):
+    for n in range(N):
+        for o in range(o0, o1):
             v = y[n, o] + b[o] if b.size else y[n, o]
             y[n, o] = zero if relu and not (v > 0 or v != v) else v  # NaN stays, as np.maximum
 
 
 @njit(parallel=True, cache=True)
-def _linear_blocks(x, w, b, y, bounds, relu):
-    for i in prange(bounds.size - 1):
-        _linear_rows(x, w, b, y, bounds[i], bounds[i + 1], relu)
+def _linear_blocks(x, w, b, y, blocks, relu):
+    O = w.shape[0]
+    size = -(-O // blocks)
+    for i in prange(blocks):
+        _linear_cols(x, w, b, y, min(O, i * size), min(O, i * size + size), relu)
 
 
 def linear_backward(gy, x, w, mask):
