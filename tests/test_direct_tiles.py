@@ -6,10 +6,13 @@ the plans' cost models alone would only ever exercise the shapes they prefer."""
 import numpy as np
 import pytest
 from fastconv.kernels.cpu import direct, pool
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from fastconv import reference
 from fastconv.shapes import conv2d_geometry, pool2d_geometry
 from tests.helpers import DTYPES, assert_close
+from tests.strategies import conv_configs
 
 # (x shape, w shape, stride, padding, dilation, groups): odd sizes so every tile has a ragged
 # last block; 40 and 70 output channels span 1-5 vectors of lanes.
@@ -141,6 +144,25 @@ def test_scatter_data_tile_matches_oracle(case, nv, dtype, monkeypatch):
     if direct.transposed_geometry(g) is not None:  # the other form, for the same gradient
         other = direct.backward_data(gy, w, g, _chunks(g.N), form="forward")
         assert_close(other, ref, dtype, "flipped-forward grad_x")
+
+
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_data_forms_random(cfg, dtype, seed):
+    """Random stride-1 geometries (groups, dilation, 'same' / 'valid' / any padding): grad_x
+    in the scatter form and, where it applies, the flipped forward, against the oracle."""
+    g = conv2d_geometry("conv2d", cfg["x_shape"], cfg["w_shape"], cfg["stride"],
+                        cfg["padding"], cfg["dilation"], cfg["groups"])  # fmt: skip
+    assume((g.sh, g.sw) == (1, 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
+    w = rng.standard_normal(cfg["w_shape"]).astype(dtype)
+    gy = rng.standard_normal(g.y_shape).astype(dtype)
+    p = {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
+    ref = reference.conv2d_backward(gy, x, w, **p)[0]
+    forms = ("scatter", "forward") if direct.transposed_geometry(g) is not None else ("scatter",)
+    for form in forms:
+        gx = direct.backward_data(gy, w, g, _chunks(g.N), form)
+        assert_close(gx, ref, dtype, f"grad_x ({form})")
 
 
 def test_scatter_is_chosen_where_the_flipped_forward_wastes_most():

@@ -8,6 +8,8 @@ import itertools
 import numpy as np
 import pytest
 from fastconv.kernels.cpu import nn as K
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastconv as fc
 from fastconv import functional as F
@@ -119,7 +121,34 @@ def test_linear_few_rows_matches_oracle(monkeypatch, dtype, n):
     assert_close(F.linear(x, w, b), R.linear(x, w, b), dtype, "linear")
     relu = F.linear(x, w, b, activation="relu")
     assert_close(relu, np.maximum(R.linear(x, w, b), 0), dtype, "relu(linear)")
-    g = rnd((n, 11), dtype, 3)
+    _check_linear_backward_every_mask(rnd((n, 11), dtype, 3), x, w, dtype)
+
+
+@given(
+    n=st.integers(1, 3),
+    f=st.integers(1, 40),
+    o=st.integers(1, 20),
+    dtype=st.sampled_from(DTYPES),
+    relu=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_few_rows_random(n, f, o, dtype, relu, seed):
+    """Random small layers through the few-rows loops (LINEAR_WIDE lowered), both directions."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((n, f)).astype(dtype), rng.standard_normal((o, f)).astype(dtype)
+    b, g = rng.standard_normal(o).astype(dtype), rng.standard_normal((n, o)).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "LINEAR_WIDE", 0)
+        y = F.linear(x, w, b, activation="relu" if relu else None)
+        got = F.linear_backward(g, x, w)
+    z = R.linear(x, w, b)
+    assert_close(y, np.maximum(z, 0) if relu else z, dtype, "forward")
+    for a, e in zip(got, R.linear_backward(g, x, w)):
+        assert_close(a, e, dtype)
+
+
+def _check_linear_backward_every_mask(g, x, w, dtype=np.float64):
+    """linear_backward for each of the 8 output masks: None where not asked, else the oracle's."""
     ref = R.linear_backward(g, x, w)
     for mask in itertools.product([False, True], repeat=3):
         got = F.linear_backward(g, x, w, output_mask=mask)
@@ -130,14 +159,7 @@ def test_linear_few_rows_matches_oracle(monkeypatch, dtype, n):
 
 
 def test_linear_backward_native_matches_oracle_for_every_mask():
-    x, w, g = rnd((7, 5)), rnd((3, 5), seed=1), rnd((7, 3), seed=2)
-    ref = R.linear_backward(g, x, w)
-    for mask in itertools.product([False, True], repeat=3):
-        got = F.linear_backward(g, x, w, output_mask=mask)
-        for a, e, m in zip(got, ref, mask):
-            assert (a is None) == (not m)
-            if m:
-                assert_close(a, e)
+    _check_linear_backward_every_mask(rnd((7, 3), seed=2), rnd((7, 5)), rnd((3, 5), seed=1))
 
 
 def test_linear_activation_must_be_relu_or_none():

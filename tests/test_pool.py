@@ -62,6 +62,25 @@ def test_avg_pool_random(cfg, dtype, seed, count_include_pad):
     _check("avg", cfg, dtype, seed, count_include_pad=count_include_pad)
 
 
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(2, 9),
+    w=st.integers(2, 9),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_pool_2x2_random(n, c, h, w, dtype, seed):
+    """The unrolled 2x2 / stride 2 kernels (odd sizes leave a row or column past the last
+    window) against the oracle, max pooling with some NaN and ties in the input."""
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
+    x.flat[::7] = 0.5  # ties
+    x.flat[3::11] = np.nan
+    cfg = dict(x_shape=x.shape, kernel_size=2, stride=None, padding=0)
+    _check("max", cfg, dtype, x=x)
+    _check("avg", cfg, dtype, x=np.nan_to_num(x), count_include_pad=False)
+
+
 NAMED = {
     "lenet_2x2": dict(x_shape=(2, 6, 28, 28), kernel_size=2, stride=None, padding=0),
     "batch1_odd": dict(x_shape=(1, 3, 7, 5), kernel_size=2, stride=None, padding=0),

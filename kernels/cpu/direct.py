@@ -328,7 +328,7 @@ def conv2d_filter_tiled(
     for i in prange(bounds.size - 1):
         xp = np.zeros(C * plane, x.dtype)
         gt = np.zeros(P * L, x.dtype)  # grad_y of one image and group, (P, L); pad lanes 0
-        gk = np.empty(P, x.dtype)  # one plane of grad_y
+        gk = np.empty(P if PKH > 0 else 0, x.dtype)  # one plane rebuilt from the pooled one
         px, pg = xp.ctypes.data, gt.ctypes.data
         n0 = bounds[i]
         for n in range(n0, bounds[i + 1]):
@@ -336,9 +336,12 @@ def conv2d_filter_tiled(
             for g in range(G):
                 for k in range(KG):
                     nk = n * K + g * KG + k
-                    grad_plane(gyf, yf, code, off, relu, PKH, PKW, nk, OH, OW, gk, U(0), OW)
+                    src, plane_k = U(nk * P), gyf
+                    if PKH > 0:
+                        grad_plane(gyf, yf, code, off, relu, PKH, PKW, nk, OH, OW, gk, U(0), OW)
+                        src, plane_k = U(0), gk
                     for p in range(P):
-                        gt[U(p * L + k)] = gk[U(p)]
+                        gt[U(p * L + k)] = plane_k[src + U(p)]
                 xg = px + U(g * CG * plane * isz)
                 part = pf.ctypes.data + U(((i * G + g) * rows * L) * isz)
                 for r0 in range(0, rows, mr):

@@ -113,9 +113,9 @@ def tanh_backward(gy, y):
 # OpenBLAS's workers spinning for a while afterwards, and on a small machine they took the core
 # the next convolution's threads needed (mnist_cnn batch-64 step: 65.5 ms with multi-threaded
 # BLAS in Linear, 46.7 ms without). Where BLAS is callable from Numba (blas.py), a whole linear
-# call is one native call: the forward's row blocks, or the backward's two GEMMs, share one
-# prange loop, with bias, ReLU and grad_b in the same pass. As NumPy calls on the Python thread
-# pool, LeNet-5's three Linear layers took ~0.9 ms of its 4.6 ms batch-64 step.
+# call is one native call: the forward's blocks, or the backward's two GEMMs, share one prange
+# loop, with bias, ReLU and grad_b in the same pass. As NumPy calls on the Python thread pool,
+# LeNet-5's three Linear layers took ~0.9 ms of its 4.6 ms batch-64 step.
 # Multiply-adds from which the forward GEMM is cut in LINEAR_BLOCKS blocks, of output features
 # where BLAS is called from Numba (each block packs only its part of the weights: LeNet-5's
 # 400 -> 120 at batch 64, 0.10 -> 0.055 ms; mnist_cnn's 9216 -> 128, 2.45 -> 1.33 ms, where 4
@@ -140,11 +140,11 @@ def linear(x, w, b, relu=False):
     N, O = x.shape[0], w.shape[0]
     split = x.size * O >= LINEAR_SPLIT_ABOVE
     y = np.empty((N, O), x.dtype)
+    bias = np.zeros(0, x.dtype) if b is None else b  # size 0: no bias (compiled paths)
     if _few(N, w):
-        _linear_few(x, w, np.zeros(0, x.dtype) if b is None else b, y, relu)
+        _linear_few(x, w, bias, y, relu)
         return y
     if _native():
-        bias = np.zeros(0, x.dtype) if b is None else b
         with threads.blas_single():
             if split:
                 _linear_blocks(x, w, bias, y, LINEAR_BLOCKS, relu)
@@ -266,18 +266,19 @@ def linear_backward(gy, x, w, mask):
     need_x, need_w, need_b = mask
     N, O = gy.shape
     F = w.shape[1]
-    if _few(N, w) or _native():
-        gx = np.empty((N, F), gy.dtype) if need_x else np.empty((0, 0), gy.dtype)
-        gw = np.empty((O, F), gy.dtype) if need_w else np.empty((0, 0), gy.dtype)
-        gb = np.empty(O, gy.dtype) if need_b else np.empty(0, gy.dtype)
-        if _few(N, w):
+    few = _few(N, w)
+    if few or _native():  # outputs not wanted have size 0
+        gx = np.empty((N, F) if need_x else (0, 0), gy.dtype)
+        gw = np.empty((O, F) if need_w else (0, 0), gy.dtype)
+        gb = np.empty(O if need_b else 0, gy.dtype)
+        if few:
             _linear_grads_few(gy, x, w, gx, gw, gb)
-            return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None)
-        with threads.blas_single():
-            if need_x and need_w and N * O * F * 2 >= threads.POOL_BELOW:
-                _linear_grads_2(gy, x, w, gx, gw, gb)  # the two GEMMs on two threads
-            else:
-                _linear_grads_1(gy, x, w, gx, gw, gb)
+        else:
+            with threads.blas_single():
+                if need_x and need_w and N * O * F * 2 >= threads.POOL_BELOW:
+                    _linear_grads_2(gy, x, w, gx, gw, gb)  # the two GEMMs on two threads
+                else:
+                    _linear_grads_1(gy, x, w, gx, gw, gb)
         return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None)
     out = {}
     tasks = [k for k, need in (("x", need_x), ("w", need_w)) if need]

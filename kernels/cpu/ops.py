@@ -350,16 +350,8 @@ def max_pool2d(x, g, saved=None):
 def _is_2x2(g):
     """The common case the unrolled kernels serve: 2x2 windows, stride 2, no padding, floor
     mode (then the divisor of average pooling is 4 with or without count_include_pad)."""
-    return (g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW) == (
-        2,
-        2,
-        2,
-        2,
-        0,
-        0,
-        g.H // 2,
-        g.W // 2,
-    )
+    window = (g.KH, g.KW, g.sh, g.sw, g.ph, g.pw) == (2, 2, 2, 2, 0, 0)
+    return window and (g.OH, g.OW) == (g.H // 2, g.W // 2)
 
 
 def max_pool2d_backward(gy, x, g, saved=None):

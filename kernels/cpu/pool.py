@@ -73,6 +73,29 @@ def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
     return y
 
 
+@njit(inline="always", cache=True)
+def _argmax_2x2(xf, r0, r1, c):
+    """The first maximum of the 2x2 window at rows r0, r1 (flat row starts) and column c, in
+    row-major order (``_take``): (value, flat index)."""
+    best, bi = xf[r0 + c], r0 + c
+    best, bi = _take(xf[r0 + c + U(1)], r0 + c + U(1), best, bi)
+    best, bi = _take(xf[r1 + c], r1 + c, best, bi)
+    return _take(xf[r1 + c + U(1)], r1 + c + U(1), best, bi)
+
+
+@njit(inline="always", cache=True)
+def _zero_past_windows(gxf, nc, H, W, OH, OW):
+    """Zeros in plane nc of a 2x2-pooling gradient where no window reaches (floor mode: the
+    last column and row of an odd width / height)."""
+    base = nc * H * W
+    for r in range(2 * OH):
+        for q in range(2 * OW, W):
+            gxf[U(base + r * W + q)] = 0
+    for r in range(2 * OH, H):
+        for q in range(W):
+            gxf[U(base + r * W + q)] = 0
+
+
 @njit(parallel=True, cache=True)
 def max_pool2d_forward_2x2(x, idx):
     """The common 2x2 / stride 2 / no padding case (floor mode), unrolled: the general loop's
@@ -90,11 +113,7 @@ def max_pool2d_forward_2x2(x, idx):
             r1 = r0 + U(W)
             o0 = U((nc * OH + oh) * OW)
             for ow in range(OW):
-                c = U(2 * ow)
-                best, bi = xf[r0 + c], r0 + c
-                best, bi = _take(xf[r0 + c + U(1)], r0 + c + U(1), best, bi)
-                best, bi = _take(xf[r1 + c], r1 + c, best, bi)
-                best, bi = _take(xf[r1 + c + U(1)], r1 + c + U(1), best, bi)
+                best, bi = _argmax_2x2(xf, r0, r1, U(2 * ow))
                 yf[o0 + U(ow)] = best
                 if keep:
                     idx[o0 + U(ow)] = bi
@@ -120,21 +139,13 @@ def max_pool2d_backward_2x2(gy, x):
             o0 = U((nc * OH + oh) * OW)
             for ow in range(OW):
                 c = U(2 * ow)
-                best, bi = xf[r0 + c], r0 + c
-                best, bi = _take(xf[r0 + c + U(1)], r0 + c + U(1), best, bi)
-                best, bi = _take(xf[r1 + c], r1 + c, best, bi)
-                best, bi = _take(xf[r1 + c + U(1)], r1 + c + U(1), best, bi)
+                _, bi = _argmax_2x2(xf, r0, r1, c)
                 gxf[r0 + c] = zero  # (four selected stores instead ran 2.7x slower)
                 gxf[r0 + c + U(1)] = zero
                 gxf[r1 + c] = zero
                 gxf[r1 + c + U(1)] = zero
                 gxf[bi] = gyf[o0 + U(ow)]
-            for q in range(2 * OW, W):  # columns past the last window
-                gxf[r0 + U(q)] = zero
-                gxf[r1 + U(q)] = zero
-        for r in range(2 * OH, H):  # a row past the last window
-            for q in range(W):
-                gxf[U(nc * H * W + r * W + q)] = zero
+        _zero_past_windows(gxf, nc, H, W, OH, OW)
     return gx
 
 
@@ -169,7 +180,6 @@ def avg_pool2d_backward_2x2(gy, H, W):
     N, C, OH, OW = gy.shape
     gx = np.empty((N, C, H, W), dtype=gy.dtype)
     gxf, gyf = gx.ravel(), gy.ravel()
-    zero = gx.dtype.type(0)
     for nc in prange(N * C):
         for oh in range(OH):
             r0 = U(nc * H * W + 2 * oh * W)
@@ -182,12 +192,7 @@ def avg_pool2d_backward_2x2(gy, H, W):
                 gxf[r0 + c + U(1)] = g
                 gxf[r1 + c] = g
                 gxf[r1 + c + U(1)] = g
-            for q in range(2 * OW, W):
-                gxf[r0 + U(q)] = zero
-                gxf[r1 + U(q)] = zero
-        for r in range(2 * OH, H):
-            for q in range(W):
-                gxf[U(nc * H * W + r * W + q)] = zero
+        _zero_past_windows(gxf, nc, H, W, OH, OW)
     return gx
 
 
