@@ -122,3 +122,25 @@ def test_cuda_ops_module_mirrors_cpu_signatures():
         a = list(inspect.signature(getattr(cpu_nn, name)).parameters)
         b = list(inspect.signature(getattr(cuda_ops, name)).parameters)
         assert a == b, (name, a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4])
+def test_strided_device_arrays_get_a_contiguous_copy(ndim, dtype):
+    """A strided device view (any rank an op takes) is copied to a contiguous device array with
+    the same values, on the device; a contiguous one passes through as it is."""
+    from fastconv.kernels.cuda import ops
+
+    shape = (3, 2, 4, 5)[:ndim]
+    a = np.random.default_rng(ndim).standard_normal(shape).astype(dtype)
+    big = np.zeros(shape[:-1] + (2 * shape[-1],), dtype)
+    big[..., ::2] = a
+    (bigd,) = to_device(big)
+    view = bigd[..., ::2]
+    assert not view.is_c_contiguous()
+    d = ops.to_device(view)
+    assert is_numba_device(d) and d.is_c_contiguous()
+    assert d.dtype == dtype and tuple(d.shape) == shape
+    assert d.copy_to_host().tobytes() == a.tobytes()
+    (whole,) = to_device(a)
+    assert ops.to_device(whole) is whole

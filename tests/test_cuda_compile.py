@@ -1,0 +1,94 @@
+"""Every CUDA kernel compiles for a real GPU, at every signature the CUDA tests launch.
+
+The Numba CUDA simulator runs the kernels' Python and never NVVM, so a kernel that does not
+lower, or asks for more shared memory or registers than a block may have, passes there and
+fails on its first real launch. Here each recorded signature
+(benchmarks/results/cuda_signatures.json, kept current by tests/cuda/conftest.py) goes through
+NVVM to PTX and through ptxas (nvJitLink) to sm_90 code, the H100's, with no GPU and no
+driver, using the tile set a GPU uses. Runs in the CPU invocation: the simulator is off here.
+Needs the ``nvvm`` extra (NVVM and nvJitLink wheels): without it the module is skipped and
+says why; with it installed, a toolchain that does not work is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+    pytest.skip("the simulator has no NVVM: run this file without it", allow_module_level=True)
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (the cuda extra)")
+
+from benchmarks import cuda_compile as cc  # noqa: E402
+
+WHY = cc.toolchain_missing()
+if WHY and not cc.toolchain_installed():
+    pytest.skip(f"cannot compile CUDA kernels here: {WHY}", allow_module_level=True)
+
+MANIFEST = cc.load_manifest()
+SM90 = (9, 0)
+
+
+def _module_kernels() -> set[str]:
+    """Every @cuda.jit kernel (not device function) at module level in fastconv.kernels.cuda."""
+    found = set()
+    for m, mod in cc._kernel_modules().items():
+        for attr, v in vars(mod).items():
+            items = v.items() if isinstance(v, dict) else [(None, v)]
+            for key, k in items:
+                if type(k).__name__ == "CUDADispatcher" and not k.targetoptions.get("device"):
+                    if key is None:
+                        found.add(f"{m}.{attr}")
+                    elif cc.kernel_name(k) == f"{m}.{attr}[{key!r}]":  # not also a plain name
+                        found.add(f"{m}.{attr}[{key!r}]")
+    return found
+
+
+def test_toolchain_works():
+    """With the nvvm extra installed, a toolchain that does not work fails rather than skips."""
+    assert WHY is None, WHY
+
+
+def test_every_kernel_is_launched_by_the_cuda_tests():
+    """A kernel missing from the list is one no CUDA test runs (and none compiles here)."""
+    kernels = _module_kernels()
+    assert len(kernels) >= 30
+    assert sorted(kernels - set(MANIFEST)) == []
+    assert sorted(set(MANIFEST) - kernels) == []  # stale names
+
+
+def test_signature_text_round_trips():
+    from numba import types
+
+    assert cc.spec_type("array(float32, 4, C)") == types.Array(types.float32, 4, "C")
+    assert cc.spec_type("array(float64, 1, A)") == types.Array(types.float64, 1, "A")
+    assert cc.spec_type("bool") == types.boolean
+    assert cc.spec_type("int64") == types.int64
+    np = pytest.importorskip("numpy")
+    assert cc.arg_spec(np.zeros((2, 3), np.float32)) == "array(float32, 2, C)"
+    assert cc.arg_spec(np.zeros((2, 3))[:, ::2]) == "array(float64, 2, A)"
+    assert cc.arg_spec(np.zeros((2, 3)).T) == "array(float64, 2, F)"
+    assert [cc.arg_spec(v) for v in (True, 3, 2.5, np.float32(1))] == [
+        "bool",
+        "int64",
+        "float64",
+        "float32",
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_kernel_compiles_for_sm90_within_launch_limits(name):
+    threads = cc.max_threads(name)
+    for spec in MANIFEST[name]:
+        row = cc.compile_kernel(name, spec, SM90)
+        assert 0 < row["registers"] <= cc.MAX_REGS_PER_THREAD, row
+        assert cc.limit_problems(row, threads) == [], (spec, row)
+
+
+def test_limit_check_flags_what_would_not_launch():
+    row = {"registers": 128, "smem": 49 * 1024}
+    problems = cc.limit_problems(row, 1024)
+    assert len(problems) == 2
+    assert "shared memory" in problems[0] and "128 registers x 1024 threads" in problems[1]
+    assert cc.limit_problems({"registers": 64, "smem": 48 * 1024}, 1024) == []
