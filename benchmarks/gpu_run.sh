@@ -6,6 +6,11 @@
 #
 #   bash benchmarks/gpu_run.sh            # from anywhere; PYTHON=... picks the interpreter
 #   REPS=50 EXAMPLES=60 bash benchmarks/gpu_run.sh
+#   RESULTS_DIR=$OUT bash benchmarks/gpu_run.sh   # write the outputs somewhere else
+#
+# On a lent machine that has numba-cuda, PyTorch, pytest and hypothesis but not this checkout
+# installed, the script installs it in place first (editable, no dependencies, no network), as
+# `fastconv.kernels` maps to kernels/ only through pyproject.toml.
 set -u
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -13,8 +18,16 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 unset NUMBA_ENABLE_CUDASIM
-OUT=benchmarks/results
-mkdir -p "$OUT"
+RESULTS="${RESULTS_DIR:-benchmarks/results}"
+mkdir -p "$RESULTS"
+
+if ! "$PY" -c "import fastconv.kernels" 2>/dev/null; then
+    echo "gpu_run: fastconv is not installed for $PY; installing this checkout (editable, --no-deps)"
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || {
+        echo "gpu_run: could not install this checkout; nothing run"
+        exit 1
+    }
+fi
 
 if ! DEVICE=$("$PY" - <<'PYEOF'
 import re, sys
@@ -37,7 +50,7 @@ PYEOF
 fi
 
 STAMP=$(date +%Y-%m-%d)
-LOG="$OUT/gpu_tests_${DEVICE}_${STAMP}.txt"
+LOG="$RESULTS/gpu_tests_${DEVICE}_${STAMP}.txt"
 {
     echo "# fastconv CUDA tests on $DEVICE, $(date -Iseconds)"
     "$PY" -c "import numba, numpy, sys; print('python', sys.version.split()[0], 'numba', numba.__version__, 'numpy', numpy.__version__)"
@@ -55,8 +68,8 @@ for tiles in default small; do
 done
 
 echo "== benchmark" | tee -a "$LOG"
-"$PY" -m benchmarks.gpu_bench --out-dir "$OUT" --reps "${REPS:-30}" 2>&1 | tee -a "$LOG"
+"$PY" -m benchmarks.gpu_bench --out-dir "$RESULTS" --reps "${REPS:-30}" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc
-echo "gpu_run: done (status $status); outputs under $OUT/ (tests: $LOG)"
+echo "gpu_run: done (status $status); outputs under $RESULTS/ (tests: $LOG)"
 exit $status

@@ -42,3 +42,32 @@ def test_torch_model_matches_fastconv_model():
         with torch.no_grad():
             ref = tm(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(m(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_script_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    """`bash benchmarks/gpu_run.sh` on a machine with no GPU: exit 0, the reason, no files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            pytest.skip("a GPU is present: the script would run the whole GPU suite")
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
+    r = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_run.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no usable CUDA GPU here; nothing run" in r.stdout
+    assert list((tmp_path / "results").iterdir()) == []
