@@ -136,7 +136,7 @@ def save_manifest(kernels: dict[str, Any], path: Path = MANIFEST) -> None:
 
 _INFO = re.compile(
     r"used (\d+) registers, used (\d+) barriers, (\d+) stack, (\d+) bytes smem, "
-    r"(\d+) bytes cmem\[0\], (\d+) bytes lmem"
+    r"(\d+) bytes cmem\[0\],[^\n]*? (\d+) bytes lmem"  # sm_80 lists cmem[2] between
 )
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -209,15 +209,24 @@ def compile_kernel(name: str, spec: list[str], cc: tuple[int, int] = (9, 0)) -> 
     t1 = time.perf_counter()
     log = _link(ptx, cc)
     t2 = time.perf_counter()
-    info = _INFO.findall(log)
-    spill = _SPILL.findall(log)
-    if len(info) != 1:
-        raise RuntimeError(f"{name}: expected one kernel in the ptxas report, got:\n{log}")
-    regs, barriers, stack, smem, cmem, lmem = (int(v) for v in info[0])
-    stores, loads = (max(int(s[i]) for s in spill) if spill else 0 for i in (0, 1))
     return {
         "kernel": name,
         "signature": spec,
+        **parse_report(log),
+        "nvvm_s": t1 - t0,
+        "ptxas_s": t2 - t1,
+    }
+
+
+def parse_report(log: str) -> dict[str, int]:
+    """Registers, barriers, stack, memory and spills of the one kernel in a ptxas report."""
+    info = _INFO.findall(log)
+    spill = _SPILL.findall(log)
+    if len(info) != 1:
+        raise RuntimeError(f"expected one kernel in the ptxas report, got:\n{log}")
+    regs, barriers, stack, smem, cmem, lmem = (int(v) for v in info[0])
+    stores, loads = (max(int(s[i]) for s in spill) if spill else 0 for i in (0, 1))
+    return {
         "registers": regs,
         "barriers": barriers,
         "stack": stack,
@@ -226,8 +235,6 @@ def compile_kernel(name: str, spec: list[str], cc: tuple[int, int] = (9, 0)) -> 
         "lmem": lmem,
         "spill_stores": stores,
         "spill_loads": loads,
-        "nvvm_s": t1 - t0,
-        "ptxas_s": t2 - t1,
     }
 
 

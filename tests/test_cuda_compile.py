@@ -92,3 +92,20 @@ def test_limit_check_flags_what_would_not_launch():
     assert len(problems) == 2
     assert "shared memory" in problems[0] and "128 registers x 1024 threads" in problems[1]
     assert cc.limit_problems({"registers": 64, "smem": 48 * 1024}, 1024) == []
+
+
+def test_ptxas_reports_of_sm80_and_sm90_parse():
+    sm90 = (
+        "ptxas . 0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+        "info    : used 149 registers, used 1 barriers, 0 stack, 13312 bytes smem, "
+        "1008 bytes cmem[0], 0 bytes lmem\n"
+    )
+    sm80 = (
+        "info    : used 168 registers, used 1 barriers, 16 stack, 12288 bytes smem, "
+        "832 bytes cmem[0], 8 bytes cmem[2], 4 bytes lmem\n"
+    )
+    a, b = cc.parse_report(sm90), cc.parse_report(sm80)
+    assert (a["registers"], a["smem"], a["spill_stores"], a["spill_loads"]) == (149, 13312, 8, 12)
+    assert (b["registers"], b["stack"], b["smem"], b["lmem"]) == (168, 16, 12288, 4)
+    with pytest.raises(RuntimeError, match="one kernel"):
+        cc.parse_report(sm90 + sm80)
