@@ -48,38 +48,36 @@ MAX_REGS_PER_THREAD = 255
 # --------------------------------------------------------------------------- recording
 
 
-def _kernel_modules() -> dict[str, Any]:
+def kernels() -> dict[str, Any]:
+    """Every ``@cuda.jit`` kernel (not device function) of fastconv.kernels.cuda, by name:
+    ``module.attr``, or ``module.attr[key]`` for one held only in a module-level dict."""
     import importlib
 
-    return {m: importlib.import_module(f"fastconv.kernels.cuda.{m}") for m in MODULES}
+    plain: dict[str, Any] = {}
+    keyed: dict[str, Any] = {}
+    for m in MODULES:
+        for attr, value in vars(importlib.import_module(f"fastconv.kernels.cuda.{m}")).items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, k in items:
+                if not hasattr(k, "py_func"):
+                    continue
+                opts = getattr(k, "targetoptions", None)  # the simulator's kernels have _device
+                if opts.get("device") if opts is not None else k._device:
+                    continue  # a device function
+                if key is None:
+                    plain[f"{m}.{attr}"] = k
+                else:
+                    keyed[f"{m}.{attr}[{key!r}]"] = k
+    held = {id(k) for k in plain.values()}
+    return plain | {n: k for n, k in keyed.items() if id(k) not in held}
 
 
 def kernel_name(kernel: Any) -> str:
-    """``module.attr`` or ``module.attr[key]`` naming ``kernel`` in fastconv.kernels.cuda."""
-    mods = _kernel_modules()
-    for m, mod in mods.items():
-        for attr, value in vars(mod).items():
-            if value is kernel:
-                return f"{m}.{attr}"
-    for m, mod in mods.items():
-        for attr, value in vars(mod).items():
-            if isinstance(value, dict):
-                for key, v in value.items():
-                    if v is kernel:
-                        return f"{m}.{attr}[{key!r}]"
+    """The name ``kernels()`` gives ``kernel``."""
+    for name, k in kernels().items():
+        if k is kernel:
+            return name
     raise LookupError(f"kernel {kernel!r} is not a module-level name in fastconv.kernels.cuda")
-
-
-def resolve(name: str) -> Any:
-    """The kernel object a ``kernel_name`` string names."""
-    m = re.fullmatch(r"(\w+)\.(\w+)(?:\[(.+)\])?", name)
-    if m is None or m.group(1) not in MODULES:
-        raise LookupError(f"not a kernel name: {name!r}")
-    obj = getattr(_kernel_modules()[m.group(1)], m.group(2))
-    if m.group(3) is not None:
-        key = json.loads(m.group(3).replace("'", '"'))
-        obj = obj[key]
-    return obj
 
 
 def arg_spec(a: Any) -> str:
@@ -121,13 +119,12 @@ def load_manifest(path: Path = MANIFEST) -> dict[str, list[list[str]]]:
     return json.loads(path.read_text())["kernels"]
 
 
-def save_manifest(kernels: dict[str, Any], path: Path = MANIFEST) -> None:
+def save_manifest(launched: dict[str, set[tuple[str, ...]]], path: Path = MANIFEST) -> None:
     data = {
         "about": "every (kernel, argument types) the CUDA test suite launches; see "
         "benchmarks/cuda_compile.py",
-        "kernels": {k: sorted(sorted({tuple(s) for s in v})) for k, v in sorted(kernels.items())},
+        "kernels": {k: [list(s) for s in sorted(v)] for k, v in sorted(launched.items())},
     }
-    data["kernels"] = {k: [list(s) for s in v] for k, v in data["kernels"].items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -203,7 +200,7 @@ def compile_kernel(name: str, spec: list[str], cc: tuple[int, int] = (9, 0)) -> 
     / block as ptxas reports them, and the seconds NVVM and ptxas took."""
     from numba import cuda
 
-    kernel = resolve(name)
+    kernel = kernels()[name]
     t0 = time.perf_counter()
     ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(spec_type(s) for s in spec), cc=cc)
     t1 = time.perf_counter()
@@ -252,16 +249,13 @@ def max_threads(name: str) -> int:
     """The most threads per block launch.py ever gives this kernel (the active tile set)."""
     from fastconv.kernels.cuda import launch as L
 
-    if name.startswith("gemm.KERNELS["):
-        BM, BN, _, TM, TN = L.GEMM_CONFIGS[resolve_key(name)]
+    m = re.fullmatch(r"gemm\.KERNELS\['(\w+)'\]", name)
+    if m:
+        BM, BN, _, TM, TN = L.GEMM_CONFIGS[m.group(1)]
         return (BM // TM) * (BN // TN)
     if name.startswith("direct."):
         return L.DIRECT_THREADS
     return max(L.ELEMENTWISE_THREADS, L.REDUCE_THREADS)
-
-
-def resolve_key(name: str) -> str:
-    return json.loads(name[name.index("[") + 1 : -1].replace("'", '"'))
 
 
 def compile_all(cc: tuple[int, int] = (9, 0), progress: bool = True) -> list[dict[str, Any]]:

@@ -1,5 +1,10 @@
 """The benchmark runner runs end to end (a smoke run; figures are never asserted)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from fastconv import bench
@@ -46,11 +51,6 @@ def test_torch_model_matches_fastconv_model():
 
 def test_gpu_script_without_a_gpu_says_so_and_runs_nothing(tmp_path):
     """`bash benchmarks/gpu_run.sh` on a machine with no GPU: exit 0, the reason, no files."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     try:
         from numba import cuda
 
