@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 try:  # PyTorch before fastconv: PyTorch's CPU build shares Numba's OpenMP runtime, which takes
-    # the settings of whichever library loads it first (see fastconv.bench); this way PyTorch
+    # the settings of whichever library loads it first (see benchmarks/compare.py); this way PyTorch
     # keeps its own defaults, as its users have them.
     import torch  # noqa: F401
 except ImportError:
     pass
 
-# name -> (x (N, C, H, W), w (K, C, KH, KW), padding), batch 64 as in fastconv.bench
+# name -> (x (N, C, H, W), w (K, C, KH, KW), padding), batch 64 as in benchmarks/compare.py
 CONV_LAYERS = {
     "lenet5.conv1": ((64, 1, 28, 28), (6, 1, 5, 5), 2),
     "lenet5.conv2": ((64, 6, 14, 14), (16, 6, 5, 5), 0),
@@ -326,7 +326,7 @@ def conv_layers(reps: int, smoke: bool, torch: Any) -> list[dict]:
 
 def _torch_lenet(torch: Any, fc_model: Any, dev: str) -> Any:
     """The equal torch.nn.Sequential with the same weights, on ``dev``."""
-    from fastconv.bench import torch_model
+    from benchmarks.compare import torch_model
 
     return torch_model(fc_model).to(dev)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import fastconv as fc
-from fastconv.bench import CONV_LAYERS, conv_case, machine_info
+from benchmarks.compare import CONV_LAYERS, conv_case, machine_info
 
 IMPLS = ["reference", "cpu-im2col", "cpu-direct", "torch"]
 INFO = machine_info()

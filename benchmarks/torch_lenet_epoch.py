@@ -4,7 +4,7 @@ Same network, data order, normalisation, batch size and optimizer (SGD, lr 0.05,
 for both; each gets a short warm-up (compilation, allocator) that is not timed. Reports
 seconds per epoch and images per second, plus the machine and thread counts. Never asserts.
 PyTorch's epoch runs in a child process that imports torch first: the two libraries share one
-OpenMP runtime per process, set up by whichever loads it first (see fastconv.bench).
+OpenMP runtime per process, set up by whichever loads it first (see benchmarks/compare.py).
 
     FASTCONV_DATA=../shared/data/mnist python benchmarks/torch_lenet_epoch.py [--batch-size 64]
 """
@@ -22,12 +22,15 @@ import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
 import fastconv as fc
 from fastconv import training
-from fastconv.bench import torch_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the checkout
+from benchmarks.compare import torch_model  # noqa: E402
 
 
 def epoch_torch(x, y, order, batch_size, warmup):

@@ -4,7 +4,7 @@
         --metrics-json metrics.json
     fastconv evaluate --load lenet5.npz
     fastconv info
-    fastconv bench ...        # runs fastconv.bench.main(argv) when that module is installed
+    fastconv bench ...        # from a source checkout: benchmarks/compare.py's main(argv)
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, backends, GPU, threads")
 
-    b = sub.add_parser("bench", help="benchmarks (fastconv.bench), if installed", add_help=False)
+    b = sub.add_parser("bench", help="the comparison runner (source checkout)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -327,7 +327,7 @@ def cmd_info(args) -> int:
         ]
     except Exception:  # threadpoolctl is optional
         blas = []
-    bench = importlib.util.find_spec("fastconv.bench") is not None
+    bench = _benchmarks_root() is not None
     lines = [
         f"fastconv {env['fastconv']} (python {env['python']}, numpy {env['numpy']}, "
         f"numba {env['numba']})",
@@ -338,23 +338,34 @@ def cmd_info(args) -> int:
         f"GPU: {'found' if env['cuda'] == 'available' else 'none'} ({env['cuda']})",
         f"FASTCONV_BACKEND={os.environ.get('FASTCONV_BACKEND', '') or '(unset)'}, "
         f"FASTCONV_DATA={os.environ.get('FASTCONV_DATA', '') or '(unset)'}",
-        f"bench: {'available' if bench else 'not installed'}",
+        f"bench: {'available' if bench else 'not installed (source checkout only)'}",
     ]
     print("\n".join(lines))
     return 0
 
 
+def _benchmarks_root() -> Path | None:
+    """The source checkout holding ``benchmarks/compare.py`` (the comparison runner is not part
+    of the library): the parent of this package's folder, as in an editable install; None for
+    an install without the checkout."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "benchmarks" / "compare.py").is_file() else None
+
+
 def cmd_bench(args) -> int:
-    if importlib.util.find_spec("fastconv.bench") is None:
+    root = _benchmarks_root()
+    if root is None:
         print(
-            "fastconv bench: not available in this build (no fastconv.bench module); "
-            "run the benchmarks from a source checkout: python -m benchmarks.compare",
+            "fastconv bench: not available in this install: the benchmarks ship with the source "
+            "checkout, not with the package; from a checkout: pip install -e . && fastconv bench "
+            "(or python -m benchmarks.compare)",
             file=sys.stderr,
         )
         return 2
-    from . import bench
-
-    return int(bench.main(list(args.args)) or 0)
+    if sys.path[:1] != [str(root)]:  # first, before any other folder named benchmarks
+        sys.path.insert(0, str(root))
+    compare = importlib.import_module("benchmarks.compare")
+    return int(compare.main(list(args.args)) or 0)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "bench": cmd_bench}

@@ -5,13 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fastconv import bench
+import fastconv
+from benchmarks import compare
 
 
 def test_runner_smoke(tmp_path, capsys):
-    rc = bench.main(
+    rc = compare.main(
         [
             "--quick",
             "--only",
@@ -32,16 +34,45 @@ def test_runner_smoke(tmp_path, capsys):
     assert (tmp_path / "cpu.md").read_text().startswith("# CPU benchmark")
 
 
+def test_conv_rows_call_what_they_are_named(monkeypatch):
+    """Each per-layer row's callables call conv2d with that row's backend and algorithm: the
+    ``reference`` row times the oracle, not the last CPU algorithm built after it."""
+    calls = []
+
+    def record(op):
+        return lambda *a, **kw: calls.append((op, kw.get("backend"), kw.get("algorithm")))
+
+    monkeypatch.setattr(fastconv, "conv2d", record("fwd"))
+    monkeypatch.setattr(fastconv, "conv2d_backward", record("bwd"))
+    x, w, b, gy = (
+        np.zeros(s, np.float32) for s in ((1, 1, 5, 5), (2, 1, 3, 3), (2,), (1, 2, 3, 3))
+    )
+    impls = compare.conv_impls(x, w, b, gy, 0, include_reference=True)
+    assert set(impls) == {"reference", "cpu-im2col", "cpu-direct"}
+    expected = {
+        "reference": ("reference", None),
+        "cpu-im2col": ("cpu", "im2col"),
+        "cpu-direct": ("cpu", "direct"),
+    }
+    for name, (fwd, fwdbwd) in impls.items():
+        calls.clear()
+        fwd()
+        fwdbwd()
+        assert calls == [
+            ("fwd", *expected[name]),
+            ("fwd", *expected[name]),
+            ("bwd", *expected[name]),
+        ], name
+
+
 def test_torch_model_matches_fastconv_model():
     torch = pytest.importorskip("torch")
-    import numpy as np
-
     from fastconv import models
 
-    for name in bench.NETWORKS:
+    for name in compare.NETWORKS:
         m = models.get(name, rng=0)
         m.eval()
-        tm = bench.torch_model(m)
+        tm = compare.torch_model(m)
         tm.eval()
         x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
         with torch.no_grad():

@@ -179,28 +179,40 @@ def test_python_dash_m_fastconv_info():
     assert "backends:" in r.stdout
 
 
-def test_bench_without_module_says_so(monkeypatch, capsys):
-    real = cli.importlib.util.find_spec
-    monkeypatch.setattr(
-        cli.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "fastconv.bench" else real(name, *a),
-    )
+def test_bench_without_a_checkout_says_so(monkeypatch, capsys):
+    """Installed without the source checkout (a wheel): no runner, and a message saying where
+    the benchmarks are."""
+    monkeypatch.setattr(cli, "_benchmarks_root", lambda: None)
     assert cli.main(["bench", "--quick"]) == 2
-    assert "fastconv bench: not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fastconv bench: not available" in err
+    assert "source checkout" in err
 
 
 def test_bench_forwards_its_arguments(monkeypatch):
     got = []
-    fake = types.ModuleType("fastconv.bench")
+    fake = types.ModuleType("benchmarks.compare")
     fake.main = lambda argv: got.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "fastconv.bench", fake)
-    import fastconv
-
-    monkeypatch.setattr(fastconv, "bench", fake, raising=False)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setitem(sys.modules, "benchmarks.compare", fake)
+    monkeypatch.setattr(sys, "path", list(sys.path))
     assert cli.main(["bench", "--quick", "-k", "conv"]) == 0
     assert got == [["--quick", "-k", "conv"]]
+
+
+def test_bench_finds_the_checkout_runner_from_any_directory(tmp_path):
+    """In a checkout, ``fastconv bench`` runs benchmarks/compare.py whatever the working
+    directory (its --help, so that nothing is timed)."""
+    assert cli._benchmarks_root() == REPO
+    r = subprocess.run(
+        [sys.executable, "-m", "fastconv", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastconv bench" in r.stdout
+    assert "--quick" in r.stdout
 
 
 def test_console_script_is_declared():
