@@ -66,6 +66,17 @@ def full_like(a: Any, value: float) -> Any:
     return like(a, np.full(tuple(int(s) for s in a.shape), value, np.dtype(a.dtype)))
 
 
+def copy(a: Any) -> Any:
+    """A copy of a, where a is."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    from numba import cuda
+
+    out = cuda.device_array(tuple(int(s) for s in a.shape), np.dtype(a.dtype))
+    out.copy_to_device(a)
+    return out
+
+
 def add(dst: Any, src: Any) -> Any:
     """dst += src, in place where dst is (gradient accumulation over several backward calls
     without zero_grad()): NumPy on the host, the CUDA backend's add_ kernel on the GPU."""

@@ -1,4 +1,11 @@
-"""The functional API: validate (shapes) -> choose (dispatch) -> run (backend ops module).
+"""The public ops: arrays in -> arrays out (the kernel API); Tensors in -> Tensor out, recorded.
+
+Every op runs through the registry (``fastconv.ops``): check the arguments (``shapes``), choose
+the backend and algorithm (``dispatch``), run that backend's forward. Given NumPy or device
+arrays, an op returns arrays and records nothing; given a ``Tensor`` (any input), it returns a
+Tensor and, when an input requires a gradient, records the op on the tape, so
+``loss.backward()`` reaches it. The explicit ``*_backward`` functions are the kernels' API:
+they run the same backward the tape runs, from the arrays given.
 
 Notation: x (N, C, H, W), weight (K, C/groups, KH, KW), y (N, K, OH, OW). Semantics, layouts and
 output sizes follow ``torch.nn.functional``. float32 and float64 in, same dtype out.
@@ -14,28 +21,37 @@ from typing import Any
 
 import numpy as np
 
-from . import dispatch, reference, shapes
+from . import dispatch, ops, shapes
+from .tensor import Tensor
 
 Array = Any  # np.ndarray or a CUDA device array
 IntPair = int | tuple[int, int]
+Input = Any  # an array or a Tensor
 
 
 def _on_device(*arrays: Any) -> bool:
-    return any(shapes.is_device_array(a) for a in arrays if a is not None)
+    return ops._on_device([a.data if isinstance(a, Tensor) else a for a in arrays])
 
 
-def _host(op: str, backend: str, *arrays: Any) -> None:
-    if backend == "reference" and _on_device(*arrays):
-        raise ValueError(f"{op}: backend='reference' needs host (NumPy) arrays")
+def _has_tensor(*args: Any) -> bool:
+    return any(isinstance(a, Tensor) for a in args)
+
+
+def _backward(name: str, backend: str, on_device: bool, grad_y, ctx_of, needs):
+    """Run op ``name``'s backward kernel on the backend chosen for these arrays;
+    ``ctx_of(m, be)`` builds the context its forward would have kept."""
+    be = dispatch.choose(name, None, backend, "auto", on_device).backend
+    m, k = ops.kernel(name, be)
+    return k.backward(m, grad_y, ctx_of(m, be), needs)
 
 
 # --------------------------------------------------------------------------- convolution
 
 
 def conv2d(
-    x: Array,
-    weight: Array,
-    bias: Array | None = None,
+    x: Input,
+    weight: Input,
+    bias: Input | None = None,
     stride: IntPair = 1,
     padding: IntPair | str = 0,
     dilation: IntPair = 1,
@@ -43,10 +59,7 @@ def conv2d(
     *,
     backend: str = "auto",
     algorithm: str = "auto",
-    saved: dict | None = None,
-    activation: str | None = None,
-    pool: IntPair | None = None,
-) -> Array:
+) -> Any:
     """2-D convolution (cross-correlation, as in PyTorch).
 
     Args:
@@ -54,93 +67,87 @@ def conv2d(
         stride, dilation: int or (h, w), positive. padding: int, (h, w), 'same' (stride 1 only)
             or 'valid'; zero padding. groups: number of channel groups (C for depthwise).
         backend: "auto" | "reference" | "cpu" | "cuda". algorithm: "auto" | "im2col" | "direct".
-        saved: optional dict the caller keeps until ``conv2d_backward`` (layers do). The
-            im2col path leaves its column matrix there, and the backward pass given the same
-            dict and the very same ``x`` object reuses it instead of rebuilding it. The
-            gradients are then those of the forward call's input, even if ``x`` was changed
-            in place meanwhile.
-        activation: None, or "relu" for relu(conv2d(...)) with bias and ReLU applied in the
-            kernels' last pass (``Sequential`` uses it for a Conv2d followed by a ReLU). The
-            gradient through the ReLU is ``relu_backward(grad_y, y)``: y > 0 exactly where
-            the pre-activation is.
-        pool: None, or a window size k (int or (kh, kw)) for
-            ``max_pool2d(activation(conv2d(...)), k)``: max pooling with stride k, no padding,
-            floor mode, fused into the same last pass, so the full-size output is never written
-            (``Sequential`` uses it for Conv2d, ReLU, MaxPool2d(k)). Its gradient comes from
-            ``conv2d_backward(..., activation=..., pool=k, saved=saved)`` with the dict given here.
 
     Shape:
         x (N, C, H, W), weight (K, C/groups, KH, KW), bias (K,) -> y (N, K, OH, OW) with
-        OH = floor((H + 2*ph - dh*(KH-1) - 1) / sh) + 1 (likewise OW); with ``pool``
-        (N, K, OH // kh, OW // kw).
+        OH = floor((H + 2*ph - dh*(KH-1) - 1) / sh) + 1 (likewise OW).
     """
-    op = "conv2d"
-    x, weight, bias, g = shapes.check_conv2d(op, x, weight, bias, stride, padding, dilation, groups)
-    relu, pg = _fused(op, g, activation, pool)
-    fn = "conv2d" if not relu else "conv2d_bias_relu"
+    return ops.apply(
+        "conv2d", (x, weight, bias), (stride, padding, dilation, groups), backend, algorithm
+    )
 
-    def run(be, algo, keep=None):
-        ops = dispatch.backend_ops(op, be)
-        if pg is not None:
-            return ops.conv2d_pool(x, weight, bias, g, pg, relu, algo, keep)
-        return getattr(ops, fn)(x, weight, bias, g, algo, keep)
 
-    be, algo = dispatch.choose(  # each candidate timed on this very call (fusions included)
-        op,
-        g,
+def conv2d_relu(
+    x: Input,
+    weight: Input,
+    bias: Input | None = None,
+    stride: IntPair = 1,
+    padding: IntPair | str = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    *,
+    backend: str = "auto",
+    algorithm: str = "auto",
+) -> Any:
+    """relu(conv2d(...)) as one op: bias and ReLU applied in the kernels' last pass.
+
+    Shape: as ``conv2d``.
+    """
+    return ops.apply(
+        "conv2d_relu", (x, weight, bias), (stride, padding, dilation, groups), backend, algorithm
+    )
+
+
+def conv2d_relu_maxpool(
+    x: Input,
+    weight: Input,
+    bias: Input | None = None,
+    stride: IntPair = 1,
+    padding: IntPair | str = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    *,
+    pool: IntPair = 2,
+    backend: str = "auto",
+    algorithm: str = "auto",
+) -> Any:
+    """max_pool2d(relu(conv2d(...)), pool) as one op: max pooling with stride = window, no
+    padding, floor mode, in the same last pass, so the full-size output is never written.
+    Its gradient runs from the pooled gradient and each window's argmax straight into the
+    convolution's (record it with Tensors; there is no array-level backward).
+
+    Shape: x (N, C, H, W) -> (N, K, OH // kh, OW // kw).
+    """
+    return ops.apply(
+        "conv2d_relu_maxpool",
+        (x, weight, bias),
+        (stride, padding, dilation, groups, pool),
         backend,
         algorithm,
-        _on_device(x, weight, bias),
-        x.dtype,
-        lambda a: _timed_call(run, a, None if saved is None else {}),
-        variant=_variant(relu, pg),
     )
-    if be == "reference":
-        y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        y = y if activation is None else np.maximum(y, 0)
-        if saved is not None:
-            saved.clear()  # no stale record of another call
-        if pg is None:
-            return y
-        if saved is not None:
-            saved["pool"] = y
-        y = reference.max_pool2d(y, (pg.KH, pg.KW))
-    else:
-        y = run(be, algo, saved)
-    if saved is not None and pg is not None:  # what conv2d_backward checks
-        saved["fused"] = (x, g, relu, pg, be)
-    return y
 
 
-def _timed_call(run: Any, algorithm: str, scratch: dict | None):
-    """The autotuner's candidate: ``run`` on the CPU with one algorithm. ``scratch`` stands in
-    for the caller's saved dict and lives across the timed calls, so buffers kept there are
-    reused after the warm-up call, as they are from one training step to the next."""
-    return lambda: run("cpu", algorithm, scratch)
+def _conv_ctx(op, x, weight, stride, padding, dilation, groups, algorithm, x_shape=None, w_shape=None):
+    """The checked geometry and the context of a conv2d forward call, for its backward."""
+    if x is not None:
+        x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
+        x_shape = x.shape
+    if weight is not None:
+        weight = shapes.check_array(op, "weight", weight, 4, "(K, C/groups, KH, KW)")
+        w_shape = weight.shape
+    g = shapes.conv2d_geometry(op, x_shape, w_shape, stride, padding, dilation, groups)
+    a = ops.ConvAttrs(g, (stride, padding, dilation, groups), requested=algorithm)
+    return x, weight, g, a
 
 
-def _variant(relu: bool, pg: Any, mask: tuple | None = None) -> str:
-    """The part of an autotune key beyond (op, geometry, dtype, threads): the fusions and
-    which gradients are asked for, since each changes what the candidates do."""
-    out = "" if mask is None else str(mask)
-    if relu:
-        out += "+relu"
-    return out if pg is None else f"{out}+pool{pg.KH}x{pg.KW}"
-
-
-def _fused(op: str, g: shapes.ConvGeom, activation: Any, pool: Any):
-    """(relu, pooling geometry or None) of conv2d's ``activation`` and ``pool`` arguments."""
-    if activation not in (None, "relu"):
-        raise ValueError(f"{op}: activation must be None or 'relu'; got {activation!r}")
-    if pool is None:
-        return activation == "relu", None
-    kh, kw = shapes.pair(op, "pool", pool, minimum=1)
-    if kh > g.OH or kw > g.OW:
-        raise ValueError(
-            f"{op}: the pooling window pool={(kh, kw)} is larger than the convolution output "
-            f"({g.OH}x{g.OW}); x.shape={(g.N, g.C, g.H, g.W)}"
-        )
-    return activation == "relu", shapes.pool2d_geometry(op, g.y_shape, (kh, kw))
+def _conv_backward(op, grad_y, x, weight, a, backend, needs):
+    shapes.check_same_dtype(op, grad_y=grad_y, **({"x": x} if x is not None else {"weight": weight}))
+    arrays = {k: v for k, v in (("grad_y", grad_y), ("x", x), ("weight", weight)) if v is not None}
+    shapes.check_same_place(op, **arrays)
+    on_device = _on_device(*arrays.values())
+    be = dispatch.choose(op, a.g, backend, "auto", on_device).backend
+    m, k = ops.kernel("conv2d", be)
+    return k.backward(m, grad_y, ops.ConvCtx(x, weight, a._replace(backend=be)), needs)
 
 
 def conv2d_backward(
@@ -155,80 +162,22 @@ def conv2d_backward(
     backend: str = "auto",
     algorithm: str = "auto",
     output_mask: tuple[bool, bool, bool] = (True, True, True),
-    saved: dict | None = None,
-    activation: str | None = None,
-    pool: IntPair | None = None,
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients of ``conv2d`` with respect to x, weight and bias.
 
     ``output_mask`` (as in PyTorch's convolution_backward) skips the gradients not needed;
-    those come back as None. ``saved``: the dict given to the forward ``conv2d`` call, if any.
-    With ``pool`` (and ``activation``) as in that forward call, grad_y is the gradient of its
-    pooled output, and ``saved`` is required: it holds what the forward pass kept (the pooled
-    output and each window's argmax on the CPU). Without ``pool``, ``activation`` must be None
-    (the gradient through a fused ReLU alone is ``relu_backward(grad_y, y)``).
+    those come back as None.
 
     Shape:
-        grad_y (N, K, OH, OW) (with ``pool``: (N, K, OH // kh, OW // kw)),
-        x (N, C, H, W), weight (K, C/groups, KH, KW)
+        grad_y (N, K, OH, OW), x (N, C, H, W), weight (K, C/groups, KH, KW)
         -> grad_x (N, C, H, W), grad_weight (K, C/groups, KH, KW), grad_bias (K,).
     """
     op = "conv2d_backward"
-    x, weight, _, g = shapes.check_conv2d(op, x, weight, None, stride, padding, dilation, groups)
-    relu, pg = _fused(op, g, activation, pool)
-    if pg is None and relu:
-        raise ValueError(
-            f"{op}: activation='relu' needs pool (for a fused ReLU alone, take "
-            "relu_backward(grad_y, y) first); got pool=None"
-        )
-    y_shape = g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW)
-    grad_y = shapes.check_grad(op, grad_y, y_shape, "conv2d")
-    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
-    shapes.check_same_place(op, grad_y=grad_y, x=x, weight=weight)
+    x, weight, g, a = _conv_ctx(op, x, weight, stride, padding, dilation, groups, algorithm)
+    shapes.check_same_dtype(op, x=x, weight=weight)
+    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
     mask = tuple(bool(m) for m in output_mask)
-    if pg is not None:
-        fused = None if saved is None else saved.get("fused")
-        if fused is None or fused[0] is not x or fused[1:4] != (g, relu, pg):
-            raise ValueError(
-                f"{op}: pool={pool!r}, activation={activation!r} needs the saved dict of the "
-                "forward conv2d call on this same x with the same arguments (it keeps the "
-                f"pooled output and argmax); got saved={'None' if saved is None else 'a dict'}"
-                f"{'' if saved is None else ' without a matching forward call'}"
-            )
-
-    def run(be, algo, keep=None):
-        ops = dispatch.backend_ops(op, be)
-        if pg is not None:
-            return ops.conv2d_pool_backward(grad_y, x, weight, g, pg, relu, algo, mask, keep)
-        return ops.conv2d_backward(grad_y, x, weight, g, algo, mask, keep)
-
-    def candidate(a):  # timed for the autotuner: this very call, fused pooling included
-        # (no kept columns: the im2col path rebuilds them, as after a direct forward)
-        return _timed_call(run, a, None if pg is None else {"pool": saved["pool"]})
-
-    be, algo = dispatch.choose(
-        op,
-        g,
-        backend,
-        algorithm,
-        _on_device(grad_y, x, weight),
-        x.dtype,
-        candidate,
-        variant=_variant(relu, pg, mask),
-    )
-    if pg is not None and saved["fused"][4] != be:
-        raise ValueError(
-            f"{op}: the forward call ran on backend {saved['fused'][4]!r}, its saved dict "
-            f"cannot serve backend {be!r}"
-        )
-    if be == "reference":
-        if pg is not None:
-            z = saved["pool"]
-            grad_y = reference.max_pool2d_backward(grad_y, z, (pg.KH, pg.KW))
-            grad_y = np.where(z > 0, grad_y, 0) if relu else grad_y
-        out = reference.conv2d_backward(grad_y, x, weight, stride, padding, dilation, groups)
-        return tuple(o if m else None for o, m in zip(out, mask))
-    return run(be, algo, saved)
+    return _conv_backward(op, grad_y, x, weight, a, backend, mask)
 
 
 def conv2d_backward_input(
@@ -249,29 +198,11 @@ def conv2d_backward_input(
     """
     op = "conv2d_backward_input"
     x_shape = shapes.shape_tuple(op, "x_shape", x_shape)
-    weight = shapes.check_array(op, "weight", weight, 4, "(K, C/groups, KH, KW)")
-    g = shapes.conv2d_geometry(op, x_shape, weight.shape, stride, padding, dilation, groups)
-    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
-    shapes.check_same_dtype(op, grad_y=grad_y, weight=weight)
-    shapes.check_same_place(op, grad_y=grad_y, weight=weight)
-
-    def run(be, algo):
-        ops = dispatch.backend_ops(op, be)
-        return ops.conv2d_backward(grad_y, None, weight, g, algo, (True, False, False))[0]
-
-    be, algo = dispatch.choose(
-        op,
-        g,
-        backend,
-        algorithm,
-        _on_device(grad_y, weight),
-        grad_y.dtype,
-        lambda a: lambda: run("cpu", a),
+    _, weight, g, a = _conv_ctx(
+        op, None, weight, stride, padding, dilation, groups, algorithm, x_shape=x_shape
     )
-    if be == "reference":
-        x0 = np.zeros(x_shape, grad_y.dtype)
-        return reference.conv2d_backward(grad_y, x0, weight, stride, padding, dilation, groups)[0]
-    return run(be, algo)
+    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
+    return _conv_backward(op, grad_y, None, weight, a, backend, (True, False, False))[0]
 
 
 def conv2d_backward_weight(
@@ -292,29 +223,17 @@ def conv2d_backward_weight(
     """
     op = "conv2d_backward_weight"
     weight_shape = shapes.shape_tuple(op, "weight_shape", weight_shape)
-    x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
-    g = shapes.conv2d_geometry(op, x.shape, weight_shape, stride, padding, dilation, groups)
-    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
-    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
-    shapes.check_same_place(op, grad_y=grad_y, x=x)
-
-    def run(be, algo):
-        ops = dispatch.backend_ops(op, be)
-        return ops.conv2d_backward(grad_y, x, None, g, algo, (False, True, False))[1]
-
-    be, algo = dispatch.choose(
-        op, g, backend, algorithm, _on_device(grad_y, x), x.dtype, lambda a: lambda: run("cpu", a)
+    x, _, g, a = _conv_ctx(
+        op, x, None, stride, padding, dilation, groups, algorithm, w_shape=weight_shape
     )
-    if be == "reference":
-        w0 = np.zeros(weight_shape, x.dtype)
-        return reference.conv2d_backward(grad_y, x, w0, stride, padding, dilation, groups)[1]
-    return run(be, algo)
+    grad_y = shapes.check_grad(op, grad_y, g.y_shape, "conv2d")
+    return _conv_backward(op, grad_y, x, None, a, backend, (False, True, False))[1]
 
 
 def conv_transpose2d(
-    x: Array,
-    weight: Array,
-    bias: Array | None = None,
+    x: Input,
+    weight: Input,
+    bias: Input | None = None,
     stride: IntPair = 1,
     padding: IntPair = 0,
     output_padding: IntPair = 0,
@@ -323,7 +242,7 @@ def conv_transpose2d(
     *,
     backend: str = "auto",
     algorithm: str = "auto",
-) -> Array:
+) -> Any:
     """Transposed convolution (PyTorch's argument order): the backward-data pass of ``conv2d``.
 
     Shape:
@@ -331,35 +250,8 @@ def conv_transpose2d(
         -> y (N, C_out, OH, OW)
         with OH = (H-1)*sh - 2*ph + dh*(KH-1) + oph + 1 (likewise OW).
     """
-    op = "conv_transpose2d"
-    x = shapes.check_array(op, "x", x, 4, "(N, C_in, H, W)")
-    weight = shapes.check_array(op, "weight", weight, 4, "(C_in, C_out/groups, KH, KW)")
-    shapes.check_same_dtype(op, x=x, weight=weight)
-    g = shapes.conv_transpose2d_geometry(
-        op, x.shape, weight.shape, stride, padding, output_padding, dilation, groups
-    )
-    if bias is not None:
-        bias = shapes.check_array(op, "bias", bias, 1, "(C_out,)")
-        shapes.check_same_dtype(op, x=x, bias=bias)
-        if tuple(bias.shape) != (g.C,):
-            raise ValueError(f"{op}: bias must have shape ({g.C},); got bias.shape={bias.shape}")
-    y = conv2d_backward_input(
-        x,
-        g.x_shape,
-        weight,
-        (g.sh, g.sw),
-        (g.ph, g.pw),
-        (g.dh, g.dw),
-        g.G,
-        backend=backend,
-        algorithm=algorithm,
-    )
-    if bias is not None:
-        if _on_device(y):  # device arrays have no +=: the backend adds the bias in place
-            dispatch.backend_ops(op, "cuda").add_bias_(y, bias)
-        else:
-            y += bias.reshape(1, -1, 1, 1)
-    return y
+    params = (stride, padding, output_padding, groups, dilation, algorithm)
+    return ops.apply("conv_transpose2d", (x, weight, bias), params, backend)
 
 
 def conv_transpose2d_backward(
@@ -382,460 +274,26 @@ def conv_transpose2d_backward(
     forward conv's input (grad_y here) and output gradient (x here).
     """
     op = "conv_transpose2d_backward"
-    x = shapes.check_array(op, "x", x, 4, "(N, C_in, H, W)")
-    weight = shapes.check_array(op, "weight", weight, 4, "(C_in, C_out/groups, KH, KW)")
-    g = shapes.conv_transpose2d_geometry(
-        op, x.shape, weight.shape, stride, padding, output_padding, dilation, groups
-    )
-    grad_y = shapes.check_grad(op, grad_y, g.x_shape, "conv_transpose2d")
-    conv = dict(
-        stride=(g.sh, g.sw),
-        padding=(g.ph, g.pw),
-        dilation=(g.dh, g.dw),
-        groups=g.G,
-        backend=backend,
-        algorithm=algorithm,
-    )
-    gx = conv2d(grad_y, weight, None, **conv)
-    gw = conv2d_backward_weight(x, grad_y, g.w_shape, **conv)
-    gb = grad_y.sum(axis=(0, 2, 3))
-    return gx, gw, gb
-
-
-# --------------------------------------------------------------------------- pooling
-
-
-def _pool(
-    op,
-    fn,
-    x,
-    grad_y,
-    kernel_size,
-    stride,
-    padding,
-    ceil_mode,
-    count_include_pad,
-    backend,
-    saved=None,
-):
-    x, g = shapes.check_pool2d(op, x, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    arrays = (x,)
-    if grad_y is not None:
-        grad_y = shapes.check_grad(op, grad_y, g.y_shape, op.replace("_backward", ""))
-        shapes.check_same_dtype(op, grad_y=grad_y, x=x)
-        shapes.check_same_place(op, grad_y=grad_y, x=x)
-        arrays = (grad_y, x)
-    be, _ = dispatch.choose(op, g, backend, "auto", _on_device(*arrays))
-    if be == "reference":
-        extra = {} if fn.startswith("max") else {"count_include_pad": count_include_pad}
-        return getattr(reference, fn)(*arrays, kernel_size, stride, padding, ceil_mode, **extra)
-    if saved is not None:  # max pooling only
-        return getattr(dispatch.backend_ops(op, be), fn)(*arrays, g, saved)
-    return getattr(dispatch.backend_ops(op, be), fn)(*arrays, g)
-
-
-def max_pool2d(
-    x: Array,
-    kernel_size: IntPair,
-    stride: IntPair | None = None,
-    padding: IntPair = 0,
-    *,
-    ceil_mode: bool = False,
-    backend: str = "auto",
-    saved: dict | None = None,
-) -> Array:
-    """2-D max pooling; padding counts as -inf; NaN wins over every number (as in PyTorch).
-
-    ``saved``: optional dict the caller keeps until ``max_pool2d_backward`` (layers do); the
-    CPU backend leaves each window's argmax there, and the backward pass given the same dict
-    and the very same ``x`` object scatters with it instead of searching the windows again.
-
-    Shape: x (N, C, H, W) -> y (N, C, OH, OW), OH = floor((H + 2*ph - KH) / sh) + 1
-    (ceil in ``ceil_mode``). stride defaults to kernel_size; padding <= kernel_size / 2.
-    """
-    return _pool(
-        "max_pool2d",
-        "max_pool2d",
-        x,
-        None,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        True,
-        backend,
-        saved,
-    )
-
-
-def max_pool2d_backward(
-    grad_y: Array,
-    x: Array,
-    kernel_size: IntPair,
-    stride: IntPair | None = None,
-    padding: IntPair = 0,
-    *,
-    ceil_mode: bool = False,
-    backend: str = "auto",
-    saved: dict | None = None,
-) -> Array:
-    """Gradient of ``max_pool2d``: each window's gradient goes to its first maximum (row-major).
-    ``saved``: the dict given to the forward ``max_pool2d`` call, if any.
-
-    Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
-    """
-    return _pool(
-        "max_pool2d_backward",
-        "max_pool2d_backward",
-        x,
-        grad_y,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        True,
-        backend,
-        saved,
-    )
-
-
-def avg_pool2d(
-    x: Array,
-    kernel_size: IntPair,
-    stride: IntPair | None = None,
-    padding: IntPair = 0,
-    *,
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-    backend: str = "auto",
-) -> Array:
-    """2-D average pooling with zero padding; the divisor follows PyTorch's ``count_include_pad``.
-
-    Shape: x (N, C, H, W) -> y (N, C, OH, OW), as ``max_pool2d``.
-    """
-    return _pool(
-        "avg_pool2d",
-        "avg_pool2d",
-        x,
-        None,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        backend,
-    )
-
-
-def avg_pool2d_backward(
-    grad_y: Array,
-    x: Array,
-    kernel_size: IntPair,
-    stride: IntPair | None = None,
-    padding: IntPair = 0,
-    *,
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-    backend: str = "auto",
-) -> Array:
-    """Gradient of ``avg_pool2d``: every input in a window receives grad_y / divisor.
-
-    Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
-    """
-    return _pool(
-        "avg_pool2d_backward",
-        "avg_pool2d_backward",
-        x,
-        grad_y,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        backend,
-    )
-
-
-# ---- layers' other math
-# Activations, linear, losses, dropout, batch norm, 1-D convolution and optimizer updates. Same
-# pattern as above: validate (shapes) -> choose (dispatch; these ops have no algorithm choice)
-# -> run the backend module's op of the same name. Optimizer updates work in place.
-
-
-def _run(op: str, backend: str, fn: str, *arrays: Any):
-    """The callable implementing ``fn`` for these arrays: the oracle or a backend module's op."""
-    be = dispatch.choose(op, None, backend, "auto", _on_device(*arrays)).backend
-    if be == "reference":
-        return getattr(reference, fn)
-    impl = getattr(dispatch.backend_ops(op, be), fn, None)
-    if impl is None:
-        raise NotImplementedError(f"{op}: the {be!r} backend does not implement {fn} yet")
-    return impl
-
-
-def relu(x: Array, *, backend: str = "auto") -> Array:
-    """max(x, 0), elementwise. Shape: any -> same."""
-    (x,) = shapes.check_elementwise("relu", x=x)
-    return _run("relu", backend, "relu", x)(x)
-
-
-def relu_backward(grad_y: Array, x: Array, *, backend: str = "auto") -> Array:
-    """grad_y where x > 0, else 0 (0 at x == 0, as PyTorch). Shape: grad_y, x (same) -> grad_x."""
-    grad_y, x = shapes.check_elementwise("relu_backward", grad_y=grad_y, x=x)
-    return _run("relu_backward", backend, "relu_backward", grad_y, x)(grad_y, x)
-
-
-def leaky_relu(x: Array, negative_slope: float = 0.01, *, backend: str = "auto") -> Array:
-    """x where x > 0, else negative_slope * x. Shape: any -> same."""
-    (x,) = shapes.check_elementwise("leaky_relu", x=x)
-    slope = shapes.check_number("leaky_relu", "negative_slope", negative_slope)
-    impl = _run("leaky_relu", backend, "leaky_relu", x)
-    return impl(x, slope)
-
-
-def leaky_relu_backward(
-    grad_y: Array, x: Array, negative_slope: float = 0.01, *, backend: str = "auto"
-) -> Array:
-    """grad_y where x > 0, else negative_slope * grad_y. Shape: grad_y, x (same) -> grad_x."""
-    op = "leaky_relu_backward"
-    grad_y, x = shapes.check_elementwise(op, grad_y=grad_y, x=x)
-    slope = shapes.check_number(op, "negative_slope", negative_slope)
-    return _run(op, backend, "leaky_relu_backward", grad_y, x)(grad_y, x, slope)
-
-
-def sigmoid(x: Array, *, backend: str = "auto") -> Array:
-    """1 / (1 + exp(-x)), overflow-free for large |x|. Shape: any -> same."""
-    (x,) = shapes.check_elementwise("sigmoid", x=x)
-    return _run("sigmoid", backend, "sigmoid", x)(x)
-
-
-def sigmoid_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
-    """grad_y * y * (1 - y), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
-    grad_y, y = shapes.check_elementwise("sigmoid_backward", grad_y=grad_y, y=y)
-    return _run("sigmoid_backward", backend, "sigmoid_backward", grad_y, y)(grad_y, y)
-
-
-def tanh(x: Array, *, backend: str = "auto") -> Array:
-    """tanh(x), elementwise. Shape: any -> same."""
-    (x,) = shapes.check_elementwise("tanh", x=x)
-    return _run("tanh", backend, "tanh", x)(x)
-
-
-def tanh_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
-    """grad_y * (1 - y^2), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
-    grad_y, y = shapes.check_elementwise("tanh_backward", grad_y=grad_y, y=y)
-    return _run("tanh_backward", backend, "tanh_backward", grad_y, y)(grad_y, y)
-
-
-def linear(
-    x: Array,
-    weight: Array,
-    bias: Array | None = None,
-    *,
-    activation: str | None = None,
-    backend: str = "auto",
-) -> Array:
-    """Affine map y = x @ weight.T + bias (PyTorch's layout).
-
-    activation: None, or "relu" for relu(linear(...)) with bias and ReLU applied in the GEMM's
-    epilogue (``Sequential`` uses it for a Linear followed by a ReLU). The gradient through
-    the ReLU is ``relu_backward(grad_y, y)``: y > 0 exactly where the pre-activation is.
-
-    Shape:
-        x (N, in_features), weight (out_features, in_features), bias (out_features,)
-        -> y (N, out_features).
-    """
-    op = "linear"
-    if activation not in (None, "relu"):
-        raise ValueError(f"{op}: activation must be None or 'relu'; got {activation!r}")
-    x, weight, bias = shapes.check_linear(op, x, weight, bias)
-    impl = _run(op, backend, "linear", x, weight, bias)
-    relu = activation == "relu"
-    if impl is reference.linear:
-        y = impl(x, weight, bias)
-        return np.maximum(y, 0) if relu else y
-    return impl(x, weight, bias, relu) if relu else impl(x, weight, bias)
-
-
-def linear_backward(
-    grad_y: Array,
-    x: Array,
-    weight: Array,
-    *,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-    backend: str = "auto",
-) -> tuple[Array | None, Array | None, Array | None]:
-    """Gradients of ``linear``: (grad_x, grad_weight, grad_bias); None where output_mask is False.
-
-    Shape:
-        grad_y (N, out), x (N, in), weight (out, in) -> grad_x (N, in), grad_weight (out, in),
-        grad_bias (out,).
-    """
-    op = "linear_backward"
-    grad_y, x, weight = shapes.check_linear_grad(op, grad_y, x, weight)
-    mask = tuple(bool(m) for m in output_mask)
-    impl = _run(op, backend, "linear_backward", grad_y, x, weight)
-    if impl is reference.linear_backward:
-        return tuple(o if m else None for o, m in zip(impl(grad_y, x, weight), mask, strict=True))
-    return impl(grad_y, x, weight, mask)
-
-
-def cross_entropy(logits: Array, labels: Array, *, backend: str = "auto") -> tuple[float, Array]:
-    """Mean softmax cross-entropy and its gradient, through a numerically stable log-softmax.
-
-    Returns ``(loss, grad_logits)``: loss = mean_n(logsumexp(z_n) - z_n[label_n]) as a Python
-    float, grad_logits = (softmax(z) - onehot(labels)) / N.
-
-    Shape: logits (N, classes), labels (N,) integer class indices -> (float, (N, classes)).
-    """
-    logits, labels = shapes.check_labels("cross_entropy", logits, labels)
-    return _run("cross_entropy", backend, "cross_entropy", logits, labels)(logits, labels)
-
-
-def mse_loss(pred: Array, target: Array, *, backend: str = "auto") -> tuple[float, Array]:
-    """Mean squared error and its gradient: (mean((pred - target)^2), 2 (pred - target) / numel).
-
-    Shape: pred, target (any, same) -> (float, grad_pred like pred).
-    """
-    pred, target = shapes.check_elementwise("mse_loss", pred=pred, target=target)
-    return _run("mse_loss", backend, "mse_loss", pred, target)(pred, target)
-
-
-def dropout(x: Array, keep_mask: Array, scale: float, *, backend: str = "auto") -> Array:
-    """Inverted dropout with a given mask: y = x * keep_mask * scale.
-
-    The backward pass is the same call on grad_y. Callers draw the mask (keep probability
-    1 - p) and pass scale = 1 / (1 - p), so the expected activation is unchanged.
-
-    Shape: x (any), keep_mask (x's shape; bool or x's dtype) -> y (x's shape).
-    """
-    op = "dropout"
-    (x,) = shapes.check_elementwise(op, x=x)
-    keep_mask = shapes.check_keep_mask(op, keep_mask, x)
-    scale = shapes.check_number(op, "scale", scale, lo=0.0)
-    return _run(op, backend, "dropout", x, keep_mask)(x, keep_mask, scale)
-
-
-def batch_norm2d(
-    x: Array,
-    running_mean: Array | None,
-    running_var: Array | None,
-    weight: Array | None = None,
-    bias: Array | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    *,
-    backend: str = "auto",
-) -> tuple[Array, Array, Array]:
-    """Batch normalisation per channel (PyTorch's semantics).
-
-    In training the batch statistics (biased variance) normalise x and the running statistics,
-    if given, are updated IN PLACE with the unbiased variance: r = (1 - momentum) r + momentum
-    * batch. In evaluation the running statistics normalise x.
-
-    Returns ``(y, save_mean, save_invstd)``; the last two feed ``batch_norm2d_backward``.
-
-    Shape:
-        x (N, C, H, W), running_mean/running_var/weight/bias (C,) -> y (N, C, H, W),
-        save_mean (C,), save_invstd (C,).
-    """
-    op = "batch_norm2d"
-    x = shapes.check_batch_norm2d(op, x, training, running_mean, running_var)
-    vec = shapes.check_channel_vectors(
-        op, x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
-    momentum = shapes.check_number(op, "momentum", momentum, lo=0.0, hi=1.0)
-    eps = shapes.check_number(op, "eps", eps, lo=0.0, lo_open=True)
-    if training:
-        for name, given in (("running_mean", running_mean), ("running_var", running_var)):
-            if isinstance(given, np.ndarray) and vec[name] is not given:
-                # check_array had to copy it, so the in-place update would be lost
-                raise ValueError(
-                    f"{op}: {name} is updated in place and must be a C-contiguous, "
-                    f"native-byte-order array"
-                )
-    impl = _run(op, backend, "batch_norm2d", x, vec["weight"], vec["running_mean"])
-    return impl(
-        x,
-        vec["weight"],
-        vec["bias"],
-        vec["running_mean"],
-        vec["running_var"],
-        bool(training),
-        momentum,
-        eps,
-    )
-
-
-def batch_norm2d_backward(
-    grad_y: Array,
-    x: Array,
-    weight: Array | None,
-    save_mean: Array,
-    save_invstd: Array,
-    training: bool = True,
-    *,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-    backend: str = "auto",
-) -> tuple[Array | None, Array | None, Array | None]:
-    """Gradients of ``batch_norm2d``: (grad_x, grad_weight, grad_bias); None where masked.
-
-    ``training`` must match the forward call: in training the batch statistics depend on x,
-    which adds two terms to grad_x.
-
-    Shape: grad_y, x (N, C, H, W); weight/save_mean/save_invstd (C,) -> (N, C, H, W), (C,), (C,).
-    """
-    op = "batch_norm2d_backward"
-    x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
-    grad_y = shapes.check_grad(op, grad_y, shapes._shape_of(x), "batch_norm2d")
+    params = (stride, padding, output_padding, groups, dilation, algorithm)
+    (x, weight, _), a = ops.OPS["conv_transpose2d"].check(x, weight, None, *params, False)
+    grad_y = shapes.check_grad(op, grad_y, a.g.x_shape, "conv_transpose2d")
     shapes.check_same_dtype(op, grad_y=grad_y, x=x)
     shapes.check_same_place(op, grad_y=grad_y, x=x)
-    vec = shapes.check_channel_vectors(
-        op, x, weight=weight, save_mean=save_mean, save_invstd=save_invstd
+    a = a._replace(has_bias=True)
+    return _backward(
+        "conv_transpose2d",
+        backend,
+        _on_device(grad_y, x),
+        grad_y,
+        lambda m, be: ops.ConvTCtx(x, weight, a, be),
+        (True, True, True),
     )
-    if save_mean is None or save_invstd is None:
-        raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
-    mask = tuple(bool(m) for m in output_mask)
-    impl = _run(op, backend, "batch_norm2d_backward", grad_y, x)
-    return impl(
-        grad_y, x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training), mask
-    )
-
-
-def flatten(x: Array) -> Array:
-    """Keep the batch dimension, merge the rest (a view where possible).
-
-    Shape: x (N, d1, d2, ...) -> (N, d1*d2*...).
-    """
-    if not (isinstance(x, np.ndarray) or shapes.is_device_array(x)):
-        raise TypeError(
-            f"flatten: x must be a NumPy array or a CUDA device array; got {type(x).__name__}"
-        )
-    if len(x.shape) < 1:
-        raise ValueError(f"flatten: x must have a batch dimension; got x.shape={tuple(x.shape)}")
-    return x.reshape(int(x.shape[0]), math.prod(int(s) for s in x.shape[1:]))
-
-
-def _conv1d_args(op, x, weight, stride, padding, dilation):
-    x = shapes.check_array(op, "x", x, 3, "(N, C, L)")
-    weight = shapes.check_array(op, "weight", weight, 3, "(K, C/groups, KL)")
-    (s,) = _single(op, "stride", stride, 1)
-    (d,) = _single(op, "dilation", dilation, 1)
-    p = padding if isinstance(padding, str) else (0, _single(op, "padding", padding, 0)[0])
-    x4 = x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])
-    w4 = weight.reshape(weight.shape[0], weight.shape[1], 1, weight.shape[2])
-    return x4, w4, (1, s), p, (1, d)
-
-
-def _single(op: str, name: str, value: Any, minimum: int) -> tuple[int]:
-    return (shapes.single(op, name, value, minimum=minimum),)
 
 
 def conv1d(
-    x: Array,
-    weight: Array,
-    bias: Array | None = None,
+    x: Input,
+    weight: Input,
+    bias: Input | None = None,
     stride: int = 1,
     padding: int | str = 0,
     dilation: int = 1,
@@ -843,7 +301,7 @@ def conv1d(
     *,
     backend: str = "auto",
     algorithm: str = "auto",
-) -> Array:
+) -> Any:
     """1-D convolution, computed as ``conv2d`` on a height-1 image (same semantics as PyTorch).
 
     Shape:
@@ -894,6 +352,547 @@ def conv1d_backward(
     return gx, gw, gb
 
 
+def _conv1d_args(op, x, weight, stride, padding, dilation):
+    xa = x.data if isinstance(x, Tensor) else x
+    wa = weight.data if isinstance(weight, Tensor) else weight
+    shapes.check_array(op, "x", xa, 3, "(N, C, L)")
+    shapes.check_array(op, "weight", wa, 3, "(K, C/groups, KL)")
+    (s,) = _single(op, "stride", stride, 1)
+    (d,) = _single(op, "dilation", dilation, 1)
+    p = padding if isinstance(padding, str) else (0, _single(op, "padding", padding, 0)[0])
+    x4 = x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])
+    w4 = weight.reshape(weight.shape[0], weight.shape[1], 1, weight.shape[2])
+    return x4, w4, (1, s), p, (1, d)
+
+
+def _single(op: str, name: str, value: Any, minimum: int) -> tuple[int]:
+    return (shapes.single(op, name, value, minimum=minimum),)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def max_pool2d(
+    x: Input,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    backend: str = "auto",
+) -> Any:
+    """2-D max pooling; padding counts as -inf; NaN wins over every number (as in PyTorch).
+
+    Shape: x (N, C, H, W) -> y (N, C, OH, OW), OH = floor((H + 2*ph - KH) / sh) + 1
+    (ceil in ``ceil_mode``). stride defaults to kernel_size; padding <= kernel_size / 2.
+    """
+    return ops.apply("max_pool2d", (x,), (kernel_size, stride, padding, ceil_mode, True), backend)
+
+
+def _pool_backward(name, grad_y, x, kernel_size, stride, padding, ceil_mode, cip, backend):
+    op = name + "_backward"
+    (x,), a = ops.OPS[name].check(x, kernel_size, stride, padding, ceil_mode, cip, False)
+    grad_y = shapes.check_grad(op, grad_y, a.g.y_shape, name)
+    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
+    shapes.check_same_place(op, grad_y=grad_y, x=x)
+    ctx = ops.PoolCtx(x, a)
+    return _backward(name, backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, (True,))[0]
+
+
+def max_pool2d_backward(
+    grad_y: Array,
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    backend: str = "auto",
+) -> Array:
+    """Gradient of ``max_pool2d``: each window's gradient goes to its first maximum (row-major).
+
+    Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
+    """
+    return _pool_backward(
+        "max_pool2d", grad_y, x, kernel_size, stride, padding, ceil_mode, True, backend
+    )
+
+
+def avg_pool2d(
+    x: Input,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    backend: str = "auto",
+) -> Any:
+    """2-D average pooling with zero padding; the divisor follows PyTorch's ``count_include_pad``.
+
+    Shape: x (N, C, H, W) -> y (N, C, OH, OW), as ``max_pool2d``.
+    """
+    params = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return ops.apply("avg_pool2d", (x,), params, backend)
+
+
+def avg_pool2d_backward(
+    grad_y: Array,
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    backend: str = "auto",
+) -> Array:
+    """Gradient of ``avg_pool2d``: every input in a window receives grad_y / divisor.
+
+    Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
+    """
+    return _pool_backward(
+        "avg_pool2d",
+        grad_y,
+        x,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        backend,
+    )
+
+
+def adaptive_avg_pool2d(x: Input, output_size: Any, *, backend: str = "auto") -> Any:
+    """Average pooling to a fixed output size, PyTorch's windows: output row i averages input
+    rows floor(i*H/OH) to ceil((i+1)*H/OH) - 1 (likewise columns); windows may overlap.
+    ``output_size``: int, (OH, OW), or None in a place to keep that input size.
+
+    Shape: x (N, C, H, W) -> y (N, C, OH, OW).
+    """
+    return ops.apply("adaptive_avg_pool2d", (x,), (output_size,), backend)
+
+
+def adaptive_avg_pool2d_backward(
+    grad_y: Array, x: Array, output_size: Any, *, backend: str = "auto"
+) -> Array:
+    """Gradient of ``adaptive_avg_pool2d``: each window member gets grad / window size.
+
+    Shape: grad_y (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W).
+    """
+    op = "adaptive_avg_pool2d_backward"
+    (x,), a = ops.OPS["adaptive_avg_pool2d"].check(x, output_size, False)
+    xs = tuple(int(s) for s in x.shape)
+    grad_y = shapes.check_grad(op, grad_y, (*xs[:2], *a.output_size), "adaptive_avg_pool2d")
+    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
+    shapes.check_same_place(op, grad_y=grad_y, x=x)
+    return _backward(
+        "adaptive_avg_pool2d", backend, _on_device(grad_y, x), grad_y, lambda m, be: xs, (True,)
+    )[0]
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def relu(x: Input, *, backend: str = "auto") -> Any:
+    """max(x, 0), elementwise. Shape: any -> same."""
+    return ops.apply("relu", (x,), (), backend)
+
+
+def _unary_backward(name, grad_y, x, backend, ctx_of, xname="x"):
+    op = name + "_backward"
+    grad_y, x = shapes.check_elementwise(op, grad_y=grad_y, **{xname: x})
+    return _backward(name, backend, _on_device(grad_y, x), grad_y, ctx_of(x), (True,))[0]
+
+
+def relu_backward(grad_y: Array, x: Array, *, backend: str = "auto") -> Array:
+    """grad_y where x > 0, else 0 (0 at x == 0, as PyTorch). Shape: grad_y, x (same) -> grad_x."""
+    return _unary_backward("relu", grad_y, x, backend, lambda x: lambda m, be: x)
+
+
+def leaky_relu(x: Input, negative_slope: float = 0.01, *, backend: str = "auto") -> Any:
+    """x where x > 0, else negative_slope * x. Shape: any -> same."""
+    return ops.apply("leaky_relu", (x,), (negative_slope,), backend)
+
+
+def leaky_relu_backward(
+    grad_y: Array, x: Array, negative_slope: float = 0.01, *, backend: str = "auto"
+) -> Array:
+    """grad_y where x > 0, else negative_slope * grad_y. Shape: grad_y, x (same) -> grad_x."""
+    slope = shapes.check_number("leaky_relu_backward", "negative_slope", negative_slope)
+    return _unary_backward("leaky_relu", grad_y, x, backend, lambda x: lambda m, be: (x, slope))
+
+
+def elu(x: Input, alpha: float = 1.0, *, backend: str = "auto") -> Any:
+    """x where x > 0, else alpha * (exp(x) - 1). Shape: any -> same."""
+    return ops.apply("elu", (x,), (alpha,), backend)
+
+
+def elu_backward(grad_y: Array, x: Array, alpha: float = 1.0, *, backend: str = "auto") -> Array:
+    """grad_y where x > 0, else grad_y * alpha * exp(x). Shape: grad_y, x (same) -> grad_x."""
+    alpha = shapes.check_number("elu_backward", "alpha", alpha)
+    return _unary_backward("elu", grad_y, x, backend, lambda x: lambda m, be: (x, alpha))
+
+
+def sigmoid(x: Input, *, backend: str = "auto") -> Any:
+    """1 / (1 + exp(-x)), overflow-free for large |x|. Shape: any -> same."""
+    return ops.apply("sigmoid", (x,), (), backend)
+
+
+def sigmoid_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
+    """grad_y * y * (1 - y), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
+    return _unary_backward("sigmoid", grad_y, y, backend, lambda y: lambda m, be: y, "y")
+
+
+def tanh(x: Input, *, backend: str = "auto") -> Any:
+    """tanh(x), elementwise. Shape: any -> same."""
+    return ops.apply("tanh", (x,), (), backend)
+
+
+def tanh_backward(grad_y: Array, y: Array, *, backend: str = "auto") -> Array:
+    """grad_y * (1 - y^2), from the forward OUTPUT y. Shape: grad_y, y (same) -> grad_x."""
+    return _unary_backward("tanh", grad_y, y, backend, lambda y: lambda m, be: y, "y")
+
+
+def softmax(x: Input, dim: int, *, backend: str = "auto") -> Any:
+    """exp(x) / sum(exp(x)) along ``dim`` (max-shifted: no overflow). Shape: any -> same."""
+    return ops.apply("softmax", (x,), (dim,), backend)
+
+
+def softmax_backward(grad_y: Array, y: Array, dim: int, *, backend: str = "auto") -> Array:
+    """y * (grad_y - sum(grad_y * y, dim)), from the forward OUTPUT y."""
+    op = "softmax_backward"
+    d = shapes.check_dim(op, dim, len(shapes.check_float(op, "y", y).shape))
+    return _unary_backward("softmax", grad_y, y, backend, lambda y: lambda m, be: (y, d), "y")
+
+
+def log_softmax(x: Input, dim: int, *, backend: str = "auto") -> Any:
+    """x - logsumexp(x) along ``dim``. Shape: any -> same."""
+    return ops.apply("log_softmax", (x,), (dim,), backend)
+
+
+def log_softmax_backward(grad_y: Array, y: Array, dim: int, *, backend: str = "auto") -> Array:
+    """grad_y - exp(y) * sum(grad_y, dim), from the forward OUTPUT y."""
+    op = "log_softmax_backward"
+    d = shapes.check_dim(op, dim, len(shapes.check_float(op, "y", y).shape))
+    return _unary_backward("log_softmax", grad_y, y, backend, lambda y: lambda m, be: (y, d), "y")
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(x: Input, weight: Input, bias: Input | None = None, *, backend: str = "auto") -> Any:
+    """Affine map y = x @ weight.T + bias (PyTorch's layout).
+
+    Shape:
+        x (N, in_features), weight (out_features, in_features), bias (out_features,)
+        -> y (N, out_features).
+    """
+    return ops.apply("linear", (x, weight, bias), (), backend)
+
+
+def linear_relu(
+    x: Input, weight: Input, bias: Input | None = None, *, backend: str = "auto"
+) -> Any:
+    """relu(linear(...)) as one op: bias and ReLU in the GEMM's epilogue. Shape: as ``linear``."""
+    return ops.apply("linear_relu", (x, weight, bias), (), backend)
+
+
+def linear_backward(
+    grad_y: Array,
+    x: Array,
+    weight: Array,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    backend: str = "auto",
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients of ``linear``: (grad_x, grad_weight, grad_bias); None where output_mask is False.
+
+    Shape:
+        grad_y (N, out), x (N, in), weight (out, in) -> grad_x (N, in), grad_weight (out, in),
+        grad_bias (out,).
+    """
+    op = "linear_backward"
+    grad_y, x, weight = shapes.check_linear_grad(op, grad_y, x, weight)
+    mask = tuple(bool(m) for m in output_mask)
+    ctx = ops.LinearCtx(x, weight)
+    return _backward("linear", backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _loss(name: str, args: tuple, params: tuple, backend: str):
+    """Arrays: (loss as a Python float, gradient w.r.t. the first input), as the kernels give
+    them. Tensors: the loss as a 0-d Tensor of the input's dtype, recorded."""
+    if _has_tensor(*args):
+        return ops.apply(name, args, params, backend)
+    op = ops.OPS[name]
+    arrays, a = op.check(*args, *params, False)
+    be, a = ops.choose(op, arrays, a, backend, "auto")
+    m = ops.backend_module(name, be)
+    return getattr(m, name)(*arrays, *((a.label_smoothing,) if name == "cross_entropy" else ()))
+
+
+def cross_entropy(
+    logits: Input, labels: Input, *, label_smoothing: float = 0.0, backend: str = "auto"
+) -> Any:
+    """Mean softmax cross-entropy through a numerically stable log-softmax, with PyTorch's
+    ``label_smoothing`` (the target is (1 - eps) onehot + eps / classes).
+
+    Arrays in: ``(loss, grad_logits)``, loss a Python float and grad_logits
+    (softmax(z) - target) / N. Tensors in: the loss as a 0-d Tensor (``float(loss)``,
+    ``loss.backward()``).
+
+    Shape: logits (N, classes), labels (N,) integer class indices.
+    """
+    return _loss("cross_entropy", (logits, labels), (label_smoothing,), backend)
+
+
+def nll_loss(logp: Input, labels: Input, *, backend: str = "auto") -> Any:
+    """Mean negative log-likelihood -mean_n logp[n, labels[n]] (after ``log_softmax``).
+
+    Arrays in: ``(loss, grad_logp)``; Tensors in: a 0-d Tensor.
+    Shape: logp (N, classes), labels (N,) integer class indices.
+    """
+    return _loss("nll_loss", (logp, labels), (), backend)
+
+
+def mse_loss(pred: Input, target: Input, *, backend: str = "auto") -> Any:
+    """Mean squared error mean((pred - target)^2).
+
+    Arrays in: ``(loss, 2 (pred - target) / numel)``; Tensors in: a 0-d Tensor.
+    Shape: pred, target (any, same).
+    """
+    return _loss("mse_loss", (pred, target), (), backend)
+
+
+# --------------------------------------------------------------------------- dropout, batch norm
+
+
+def dropout(x: Input, keep_mask: Array, scale: float, *, backend: str = "auto") -> Any:
+    """Inverted dropout with a given mask: y = x * keep_mask * scale.
+
+    The backward pass is the same call on grad_y. Callers draw the mask (keep probability
+    1 - p) and pass scale = 1 / (1 - p), so the expected activation is unchanged.
+
+    Shape: x (any), keep_mask (x's shape; bool or x's dtype) -> y (x's shape).
+    """
+    return ops.apply("dropout", (x, keep_mask), (scale,), backend)
+
+
+def batch_norm2d(
+    x: Input,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Input | None = None,
+    bias: Input | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Any:
+    """Batch normalisation per channel (PyTorch's semantics).
+
+    In training the batch statistics (biased variance) normalise x and the running statistics,
+    if given, are updated IN PLACE with the unbiased variance: r = (1 - momentum) r + momentum
+    * batch. In evaluation the running statistics normalise x.
+
+    Arrays in: ``(y, save_mean, save_invstd)`` (the last two feed ``batch_norm2d_backward``).
+    Tensors in: y as a Tensor, recorded (its backward uses the batch statistics).
+
+    Shape:
+        x (N, C, H, W), running_mean/running_var/weight/bias (C,) -> y (N, C, H, W),
+        save_mean (C,), save_invstd (C,).
+    """
+    params = (running_mean, running_var, training, momentum, eps)
+    if _has_tensor(x, weight, bias):
+        return ops.apply("batch_norm2d", (x, weight, bias), params, backend)
+    op = ops.OPS["batch_norm2d"]
+    arrays, a = op.check(x, weight, bias, *params, False)
+    be, a = ops.choose(op, arrays, a, backend, "auto")
+    return ops.batch_norm_forward(ops.backend_module(op.name, be), *arrays, a)[0]
+
+
+def batch_norm2d_backward(
+    grad_y: Array,
+    x: Array,
+    weight: Array | None,
+    save_mean: Array,
+    save_invstd: Array,
+    training: bool = True,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    backend: str = "auto",
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients of ``batch_norm2d``: (grad_x, grad_weight, grad_bias); None where masked.
+
+    ``training`` must match the forward call: in training the batch statistics depend on x,
+    which adds two terms to grad_x.
+
+    Shape: grad_y, x (N, C, H, W); weight/save_mean/save_invstd (C,) -> (N, C, H, W), (C,), (C,).
+    """
+    op = "batch_norm2d_backward"
+    x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
+    grad_y = shapes.check_grad(op, grad_y, shapes._shape_of(x), "batch_norm2d")
+    shapes.check_same_dtype(op, grad_y=grad_y, x=x)
+    shapes.check_same_place(op, grad_y=grad_y, x=x)
+    vec = shapes.check_channel_vectors(
+        op, x, weight=weight, save_mean=save_mean, save_invstd=save_invstd
+    )
+    if save_mean is None or save_invstd is None:
+        raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
+    mask = tuple(bool(m) for m in output_mask)
+    ctx = ops.BNCtx(x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training))
+    return _backward("batch_norm2d", backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask)
+
+
+def batch_norm1d(
+    x: Input,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Input | None = None,
+    bias: Input | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Any:
+    """Batch normalisation of (N, C) or (N, C, L) inputs per channel (``F.batch_norm`` on 2-D
+    and 3-D inputs): ``batch_norm2d`` on the (N, C, 1, L) view, so the same kernels run.
+
+    Returns as ``batch_norm2d`` (arrays: (y, save_mean, save_invstd); Tensors: y).
+    Shape: x (N, C) or (N, C, L) -> same.
+    """
+    op = "batch_norm1d"
+    xa = x.data if isinstance(x, Tensor) else x
+    shape = tuple(int(s) for s in shapes.check_float(op, "x", xa).shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{op}: x must be 2-D (N, C) or 3-D (N, C, L); got x.shape={shape}")
+    x4 = x.reshape(shape[0], shape[1], 1, shape[2] if len(shape) == 3 else 1)
+    out = batch_norm2d(
+        x4, running_mean, running_var, weight, bias, training, momentum, eps, backend=backend
+    )
+    if isinstance(out, tuple):
+        return (out[0].reshape(shape), *out[1:])
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- tensor ops
+
+
+def add(a: Input, b: Input, *, backend: str = "auto") -> Any:
+    """a + b with NumPy broadcasting. Shape: broadcast(a, b)."""
+    return ops.apply("add", (a, b), (), backend)
+
+
+def sub(a: Input, b: Input, *, backend: str = "auto") -> Any:
+    """a - b with NumPy broadcasting."""
+    return ops.apply("sub", (a, b), (), backend)
+
+
+def mul(a: Input, b: Input, *, backend: str = "auto") -> Any:
+    """a * b with NumPy broadcasting."""
+    return ops.apply("mul", (a, b), (), backend)
+
+
+def div(a: Input, b: Input, *, backend: str = "auto") -> Any:
+    """a / b with NumPy broadcasting."""
+    return ops.apply("div", (a, b), (), backend)
+
+
+def matmul(a: Input, b: Input, *, backend: str = "auto") -> Any:
+    """Matrix product of 2-D operands. Shape: (n, k) @ (k, m) -> (n, m)."""
+    return ops.apply("matmul", (a, b), (), backend)
+
+
+def sum(x: Input, axis: Any = None, keepdims: bool = False, *, backend: str = "auto") -> Any:  # noqa: A001
+    """Sum over ``axis`` (None: every axis)."""
+    return ops.apply("sum", (x,), (axis, keepdims), backend)
+
+
+def mean(x: Input, axis: Any = None, keepdims: bool = False, *, backend: str = "auto") -> Any:
+    """Mean over ``axis`` (None: every axis)."""
+    return ops.apply("mean", (x,), (axis, keepdims), backend)
+
+
+def reshape(x: Input, shape: Any) -> Any:
+    """The same elements in a new shape (one -1 allowed); a view where possible."""
+    return ops.apply("reshape", (x,), (shape,))
+
+
+def transpose(x: Input) -> Any:
+    """The transpose of a 2-D input (a contiguous copy)."""
+    return ops.apply("transpose", (x,), ())
+
+
+def getitem(x: Input, index: Any) -> Any:
+    """Basic indexing (ints, slices, ..., None), e.g. channel slicing ``x[:, 2:5]``; the
+    gradient goes back to the selected elements."""
+    return ops.apply("getitem", (x,), (index,))
+
+
+def to(x: Input, target: Any) -> Any:
+    """x on "cpu" | "cuda" or cast to float32 | float64 (the gradient moves back)."""
+    if isinstance(target, str):
+        device, dtype = target, None
+    else:
+        device, dtype = None, target
+    xa = x.data if isinstance(x, Tensor) else x
+    same_place = device is None or (device == "cuda") == _on_device(xa)
+    if same_place and (dtype is None or np.dtype(dtype) == np.dtype(xa.dtype)):
+        return x
+    return ops.apply("to", (x,), (device, dtype))
+
+
+def cat(tensors: Any, dim: int = 0, *, backend: str = "auto") -> Any:
+    """Concatenate along ``dim`` (e.g. an Inception block's branches on channels, dim=1).
+
+    Shape: equal except along ``dim`` -> the sizes along ``dim`` added.
+    """
+    tensors = tuple(tensors)
+    return ops.apply("cat", tensors, (dim,), backend)
+
+
+def flatten(x: Input, start_dim: int = 1, end_dim: int = -1) -> Any:
+    """Merge axes start_dim..end_dim into one (a view where possible). The default keeps the
+    batch axis, as ``nn.Flatten``; ``Tensor.flatten`` starts at 0, as PyTorch's.
+
+    Shape: x (N, d1, d2, ...) -> (N, d1*d2*...) by default.
+    """
+    xa = x.data if isinstance(x, Tensor) else x
+    if not (isinstance(xa, np.ndarray) or shapes.is_device_array(xa)):
+        raise TypeError(
+            f"flatten: x must be a NumPy array, a CUDA device array or a Tensor; "
+            f"got {type(x).__name__}"
+        )
+    shape = tuple(int(s) for s in xa.shape)
+    if len(shape) < 1:
+        raise ValueError(f"flatten: x must have at least one axis; got x.shape={shape}")
+    s = shapes.check_dim("flatten", start_dim, len(shape))
+    e = shapes.check_dim("flatten", end_dim, len(shape))
+    if s > e:
+        raise ValueError(f"flatten: start_dim={start_dim} comes after end_dim={end_dim}")
+    new = shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :]
+    if isinstance(x, Tensor):
+        return reshape(x, new)
+    return xa.reshape(new)
+
+
+# --------------------------------------------------------------------------- optimizer updates
+# In place on the parameters and their state; never recorded (they run under no_grad).
+
+
+def _run(op: str, backend: str, fn: str, *arrays: Any):
+    """The callable implementing ``fn`` for these arrays: the backend module's op (the oracle
+    through its in-place adapter in ``ops.UPDATES``)."""
+    be = dispatch.choose(op, None, backend, "auto", _on_device(*arrays)).backend
+    return ops.update_kernel(fn, be)
+
+
 def _sgd_numbers(op, lr, momentum, dampening, weight_decay, nesterov):
     """SGD's hyperparameters checked: (lr, momentum, dampening, weight_decay) as floats."""
     lr = shapes.check_number(op, "lr", lr, lo=0.0)
@@ -937,14 +936,7 @@ def sgd_update(
         raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer (buf is None)")
     grad = shapes.check_update(op, p, grad, buf=buf if momentum != 0 else None)
     impl = _run(op, backend, "sgd_update", p, grad)
-    args = (lr, momentum, dampening, weight_decay, bool(nesterov), bool(first))
-    if impl is reference.sgd_update:
-        new_p, new_buf = impl(p, grad, p if buf is None else buf, *args)
-        p[...] = new_p
-        if momentum != 0:
-            buf[...] = new_buf
-        return None
-    impl(p, grad, buf, *args)
+    impl(p, grad, buf, lr, momentum, dampening, weight_decay, bool(nesterov), bool(first))
     return None
 
 
@@ -985,7 +977,7 @@ def sgd_update_many(
         return None
     used = bufs if momentum != 0 else [None] * n
     be = dispatch.choose(op, None, backend, "auto", _on_device(*params, *grads)).backend
-    impl = None if be == "reference" else getattr(dispatch.backend_ops(op, be), op, None)
+    impl = ops.update_kernel(op, be)
     if impl is None:  # the oracle, or a backend without the fused loop: one call per triple
         for p, g, b, f in zip(params, grads, used, firsts, strict=True):
             sgd_update(p, g, b, lr, momentum, dampening, weight_decay, nesterov, f, backend=be)
@@ -1029,11 +1021,7 @@ def adam_update(
         raise ValueError(f"{op}: the moment buffers m and v are required")
     grad = shapes.check_update(op, p, grad, m=m, v=v)
     impl = _run(op, backend, "adam_update", p, grad)
-    args = (lr, beta1, beta2, eps, weight_decay, step)
-    if impl is reference.adam_update:
-        p[...], m[...], v[...] = impl(p, grad, m, v, *args)
-        return None
-    impl(p, grad, m, v, *args)
+    impl(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
     return None
 
 
@@ -1079,16 +1067,7 @@ def rmsprop_update(
     buf = buf if momentum > 0 else None
     grad = shapes.check_update(op, p, grad, square_avg=square_avg, grad_avg=grad_avg, buf=buf)
     impl = _run(op, backend, "rmsprop_update", p, grad)
-    args = (lr, alpha, eps, weight_decay, momentum, centered)
-    if impl is reference.rmsprop_update:
-        new_p, new_s, new_ga, new_buf = impl(p, grad, square_avg, grad_avg, buf, *args)
-        p[...], square_avg[...] = new_p, new_s
-        if centered:
-            grad_avg[...] = new_ga
-        if momentum > 0:
-            buf[...] = new_buf
-        return None
-    impl(p, grad, square_avg, grad_avg, buf, *args)
+    impl(p, grad, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered)
     return None
 
 
@@ -1122,9 +1101,5 @@ def adagrad_update(
         raise ValueError(f"{op}: the accumulator state_sum is required")
     grad = shapes.check_update(op, p, grad, state_sum=state_sum)
     impl = _run(op, backend, "adagrad_update", p, grad)
-    args = (lr, lr_decay, weight_decay, eps, step)
-    if impl is reference.adagrad_update:
-        p[...], state_sum[...] = impl(p, grad, state_sum, *args)
-        return None
-    impl(p, grad, state_sum, *args)
+    impl(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step)
     return None

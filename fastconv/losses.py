@@ -1,11 +1,12 @@
-"""Loss functions: call to get the loss (a Python float), then ``backward()`` for its gradient.
+"""Loss modules: ``loss = loss_fn(logits, labels)`` is a 0-d Tensor; ``loss.backward()``.
 
     loss_fn = fc.CrossEntropyLoss()
-    loss = loss_fn(logits, labels)     # float, mean over the batch
-    grad_logits = loss_fn.backward()   # feed to model.backward
+    loss = loss_fn(model(x), labels)   # float(loss): the mean over the batch
+    loss.backward()                    # gradients into every parameter's .grad
 
-The math is one call into ``fastconv.functional`` (which returns the loss and the gradient
-together, so backward costs nothing extra).
+The math is one op of ``fastconv.functional``, whose kernel returns the loss and its gradient
+together (so backward costs nothing extra). Targets and labels may be NumPy arrays; they are
+moved to the GPU when the predictions live there.
 """
 
 from __future__ import annotations
@@ -14,57 +15,68 @@ from typing import Any
 
 import numpy as np
 
-from . import _device
+from . import _device, shapes
 from . import functional as F
-
-Array = Any
-
-
-class _Loss:
-    def __init__(self) -> None:
-        self._grad: Array | None = None
-
-    def backward(self) -> Array:
-        """Gradient of the last loss computed with respect to its first argument."""
-        if self._grad is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward called before the loss was computed"
-            )
-        return self._grad
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+from .nn import Module
+from .tensor import Tensor
 
 
-class CrossEntropyLoss(_Loss):
-    """Softmax cross-entropy with mean reduction (``torch.nn.CrossEntropyLoss()``).
+def _beside(pred: Any, target: Any, dtype: Any = None) -> Any:
+    """``target`` where ``pred`` lives (labels as int64)."""
+    if isinstance(target, Tensor):
+        return target
+    data = pred.data if isinstance(pred, Tensor) else pred
+    if _device.is_device(data) and isinstance(target, np.ndarray):
+        target = np.ascontiguousarray(target, dtype=dtype or target.dtype)
+        return _device.to_device(target)
+    return target
 
-    Shape: logits (N, classes) float, labels (N,) integer class indices -> float;
-    ``backward()`` -> grad_logits (N, classes).
+
+def _as_tensor(x: Any) -> Any:
+    return x if isinstance(x, Tensor) else Tensor._make(x, None)
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy with mean reduction (``torch.nn.CrossEntropyLoss``), with
+    PyTorch's ``label_smoothing``.
+
+    Shape: logits (N, classes) float, labels (N,) integer class indices -> 0-d Tensor.
     """
 
-    def __call__(self, logits: Array, labels: Array) -> float:
-        if _device.is_device(logits) and isinstance(labels, np.ndarray):
-            labels = _device.to_device(np.ascontiguousarray(labels, dtype=np.int64))
-        loss, self._grad = F.cross_entropy(logits, labels)
-        return loss
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = shapes.check_number(
+            "CrossEntropyLoss", "label_smoothing", label_smoothing, lo=0.0, hi=1.0
+        )
 
-    forward = __call__
+    def forward(self, logits: Any, labels: Any) -> Tensor:
+        labels = _beside(logits, labels, np.int64)
+        return F.cross_entropy(
+            _as_tensor(logits), labels, label_smoothing=self.label_smoothing
+        )
+
+    def extra_repr(self) -> str:
+        return "" if self.label_smoothing == 0 else f"label_smoothing={self.label_smoothing}"
 
 
-class MSELoss(_Loss):
+class NLLLoss(Module):
+    """Negative log-likelihood with mean reduction (``torch.nn.NLLLoss``), after LogSoftmax.
+
+    Shape: logp (N, classes), labels (N,) -> 0-d Tensor.
+    """
+
+    def forward(self, logp: Any, labels: Any) -> Tensor:
+        return F.nll_loss(_as_tensor(logp), _beside(logp, labels, np.int64))
+
+
+class MSELoss(Module):
     """Mean squared error (``torch.nn.MSELoss()``).
 
-    Shape: pred, target (same shape) -> float; ``backward()`` -> grad_pred (pred's shape).
+    Shape: pred, target (same shape) -> 0-d Tensor.
     """
 
-    def __call__(self, pred: Array, target: Array) -> float:
-        if _device.is_device(pred) and isinstance(target, np.ndarray):
-            target = _device.to_device(target)
-        loss, self._grad = F.mse_loss(pred, target)
-        return loss
-
-    forward = __call__
+    def forward(self, pred: Any, target: Any) -> Tensor:
+        return F.mse_loss(_as_tensor(pred), _beside(pred, target))
 
 
-__all__ = ["CrossEntropyLoss", "MSELoss"]
+__all__ = ["CrossEntropyLoss", "MSELoss", "NLLLoss"]

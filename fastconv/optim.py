@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _device, shapes
 from . import functional as F
-from .layers import Parameter
+from .nn import Parameter
+from .tensor import Tensor
 
 
 class Optimizer:
@@ -33,9 +34,9 @@ class Optimizer:
         if not self.params:
             raise ValueError(f"{name}: got an empty parameter list")
         for i, p in enumerate(self.params):
-            if not isinstance(p, Parameter):
+            if not isinstance(p, Tensor):
                 raise TypeError(
-                    f"{name}: params[{i}] is not a fastconv Parameter; "
+                    f"{name}: params[{i}] is not a fastconv Parameter or Tensor; "
                     f"got {type(p).__name__} (pass model.parameters())"
                 )
         self.lr = shapes.check_number(name, "lr", lr, lo=0.0)

@@ -667,3 +667,156 @@ def single(op: str, name: str, value: Any, *, minimum: int) -> int:
     if not _is_int(value):
         raise TypeError(f"{op}: {name} must be an int or a 1-tuple of ints; got {value!r}")
     return pair(op, name, value, minimum=minimum)[0]
+
+
+# --------------------------------------------------------------------------- tensor ops
+
+
+def check_any_array(op: str, name: str, a: Any) -> Any:
+    """A host or device array of any dtype and rank (views: reshape, indexing, moves)."""
+    if not (isinstance(a, np.ndarray) or is_device_array(a)):
+        raise TypeError(
+            f"{op}: {name} must be a NumPy array, a CUDA device array or a Tensor; "
+            f"got {type(a).__name__}"
+        )
+    return a
+
+
+def check_dim(op: str, dim: Any, ndim: int) -> int:
+    """One axis, negative counting from the end, as PyTorch's ``dim``."""
+    if not _is_int(dim):
+        raise TypeError(f"{op}: dim must be an int; got {dim!r}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{op}: dim={dim} is out of range for a {ndim}-D input")
+    return int(dim) % ndim
+
+
+def check_axes(op: str, axis: Any, ndim: int) -> tuple[int, ...]:
+    """None (every axis), an int or a tuple of ints, normalised, sorted, no repeats."""
+    if axis is None:
+        return tuple(range(ndim))
+    items = axis if isinstance(axis, (tuple, list)) else (axis,)
+    axes = tuple(sorted(check_dim(op, a, max(ndim, 1)) for a in items))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{op}: axis {axis!r} repeats an axis")
+    return axes
+
+
+def _broadcast(op: str, a: tuple, b: tuple) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in np.broadcast_shapes(a, b))
+    except ValueError:
+        raise ValueError(
+            f"{op}: shapes {a} and {b} do not broadcast (sizes must match or be 1, "
+            "aligned from the last axis)"
+        ) from None
+
+
+def check_binary(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+    """Two float operands of one dtype and placement whose shapes broadcast. A Python number
+    becomes a 0-d array of the other operand's dtype, where it is."""
+    a_num = isinstance(a, (int, float, np.number)) and not isinstance(a, (bool, np.bool_))
+    b_num = isinstance(b, (int, float, np.number)) and not isinstance(b, (bool, np.bool_))
+    if a_num and b_num:
+        raise TypeError(f"{op}: at least one operand must be an array or a Tensor")
+    if b_num:
+        b = _number_like(b, check_float(op, "a", a))
+    elif a_num:
+        a = _number_like(a, check_float(op, "b", b))
+    a, b = check_float(op, "a", a), check_float(op, "b", b)
+    check_same_dtype(op, a=a, b=b)
+    check_same_place(op, a=a, b=b)
+    _broadcast(op, _shape_of(a), _shape_of(b))
+    return a, b
+
+
+def _number_like(v: Any, like: Any) -> Any:
+    out = np.full((1,) if is_device_array(like) else (), v, dtype=dtype_of(like))
+    if is_device_array(like):
+        from numba import cuda
+
+        return cuda.to_device(out)
+    return out
+
+
+def check_matmul(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+    a = check_array(op, "a", a, 2, "(n, k)")
+    b = check_array(op, "b", b, 2, "(k, m)")
+    check_same_dtype(op, a=a, b=b)
+    check_same_place(op, a=a, b=b)
+    if _shape_of(a)[1] != _shape_of(b)[0]:
+        raise ValueError(
+            f"{op}: inner sizes differ: a.shape={_shape_of(a)}, b.shape={_shape_of(b)}"
+        )
+    return a, b
+
+
+def check_reshape(op: str, shape: tuple[int, ...], new: Any) -> tuple[int, ...]:
+    """``new`` with at most one -1 resolved; the element counts must agree."""
+    if _is_int(new):
+        new = (new,)
+    if not isinstance(new, (tuple, list)) or not all(_is_int(s) for s in new):
+        raise TypeError(f"{op}: shape must be a tuple of ints; got {new!r}")
+    new = [int(s) for s in new]
+    size = int(np.prod(shape, dtype=np.int64))
+    if new.count(-1) > 1 or any(s < -1 for s in new):
+        raise ValueError(f"{op}: shape {tuple(new)} may hold at most one -1 and no other negative")
+    if -1 in new:
+        rest = int(np.prod([s for s in new if s != -1], dtype=np.int64))
+        if rest == 0 or size % rest:
+            raise ValueError(f"{op}: cannot reshape {shape} ({size} elements) to {tuple(new)}")
+        new[new.index(-1)] = size // rest
+    if int(np.prod(new, dtype=np.int64)) != size:
+        raise ValueError(f"{op}: cannot reshape {shape} ({size} elements) to {tuple(new)}")
+    return tuple(new)
+
+
+def check_basic_index(op: str, index: Any, shape: tuple[int, ...]) -> Any:
+    """Basic indexing only (ints, slices, Ellipsis, None): results are views whose gradient
+    scatters back. Integer indices must be in range (a device array would not check)."""
+    items = index if isinstance(index, tuple) else (index,)
+    axis = 0
+    for it in items:
+        if it is None or it is Ellipsis:
+            if it is Ellipsis:
+                axis = len(shape) - sum(1 for j in items if j is not None and j is not Ellipsis)
+            continue
+        if isinstance(it, slice):
+            for part in (it.start, it.stop, it.step):
+                if part is not None and not _is_int(part):
+                    raise TypeError(f"{op}: slice bounds must be ints; got {it!r}")
+            if it.step is not None and it.step <= 0:
+                raise ValueError(f"{op}: slice steps must be positive; got {it!r}")
+        elif _is_int(it):
+            if axis >= len(shape) or not -shape[axis] <= it < shape[axis]:
+                size = shape[axis] if axis < len(shape) else 0
+                raise IndexError(f"{op}: index {it} is out of range for an axis of size {size}")
+        else:
+            raise TypeError(
+                f"{op}: only basic indexing (ints, slices, ..., None) is supported; "
+                f"got {type(it).__name__}"
+            )
+        axis += 1
+    if axis > len(shape):
+        raise IndexError(f"{op}: too many indices for a {len(shape)}-D input")
+    return index
+
+
+def check_cat(op: str, arrays: Any, dim: Any) -> tuple[list, int]:
+    """One or more float arrays of one dtype and placement, equal except along ``dim``."""
+    arrays = list(arrays)
+    if not arrays:
+        raise ValueError(f"{op}: needs at least one input")
+    arrays = [check_float(op, f"tensors[{i}]", a) for i, a in enumerate(arrays)]
+    check_same_dtype(op, **{f"tensors[{i}]": a for i, a in enumerate(arrays)})
+    check_same_place(op, **{f"tensors[{i}]": a for i, a in enumerate(arrays)})
+    first = _shape_of(arrays[0])
+    d = check_dim(op, dim, len(first))
+    for i, a in enumerate(arrays[1:], 1):
+        s = _shape_of(a)
+        if len(s) != len(first) or s[:d] + s[d + 1 :] != first[:d] + first[d + 1 :]:
+            raise ValueError(
+                f"{op}: tensors must have the same shape except along dim {d}; got "
+                f"tensors[0].shape={first}, tensors[{i}].shape={s}"
+            )
+    return arrays, d

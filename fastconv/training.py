@@ -26,7 +26,8 @@ import numpy as np
 
 from . import _device
 from . import init as _init
-from .layers import Layer
+from .nn import Module as Layer
+from .tensor import no_grad
 from .losses import CrossEntropyLoss
 from .optim import Optimizer
 
@@ -121,9 +122,10 @@ def evaluate(
             xb = x[i : i + batch_size]
             xb = normalize(xb, mean, std, dtype) if xb.dtype == np.uint8 else xb.astype(dtype)
             yb = np.ascontiguousarray(y[i : i + batch_size], dtype=np.int64)
-            logits = model(_place(model, xb))
-            total_loss += loss_fn(logits, yb) * len(yb)
-            correct += int((_device.to_host(logits).argmax(axis=1) == yb).sum())
+            with no_grad():
+                logits = model(_place(model, xb))
+                total_loss += float(loss_fn(logits, yb)) * len(yb)
+            correct += int((logits.numpy().argmax(axis=1) == yb).sum())
     finally:
         model.train(was_training)
     return total_loss / len(x), correct / len(x)
@@ -348,11 +350,11 @@ def fit(
             logits = model(_place(model, xb))
             loss = loss_fn(logits, yb)
             optimizer.zero_grad()
-            model.backward_params(loss_fn.backward())
+            loss.backward()
             optimizer.step()
             seen += len(idx)
-            loss_sum += loss * len(idx)
-            correct += int((_device.to_host(logits).argmax(axis=1) == yb).sum())
+            loss_sum += float(loss) * len(idx)
+            correct += int((logits.numpy().argmax(axis=1) == yb).sum())
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
