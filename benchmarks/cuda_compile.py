@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = Path(__file__).parent / "results" / "cuda_signatures.json"
-MODULES = ("direct", "elementwise", "gemm", "im2col", "pool")
+MODULES = ("direct", "elementwise", "extra", "gemm", "im2col", "pool")
 
 # Hopper/Ampere per-block and per-SM limits (CUDA programming guide, compute capability 8.0-9.0).
 STATIC_SMEM_LIMIT = 48 * 1024  # bytes of static __shared__ per block

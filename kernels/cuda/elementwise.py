@@ -187,10 +187,12 @@ def sum_splits(part, out):
 
 
 @cuda.jit(cache=True)
-def cross_entropy_rows(z, labels, grad, losses, inv_n):
-    """One thread per row n: losses[n] = logsumexp(z[n]) - z[n, label] and
-    grad[n] = (softmax(z[n]) - onehot(label)) * inv_n, computed in float64.
-    A label outside [0, L) gives a NaN loss and a NaN gradient row (no out-of-range read)."""
+def cross_entropy_rows(z, labels, grad, losses, inv_n, eps):
+    """One thread per row n, in float64, with PyTorch's label smoothing eps:
+    losses[n] = (1 - eps) (lse - z[n, label]) + eps mean_j(lse - z[n, j]), lse the
+    logsumexp of z[n], and grad[n] = (softmax(z[n]) - (1 - eps) onehot(label) - eps / L) * inv_n
+    (eps = 0: the plain loss, bit for bit). A label outside [0, L) gives a NaN loss and a NaN
+    gradient row (no out-of-range read)."""
     N, L = z.shape
     n = cuda.grid(1)
     if n < N:
@@ -206,14 +208,22 @@ def cross_entropy_rows(z, labels, grad, losses, inv_n):
             if v > m:
                 m = v
         s = 0.0
+        zsum = 0.0
         for j in range(L):
-            s += math.exp(float(z[n, j]) - m)
+            v = float(z[n, j])
+            s += math.exp(v - m)
+            zsum += v
         lse = m + math.log(s)
-        losses[n] = lse - float(z[n, lab])
+        if eps != 0.0:  # skipped at 0, where eps * zsum would turn an infinite logit into NaN
+            losses[n] = (1.0 - eps) * (lse - float(z[n, lab])) + eps * (lse - zsum / L)
+        else:
+            losses[n] = lse - float(z[n, lab])
         for j in range(L):
             p = math.exp(float(z[n, j]) - lse)
+            if eps != 0.0:
+                p -= eps / L
             if j == lab:
-                p -= 1.0
+                p -= 1.0 - eps
             grad[n, j] = p * inv_n
 
 

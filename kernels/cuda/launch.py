@@ -251,3 +251,24 @@ def gemm_plan(M: int, Nn: int, Kd: int, batch: int, allow_split: bool = True) ->
     ksplit = ceil_div(ceil_div(Kd, S), BK) * BK
     S = ceil_div(Kd, ksplit)
     return GemmPlan(config, tiles * S, threads, S, ksplit)
+
+
+# --------------------------------------------------------------------------- strided views and sums
+# (extra.py) Broadcast, reduction and scatter kernels decode a flat index into at most MAX_DIMS
+# coordinates from a small int64 "meta" array of shapes and element strides (rows MAX_DIMS
+# long, shapes left-padded with 1). A sum over R terms per output runs serially in one thread
+# when R <= REDUCE_SERIAL_MAX or when there are at least REDUCE_SERIAL_OUTPUTS outputs (enough
+# threads already); otherwise one block of REDUCE_THREADS per output. The choice depends on
+# the shapes alone, so a given call always adds in the same order.
+
+MAX_DIMS = 6  # axes a broadcast / strided kernel decodes; meta rows are this long
+REDUCE_SERIAL_MAX = 4 if _SMALL else 64  # terms one thread sums alone, however few outputs
+REDUCE_SERIAL_OUTPUTS = 64 if _SMALL else 32768  # outputs that keep the GPU busy one thread each
+
+
+def reduce_grid(n_out: int, n_red: int) -> tuple[bool, int, int]:
+    """(one block per output?, blocks, threads) for a sum of ``n_red`` terms into each of
+    ``n_out`` outputs (extra.sum_blocks when True, else extra.sum_serial)."""
+    if n_red > REDUCE_SERIAL_MAX and n_out < REDUCE_SERIAL_OUTPUTS:
+        return True, max(1, n_out), REDUCE_THREADS
+    return (False, *grid_1d(n_out))

@@ -33,11 +33,16 @@ ALGORITHMS = ("im2col", "direct")
 __all__ = [
     "adagrad_update",
     "adam_update",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
     "batch_norm2d",
     "batch_norm2d_backward",
     "bias_relu",
+    "binary",
+    "cat",
+    "contiguous",
     "conv2d",
     "conv2d_backward",
     "conv2d_bias_relu",
@@ -46,19 +51,32 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_device",
     "dropout",
+    "elu",
+    "elu_backward",
+    "index_backward",
     "leaky_relu",
     "leaky_relu_backward",
     "linear",
     "linear_backward",
+    "log_softmax",
+    "log_softmax_backward",
+    "matmul",
     "max_pool2d",
     "max_pool2d_backward",
     "mse_loss",
+    "nll_loss",
     "relu",
     "relu_backward",
     "rmsprop_update",
+    "scale",
     "sgd_update",
     "sigmoid",
     "sigmoid_backward",
+    "softmax",
+    "softmax_backward",
+    "split",
+    "sum_axes",
+    "sum_to",
     "tanh",
     "tanh_backward",
 ]
@@ -613,27 +631,32 @@ def linear_backward(gy, x, w, mask):
 # --------------------------------------------------------------------------- losses
 
 
-def cross_entropy_device(logits, labels):
+def cross_entropy_device(logits, labels, label_smoothing=0.0):
     """Mean softmax cross-entropy with the loss left on the GPU: (loss (1,) float64 device
-    array, grad_logits). No host round trip at all."""
+    array, grad_logits). No host round trip at all.
+
+    With label smoothing eps (PyTorch's): loss_n = (1 - eps) (-log p[label]) + eps
+    mean_j(-log p_j) and grad = (softmax - (1 - eps) onehot - eps / L) / N."""
     _, (z, lab) = _inputs(logits, labels)
     N, Lc = (int(s) for s in z.shape)
     grad = _empty((N, Lc), z.dtype)
     losses = _empty((N,), np.float64)
-    L.launch(ew.cross_entropy_rows, *L.grid_1d(N), z, lab, grad, losses, 1.0 / N)
+    eps = float(label_smoothing)
+    L.launch(ew.cross_entropy_rows, *L.grid_1d(N), z, lab, grad, losses, 1.0 / N, eps)
     loss = _empty((1,), np.float64)
     _sum_channels(losses.reshape(N, 1, 1), loss, 1.0 / N)
     return loss, grad
 
 
-def cross_entropy(logits, labels):
-    """Mean softmax cross-entropy: (loss as a Python float, grad_logits).
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    """Mean softmax cross-entropy: (loss as a Python float, grad_logits), with PyTorch's
+    label smoothing (see ``cross_entropy_device``).
 
     The loss float is the one device-to-host copy (8 bytes); see ``cross_entropy_device``.
     Shape: logits (N, L), labels (N,) ints in [0, L) -> (float, (N, L)).
     """
     host = isinstance(logits, np.ndarray)
-    loss, grad = cross_entropy_device(logits, labels)
+    loss, grad = cross_entropy_device(logits, labels, label_smoothing)
     return float(loss.copy_to_host()[0]), _out(host, grad)
 
 
@@ -888,3 +911,26 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32,)) -> float:
         adagrad_update(p, gr, v, 1e-2, 0.0, 0.0, 1e-10, 1)
     cuda.synchronize()
     return time.perf_counter() - t0
+
+
+# last: extra_ops builds on the helpers above
+from .extra_ops import (  # noqa: E402
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_backward,
+    binary,
+    cat,
+    contiguous,
+    elu,
+    elu_backward,
+    index_backward,
+    log_softmax,
+    log_softmax_backward,
+    matmul,
+    nll_loss,
+    scale,
+    softmax,
+    softmax_backward,
+    split,
+    sum_axes,
+    sum_to,
+)
