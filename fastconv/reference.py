@@ -220,19 +220,25 @@ def linear_backward(grad_y, x, weight):
     return (gy @ w64).astype(x.dtype), (gy.T @ x64).astype(x.dtype), gy.sum(0).astype(x.dtype)
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing=0.0):
     """Mean softmax cross-entropy and its gradient: (loss as float, grad_logits).
 
-    loss = mean_n( logsumexp(z_n) - z_n[label_n] ); grad = (softmax(z) - onehot(label)) / N.
-    Shape: logits (N, classes), labels (N,) integers in [0, classes).
+    With eps = label_smoothing the target is (1 - eps) onehot(label) + eps / L (PyTorch's rule):
+    loss_n = (1 - eps) (-log p[n, label_n]) + eps mean_j(-log p[n, j]), log p = z - logsumexp(z);
+    grad = (softmax(z) - (1 - eps) onehot(label) - eps / L) / N.
+    Shape: logits (N, L), labels (N,) integers in [0, L).
     """
     z = logits.astype(np.float64)
-    n = z.shape[0]
+    n, classes = z.shape
+    eps = float(label_smoothing)
     m = z.max(axis=1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
-    loss = float(np.mean(lse - z[np.arange(n), labels]))
-    grad = np.exp(z - lse[:, None])
-    grad[np.arange(n), labels] -= 1.0
+    logp = z - lse[:, None]
+    nll = -logp[np.arange(n), labels]
+    loss = float(np.mean((1.0 - eps) * nll + eps * -logp.mean(axis=1)))
+    target = np.full_like(z, eps / classes)
+    target[np.arange(n), labels] += 1.0 - eps
+    grad = np.exp(logp) - target
     return loss, (grad / n).astype(logits.dtype)
 
 
@@ -365,3 +371,114 @@ def batch_norm2d_backward(
         gx = gx + bc(gvar) * 2.0 * xc / M + bc(gmu) / M
     out = (gx.astype(x.dtype), gw.astype(x.dtype), gb.astype(x.dtype))
     return tuple(o if m else None for o, m in zip(out, mask, strict=True))
+
+
+# --------------------------------------------------------------------------- softmax family, ELU,
+# adaptive pooling, NLL, cat. Notation: softmax over axis ``dim`` of x (any shape), seen as
+# (A, C, B) with A = prod(shape[:dim]), C = shape[dim], B = prod(shape[dim+1:]); adaptive pooling
+# x (N, C, H, W) -> y (N, C, OH, OW); losses logits / logp (N, L), labels (N,).
+
+
+def elu(x, alpha=1.0):
+    """y = x where x > 0, else alpha (exp(x) - 1) (expm1: exact near 0). Shape: any -> same."""
+    x64 = x.astype(np.float64)
+    # expm1 of min(x, 0): the positive side is not used, and would overflow for x > 709
+    return np.where(x64 > 0, x64, alpha * np.expm1(np.minimum(x64, 0.0))).astype(x.dtype)
+
+
+def elu_backward(grad_y, x, alpha=1.0):
+    """d elu / dx = 1 where x > 0, else alpha exp(x) (x == 0 takes the second branch, as in
+    PyTorch)."""
+    x64 = x.astype(np.float64)
+    d = np.where(x64 > 0, 1.0, alpha * np.exp(np.minimum(x64, 0.0)))
+    return (grad_y.astype(np.float64) * d).astype(x.dtype)
+
+
+def softmax(x, dim):
+    """exp(x - max) / sum(exp(x - max)) along ``dim``; a NaN makes its whole slice NaN.
+
+    Shape: any (dim < x.ndim) -> same.
+    """
+    z = x.astype(np.float64)
+    e = np.exp(z - z.max(axis=dim, keepdims=True))
+    return (e / e.sum(axis=dim, keepdims=True)).astype(x.dtype)
+
+
+def softmax_backward(grad_y, y, dim):
+    """From the output: dy_i/dx_j = y_i (delta_ij - y_j), so gx = y (gy - sum(gy y, dim))."""
+    gy, y64 = grad_y.astype(np.float64), y.astype(np.float64)
+    return (y64 * (gy - (gy * y64).sum(axis=dim, keepdims=True))).astype(y.dtype)
+
+
+def log_softmax(x, dim):
+    """x - logsumexp(x) along ``dim`` (through the max shift). Shape: any -> same."""
+    z = x.astype(np.float64)
+    m = z.max(axis=dim, keepdims=True)
+    return (z - m - np.log(np.exp(z - m).sum(axis=dim, keepdims=True))).astype(x.dtype)
+
+
+def log_softmax_backward(grad_y, y, dim):
+    """From the output: dy_i/dx_j = delta_ij - softmax_j = delta_ij - exp(y_j), so
+    gx = gy - exp(y) sum(gy, dim)."""
+    gy, y64 = grad_y.astype(np.float64), y.astype(np.float64)
+    return (gy - np.exp(y64) * gy.sum(axis=dim, keepdims=True)).astype(y.dtype)
+
+
+def _adaptive_windows(size, out):
+    """PyTorch's adaptive windows along one axis: [floor(i size / out), ceil((i+1) size / out))
+    for i in range(out); neighbours may overlap, and with out > size windows repeat."""
+    return [slice(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """Mean of each adaptive window. Shape: x (N, C, H, W), output_size (OH, OW) ->
+    y (N, C, OH, OW)."""
+    N, C, H, W = x.shape
+    OH, OW = output_size
+    x64, y = x.astype(np.float64), np.empty((N, C, OH, OW))
+    for oh, rows in enumerate(_adaptive_windows(H, OH)):
+        for ow, cols in enumerate(_adaptive_windows(W, OW)):
+            y[:, :, oh, ow] = x64[:, :, rows, cols].mean(axis=(2, 3))
+    return y.astype(x.dtype)
+
+
+def adaptive_avg_pool2d_backward(grad_y, x_shape):
+    """Each input in window (oh, ow) gets grad_y[..., oh, ow] / window size; overlapping
+    windows add up. Shape: grad_y (N, C, OH, OW), x_shape (N, C, H, W) -> grad_x x_shape."""
+    N, C, H, W = x_shape
+    OH, OW = grad_y.shape[2:]
+    gy, gx = grad_y.astype(np.float64), np.zeros((N, C, H, W))
+    for oh, rows in enumerate(_adaptive_windows(H, OH)):
+        for ow, cols in enumerate(_adaptive_windows(W, OW)):
+            count = (rows.stop - rows.start) * (cols.stop - cols.start)
+            gx[:, :, rows, cols] += (gy[:, :, oh, ow] / count)[:, :, None, None]
+    return gx.astype(grad_y.dtype)
+
+
+def nll_loss(logp, labels):
+    """Mean negative log-likelihood of log-probabilities: (loss as float, grad_logp).
+
+    loss = -mean_n logp[n, label_n]; grad = -onehot(label) / N.
+    Shape: logp (N, L), labels (N,) integers in [0, L).
+    """
+    n = logp.shape[0]
+    loss = float(-np.mean(logp.astype(np.float64)[np.arange(n), labels]))
+    grad = np.zeros(logp.shape)
+    grad[np.arange(n), labels] = -1.0 / n
+    return loss, grad.astype(logp.dtype)
+
+
+def cat(arrays, dim):
+    """Concatenation along ``dim``. Shape: equal except along dim -> sum of the sizes there."""
+    return np.concatenate(arrays, axis=dim)  # a copy: no arithmetic to do in float64
+
+
+def split(grad_y, sizes, dim):
+    """The backward of ``cat``: consecutive pieces of grad_y along ``dim`` with these sizes."""
+    offsets = np.cumsum([0, *sizes])
+    index = [slice(None)] * grad_y.ndim
+    pieces = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        index[dim] = slice(int(a), int(b))
+        pieces.append(grad_y[tuple(index)].copy())
+    return pieces

@@ -334,26 +334,30 @@ def _linear_grads_2(gy, x, w, gx, gw, gb):
 # --------------------------------------------------------------------------- losses
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing=0.0):
     """Mean softmax cross-entropy: (loss as a Python float, grad_logits).
 
     Log-softmax through the max shift, so large logits never overflow exp. The loss is
     accumulated in float64 whatever the input dtype (a mean over the batch; cheap). One pass
     per row in a compiled loop: as NumPy expressions this was ~10 array operations and ~30 us
     for LeNet-5's (64, 10) logits.
+    label_smoothing eps: the target is (1 - eps) onehot(label) + eps / L (PyTorch's rule); the
+    eps = 0 path does the same operations as without smoothing (exact zeros added).
     Shape: logits (N, L), labels (N,) ints in [0, L) -> (float, (N, L)).
     """
     grad = np.empty_like(logits)
     n = logits.shape[0]
-    loss = _cross_entropy(logits, labels, grad, logits.dtype.type(1.0 / n))
+    loss = _cross_entropy(logits, labels, grad, logits.dtype.type(1.0 / n), float(label_smoothing))
     return float(loss), grad
 
 
 @njit(nogil=True, cache=True)
-def _cross_entropy(z, labels, grad, inv_n):
-    """grad[n] = (softmax(z[n]) - onehot(labels[n])) * inv_n; returns the mean loss (float64):
-    log(sum_j exp(z[n,j] - m)) - (z[n,label] - m), m = max_j z[n,j]."""
+def _cross_entropy(z, labels, grad, inv_n, eps):
+    """grad[n] = (softmax(z[n]) - (1 - eps) onehot(labels[n]) - eps / L) * inv_n; returns the
+    mean loss (float64): log(sum_j exp(z[n,j] - m)) - (1 - eps) (z[n,label] - m)
+    - eps mean_j(z[n,j] - m), m = max_j z[n,j]."""
     N, L = z.shape
+    keep, spread = z.dtype.type(1.0 - eps), z.dtype.type(eps / L)
     total = 0.0
     for n in range(N):
         m = z[n, 0]
@@ -366,10 +370,15 @@ def _cross_entropy(z, labels, grad, inv_n):
             grad[n, j] = e
             s += e
         lab = labels[n]
-        total += np.log(np.float64(s)) - np.float64(z[n, lab] - m)
+        total += np.log(np.float64(s)) - (1.0 - eps) * np.float64(z[n, lab] - m)
+        if eps != 0.0:  # the smoothing term: -eps * mean_j log p[n, j], less its log(s) part
+            shifted = 0.0
+            for j in range(L):
+                shifted += np.float64(z[n, j] - m)
+            total -= eps * shifted / L
         for j in range(L):
-            p = grad[n, j] / s
-            grad[n, j] = (p - 1 if j == lab else p) * inv_n
+            p = grad[n, j] / s - spread
+            grad[n, j] = (p - keep if j == lab else p) * inv_n
     return total / N
 
 

@@ -381,4 +381,5 @@ def avg_pool2d_backward(gy, x, g):
         )
 
 
+from .extra import *  # noqa: E402,F401,F403 — softmax family, ELU, adaptive pooling, cat, NLL
 from .nn import *  # noqa: E402,F401,F403 — activations, linear, losses, optimizer updates
