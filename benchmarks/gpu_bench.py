@@ -360,7 +360,7 @@ def training(reps: int, smoke: bool, torch: Any) -> list[dict]:
         def step():
             opt.zero_grad()
             loss = loss_fn(model(xd), yd)  # the loss value: the step's one device-to-host copy
-            model.backward(loss_fn.backward())
+            loss.backward()
             opt.step()
             return loss
 

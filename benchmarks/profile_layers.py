@@ -1,5 +1,6 @@
-"""Where a training step's time goes: each layer's forward and backward, timed inside the real
-``Sequential`` step (fused conv + ReLU included), medians over 100 steps. Never asserts.
+"""Where a training step's time goes: each op's forward and backward kernel, timed inside the
+real step (fused ops as Sequential plans them; the tape's own bookkeeping is the rest), medians
+over 100 steps. Never asserts.
 
     python benchmarks/profile_layers.py lenet5 64
 """
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 
-from fastconv import losses, models, optim
+from fastconv import losses, models, ops, optim
 
 
 def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
@@ -22,42 +23,53 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, batch)
-    loss = losses.CrossEntropyLoss()
+    loss_fn = losses.CrossEntropyLoss()
     spent: dict[tuple, list[float]] = {}
+    counter = {"n": 0}
 
-    def timed(i, layer, method):
-        fn = getattr(layer, method)
-
+    def timed(key, fn):
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            spent.setdefault((i, type(layer).__name__, method), []).append(time.perf_counter() - t0)
+            counter["n"] += 1
+            spent.setdefault(key, []).append(time.perf_counter() - t0)
             return out
 
-        setattr(layer, method, wrapper)
+        return wrapper
 
-    for i, layer in enumerate(model.layers):
-        for method in ("forward", "backward"):
-            timed(i, layer, method)
+    saved = dict(ops.KERNELS)
+    for (op, be), k in saved.items():  # every kernel of the table, timed where it is called
+        ops.KERNELS[(op, be)] = ops.Kernel(
+            timed((op, "forward"), k.forward), timed((op, "backward"), k.backward)
+        )
 
     def step():
+        out = model(x)
+        loss = loss_fn(out, labels)
         opt.zero_grad()
-        loss(model(x), labels)
-        model.backward_params(loss.backward())
+        loss.backward()
         opt.step()
 
-    for _ in range(20):
-        step()
-    spent.clear()
-    totals = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        totals.append(time.perf_counter() - t0)
-    rows = sorted(spent.items(), key=lambda kv: -statistics.median(kv[1]))
-    for (i, kind, method), ts in rows:
-        print(f"{i:3d} {kind:12s} {method:9s} {statistics.median(ts) * 1e3:8.3f} ms")
-    print(f"whole step (median of {steps}): {statistics.median(totals) * 1e3:.3f} ms")
+    try:
+        for _ in range(20):
+            step()
+        spent.clear()
+        totals = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            totals.append(time.perf_counter() - t0)
+    finally:
+        ops.KERNELS.update(saved)
+    per_step: dict[tuple, float] = {}
+    for key, ts in spent.items():  # an op may run several times a step: total per step
+        per_step[key] = statistics.median(ts) * len(ts) / steps
+    for (op, phase), t in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"{op:22s} {phase:9s} {t * 1e3:8.3f} ms / step")
+    whole = statistics.median(totals)
+    print(f"whole step (median of {steps}): {whole * 1e3:.3f} ms; kernels "
+          f"{sum(per_step.values()) * 1e3:.3f} ms, the rest (checks, tape, optimizer) "
+          f"{(whole - sum(per_step.values())) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def epoch_fastconv(x, y, order, batch_size, warmup):
         logits = model(training.normalize(x[idx]))
         loss = loss_fn(logits, y[idx])
         opt.zero_grad()
-        model.backward_params(loss_fn.backward())
+        loss.backward()
         opt.step()
-        return loss
+        return float(loss)
 
     for i in range(warmup):
         step(order[i * batch_size : (i + 1) * batch_size])

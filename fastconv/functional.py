@@ -631,8 +631,7 @@ def _loss(name: str, args: tuple, params: tuple, backend: str):
     op = ops.OPS[name]
     arrays, a = op.check(*args, *params, False)
     be, a = ops.choose(op, arrays, a, backend, "auto")
-    m = ops.backend_module(name, be)
-    return getattr(m, name)(*arrays, *((a.label_smoothing,) if name == "cross_entropy" else ()))
+    return ops.LOSS_FORWARD[name](ops.backend_module(name, be), *arrays, a)[0]
 
 
 def cross_entropy(

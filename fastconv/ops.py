@@ -763,6 +763,13 @@ def _loss_tensor_forward(fwd):
     return forward
 
 
+# the kernels' own forward: (loss as a float, gradient) for the array API
+LOSS_FORWARD = {
+    "cross_entropy": cross_entropy_forward,
+    "nll_loss": nll_forward,
+    "mse_loss": mse_forward,
+}
+
 declare("cross_entropy", _check_cross_entropy)
 declare("nll_loss", _check_nll)
 declare("mse_loss", _check_mse)
@@ -1227,17 +1234,18 @@ def _ref_adagrad(p, grad, state_sum, *args):
     p[...], state_sum[...] = reference.adagrad_update(p, grad, state_sum, *args)
 
 
-REFERENCE_UPDATES = {
-    "sgd_update": _ref_sgd,
-    "sgd_update_many": None,  # the oracle updates one parameter at a time
-    "adam_update": _ref_adam,
-    "rmsprop_update": _ref_rmsprop,
-    "adagrad_update": _ref_adagrad,
+# update -> (the oracle's in-place adapter, the CPU/CUDA module's function); None: no such
+# loop there (sgd_update_many then runs sgd_update per parameter)
+UPDATES = {
+    "sgd_update": (_ref_sgd, lambda m: m.sgd_update),
+    "sgd_update_many": (None, lambda m: getattr(m, "sgd_update_many", None)),
+    "adam_update": (_ref_adam, lambda m: m.adam_update),
+    "rmsprop_update": (_ref_rmsprop, lambda m: m.rmsprop_update),
+    "adagrad_update": (_ref_adagrad, lambda m: m.adagrad_update),
 }
 
 
 def update_kernel(fn: str, be: str):
     """The in-place update ``fn`` of backend ``be`` (None: the backend has no such loop)."""
-    if be == "reference":
-        return REFERENCE_UPDATES[fn]
-    return getattr(dispatch.backend_ops(fn, be), fn, None)
+    ref, of_module = UPDATES[fn]
+    return ref if be == "reference" else of_module(dispatch.backend_ops(fn, be))

@@ -2,7 +2,7 @@
 Adam, RMSprop and AdaGrad.
 
     opt = fc.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt.zero_grad(); model.backward(loss_fn.backward()); opt.step()
+    opt.zero_grad(); loss_fn(model(x), labels).backward(); opt.step()
 
 Weight decay is PyTorch's L2 form (added to the gradient). Parameters whose ``.grad`` is None
 are skipped. Each runs through its ``functional`` update op (``sgd_update``, ``adam_update``,
