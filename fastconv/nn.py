@@ -171,7 +171,10 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(_as_input(a) for a in args)
+        if len(args) == 1:  # the common case, without a generator
+            args = (_as_input(args[0]),)
+        else:
+            args = tuple(_as_input(a) for a in args)
         out = self.forward(*args, **kwargs)
         if self._forward_hooks:
             for hook in list(self._forward_hooks.values()):
@@ -1139,7 +1142,10 @@ class Sequential(Module):
         self._replan()
 
     def _replan(self) -> None:
-        self.__dict__["_plan"] = plan_fusions(list(self._modules.values()))
+        layers = list(self._modules.values())
+        self.__dict__["_plan"] = [
+            (tuple(layers[first:end]), call) for first, end, call in plan_fusions(layers)
+        ]
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -1181,12 +1187,11 @@ class Sequential(Module):
         return self
 
     def forward(self, x: Any) -> Any:
-        layers = list(self._modules.values())
-        for first, end, call in self._plan:
-            if call is not None and all(not m._forward_hooks for m in layers[first:end]):
-                x = call(layers[first:end], x)
+        for run, call in self._plan:
+            if call is not None and all(not m._forward_hooks for m in run):
+                x = call(run, x)
             else:
-                for m in layers[first:end]:
+                for m in run:
                     x = m(x)
         return x
 
