@@ -83,7 +83,8 @@ for _ in range(2000):
 mid = time.perf_counter()
 y.sum().backward()
 bwd_us = 1e6 * (time.perf_counter() - mid) / 2000
-print(json.dumps({"recorded_add_us": rec_us, "array_add_us": arr_us, "backward_per_node_us": bwd_us}))
+out = {"recorded_add_us": rec_us, "array_add_us": arr_us, "backward_per_node_us": bwd_us}
+print(json.dumps(out))
 """
 
 
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     tape = run(HERE, TAPE, [])
     lines = [
-        f"Train-step A/B, {cpu_model()}, NUMBA threads {os.environ.get('NUMBA_NUM_THREADS', 'all')},"
+        f"Train-step A/B, {cpu_model()}, "
+        f"NUMBA threads {os.environ.get('NUMBA_NUM_THREADS', 'all')},"
         f" {a.rounds} alternating rounds x {a.steps} steps (median of each process; the table"
         " gives the median over rounds and the range).",
         "",

@@ -67,9 +67,11 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
     for (op, phase), t in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"{op:22s} {phase:9s} {t * 1e3:8.3f} ms / step")
     whole = statistics.median(totals)
-    print(f"whole step (median of {steps}): {whole * 1e3:.3f} ms; kernels "
-          f"{sum(per_step.values()) * 1e3:.3f} ms, the rest (checks, tape, optimizer) "
-          f"{(whole - sum(per_step.values())) * 1e3:.3f} ms")
+    print(
+        f"whole step (median of {steps}): {whole * 1e3:.3f} ms; kernels "
+        f"{sum(per_step.values()) * 1e3:.3f} ms, the rest (checks, tape, optimizer) "
+        f"{(whole - sum(per_step.values())) * 1e3:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

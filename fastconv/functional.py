@@ -127,7 +127,9 @@ def conv2d_relu_maxpool(
     )
 
 
-def _conv_ctx(op, x, weight, stride, padding, dilation, groups, algorithm, x_shape=None, w_shape=None):
+def _conv_ctx(
+    op, x, weight, stride, padding, dilation, groups, algorithm, x_shape=None, w_shape=None
+):
     """The checked geometry and the context of a conv2d forward call, for its backward."""
     if x is not None:
         x = shapes.check_array(op, "x", x, 4, "(N, C, H, W)")
@@ -141,7 +143,9 @@ def _conv_ctx(op, x, weight, stride, padding, dilation, groups, algorithm, x_sha
 
 
 def _conv_backward(op, grad_y, x, weight, a, backend, needs):
-    shapes.check_same_dtype(op, grad_y=grad_y, **({"x": x} if x is not None else {"weight": weight}))
+    shapes.check_same_dtype(
+        op, grad_y=grad_y, **({"x": x} if x is not None else {"weight": weight})
+    )
     arrays = {k: v for k, v in (("grad_y", grad_y), ("x", x), ("weight", weight)) if v is not None}
     shapes.check_same_place(op, **arrays)
     on_device = _on_device(*arrays.values())
@@ -745,7 +749,9 @@ def batch_norm2d_backward(
         raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
     mask = tuple(bool(m) for m in output_mask)
     ctx = ops.BNCtx(x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training))
-    return _backward("batch_norm2d", backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask)
+    return _backward(
+        "batch_norm2d", backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask
+    )
 
 
 def batch_norm1d(

@@ -24,7 +24,9 @@ from .tensor import Tensor
 def _beside(pred: Any, target: Any, dtype: Any = None) -> Any:
     """``target`` where ``pred`` lives (labels as int64)."""
     if isinstance(target, Tensor):
-        return target
+        if target.requires_grad:
+            return target
+        target = target.data  # Module.__call__ wrapped the NumPy labels: move them too
     data = pred.data if isinstance(pred, Tensor) else pred
     if _device.is_device(data) and isinstance(target, np.ndarray):
         target = np.ascontiguousarray(target, dtype=dtype or target.dtype)
@@ -51,9 +53,7 @@ class CrossEntropyLoss(Module):
 
     def forward(self, logits: Any, labels: Any) -> Tensor:
         labels = _beside(logits, labels, np.int64)
-        return F.cross_entropy(
-            _as_tensor(logits), labels, label_smoothing=self.label_smoothing
-        )
+        return F.cross_entropy(_as_tensor(logits), labels, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return "" if self.label_smoothing == 0 else f"label_smoothing={self.label_smoothing}"

@@ -84,12 +84,13 @@ def choose(op: OpDef, arrays, a, backend: str, algorithm: str, run=None):
     """(backend, attributes with the algorithm filled in) for one call. Conv ops time their
     candidates on this very call when nothing is remembered (``fastconv.autotune``)."""
     on_device = _on_device(arrays)
-    if op.tuned is None:
-        return dispatch.choose(op.name, None, backend, "auto", on_device).backend, a
+    if op.tuned is None:  # conv_transpose2d's heuristic needs its geometry; others have none
+        geom = getattr(a, "g", None)
+        return dispatch.choose(op.name, geom, backend, "auto", on_device).backend, a
     x = arrays[0]
     candidates = None
     if run is not None:
-        candidates = lambda algo: (lambda: run(a._replace(algorithm=algo)))  # noqa: E731
+        candidates = lambda algo: lambda: run(a._replace(algorithm=algo))  # noqa: E731
     c = dispatch.choose(
         op.tuned, a.g, backend, algorithm, on_device, x.dtype, candidates, variant=a.variant
     )
@@ -189,7 +190,7 @@ def _bwd_algorithm(m, gy, ctx, needs, variant, run):
         a.requested,
         a.backend == "cuda",
         gy.dtype,
-        lambda algo: (lambda: run(algo)),
+        lambda algo: lambda: run(algo),
         variant=f"{tuple(bool(n) for n in needs)}{variant}",
     )
     return c.algorithm
@@ -337,7 +338,9 @@ def conv_transpose_backward(m, gy, ctx, needs):
 
     a, be = ctx.a, ctx.backend
     gx = F.conv2d(gy, ctx.w, None, **a.conv, backend=be) if needs[0] else None
-    gw = F.conv2d_backward_weight(ctx.x, gy, a.g.w_shape, **a.conv, backend=be) if needs[1] else None
+    gw = (
+        F.conv2d_backward_weight(ctx.x, gy, a.g.w_shape, **a.conv, backend=be) if needs[1] else None
+    )
     gb = _sum_except(gy, 1) if needs[2] and a.has_bias else None
     return gx, gw, gb
 
@@ -366,7 +369,9 @@ def _check_pool(op):
         x, g = shapes.check_pool2d(
             op, x, kernel_size, stride, padding, ceil_mode, count_include_pad
         )
-        return (x,), PoolAttrs(g, (kernel_size, stride, padding, ceil_mode), count_include_pad, keep)
+        return (x,), PoolAttrs(
+            g, (kernel_size, stride, padding, ceil_mode), count_include_pad, keep
+        )
 
     return check
 
@@ -783,8 +788,10 @@ def _sum_except(a, axis):
     if _on_device([a]):
         shape = [1] * len(a.shape)
         shape[axis] = int(a.shape[axis])
-        return dispatch.backend_ops("sum_to", "cuda").sum_to(a, tuple(shape)).reshape(
-            int(a.shape[axis])
+        return (
+            dispatch.backend_ops("sum_to", "cuda")
+            .sum_to(a, tuple(shape))
+            .reshape(int(a.shape[axis]))
         )
     return a.sum(axis=tuple(i for i in range(a.ndim) if i != axis))
 
@@ -1148,9 +1155,7 @@ KERNELS: dict[tuple[str, str], Kernel] = {
         _conv_transpose_forward("reference"), conv_transpose_backward
     ),
     ("conv_transpose2d", "cpu"): Kernel(_conv_transpose_forward("cpu"), conv_transpose_backward),
-    ("conv_transpose2d", "cuda"): Kernel(
-        _conv_transpose_forward("cuda"), conv_transpose_backward
-    ),
+    ("conv_transpose2d", "cuda"): Kernel(_conv_transpose_forward("cuda"), conv_transpose_backward),
     **_both(
         "max_pool2d",
         max_pool_forward,
@@ -1171,9 +1176,7 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     **_both("tanh", tanh_forward, tanh_backward),
     **_both("softmax", softmax_forward, softmax_backward),
     **_both("log_softmax", log_softmax_forward, log_softmax_backward),
-    **_both(
-        "linear", linear_forward, linear_backward, (ref_linear_forward, ref_linear_backward)
-    ),
+    **_both("linear", linear_forward, linear_backward, (ref_linear_forward, ref_linear_backward)),
     **_both(
         "linear_relu",
         linear_relu_forward,

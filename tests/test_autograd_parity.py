@@ -25,7 +25,8 @@ class Basic(fc.Module):
         self.conv2 = fc.Conv2d(cout, cout, 3, 1, 1, bias=False, dtype=dtype)
         self.bn2 = fc.BatchNorm2d(cout, dtype=dtype)
         self.shortcut = fc.Sequential(
-            fc.Conv2d(cin, cout, 1, stride, bias=False, dtype=dtype), fc.BatchNorm2d(cout, dtype=dtype)
+            fc.Conv2d(cin, cout, 1, stride, bias=False, dtype=dtype),
+            fc.BatchNorm2d(cout, dtype=dtype),
         )
 
     def forward(self, x):
@@ -38,8 +39,12 @@ class Inception(fc.Module):
         super().__init__()
         c = dict(dtype=dtype)
         self.b1 = fc.Conv2d(cin, 4, 1, **c)
-        self.b2 = fc.Sequential(fc.Conv2d(cin, 3, 1, **c), fc.ReLU(), fc.Conv2d(3, 4, 3, padding=1, **c))
-        self.b3 = fc.Sequential(fc.Conv2d(cin, 2, 1, **c), fc.ReLU(), fc.Conv2d(2, 3, 5, padding=2, **c))
+        self.b2 = fc.Sequential(
+            fc.Conv2d(cin, 3, 1, **c), fc.ReLU(), fc.Conv2d(3, 4, 3, padding=1, **c)
+        )
+        self.b3 = fc.Sequential(
+            fc.Conv2d(cin, 2, 1, **c), fc.ReLU(), fc.Conv2d(2, 3, 5, padding=2, **c)
+        )
         self.b4 = fc.Sequential(fc.MaxPool2d(3, 1, 1), fc.Conv2d(cin, 2, 1, **c))
 
     def forward(self, x):
@@ -69,7 +74,9 @@ class TBasic(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -132,7 +139,10 @@ def check_against_torch(net, tnet, out, loss, tout, tloss, dtype, to_host=np.asa
     for name, p in net.named_parameters():
         assert p.grad is not None, name
         np.testing.assert_allclose(
-            np.asarray(fc.Tensor(p.grad).numpy()), tp[name].grad.numpy(), rtol=tol, atol=tol,
+            np.asarray(fc.Tensor(p.grad).numpy()),
+            tp[name].grad.numpy(),
+            rtol=tol,
+            atol=tol,
             err_msg=name,
         )
 
