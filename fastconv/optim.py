@@ -12,6 +12,7 @@ Hyperparameters are plain attributes (``opt.lr = ...`` changes the learning rate
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -297,3 +298,8 @@ Adagrad = AdaGrad  # PyTorch's spelling
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "rmsprop": RMSprop, "adagrad": AdaGrad}
 
 __all__ = ["SGD", "AdaGrad", "Adagrad", "Adam", "Optimizer", "RMSprop", "OPTIMIZERS"]
+
+# fc.optim.lr_scheduler, as torch.optim.lr_scheduler (also importable by that dotted name)
+from . import lr_scheduler  # noqa: E402
+
+sys.modules[__name__ + ".lr_scheduler"] = lr_scheduler
