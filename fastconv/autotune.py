@@ -1,10 +1,26 @@
 """Measured algorithm choice for ``algorithm="auto"``, cached on disk.
 
-The first time a CPU convolution of a given (op, geometry, dtype, threads) runs with
-``algorithm="auto"``, every candidate algorithm is timed on the call's own inputs and the fastest
-is remembered: in memory, and in a JSON file in the user cache directory so later processes skip
-the measurement. ``dispatch.select`` stays pure: it is handed the remembered choice as a value.
+A CPU convolution of a given (op, geometry, dtype, threads) has two candidate algorithms. The
+fastest, timed on the call's own inputs, is remembered: in a JSON file in the user cache
+directory, so later processes use it at once. ``dispatch.select`` stays pure: it is handed the
+remembered choice as a value.
 
+When nothing is remembered yet, the first call does not wait for the measurement: timing both
+candidates means compiling both first, which took ~20 s of a fresh install's first LeNet-5
+step. Instead (the default, ``FASTCONV_AUTOTUNE=1``):
+
+1. the first call runs the documented heuristic's choice (``dispatch.cpu_conv_algorithm``), and
+   this process keeps that choice for the key from then on: the results of a run never depend
+   on when a measurement finished, so seeded runs in one process reproduce bit for bit;
+2. the key's second call (a training loop's second step: every kernel of the first step is
+   compiled by then) hands the other candidate to a background thread, which runs it once on
+   that call's inputs, only to compile it (the result is dropped);
+3. the first call after that has finished times both candidates in turns, in the calling
+   thread (each is compiled by then: milliseconds), and writes the winner to the cache for
+   every later process.
+
+- ``FASTCONV_AUTOTUNE=eager`` measures on the first call, as earlier versions did, and uses
+  the winner at once (both candidates are compiled before that call returns).
 - ``FASTCONV_AUTOTUNE=0`` turns measuring off: "auto" then uses the documented heuristic
   (``dispatch.cpu_conv_algorithm``); choices already cached are not used either.
 - ``FASTCONV_CACHE_DIR`` moves the cache (default ``$XDG_CACHE_HOME/fastconv`` or
@@ -24,22 +40,28 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMAT = 1
+WARM_AT = 2  # a deferred key's call that starts compiling the other candidate (see above)
 _lock = threading.Lock()
 _memory: dict[str, str] | None = None
 _memory_path: Path | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get("FASTCONV_AUTOTUNE", "1").strip().lower() not in (
-        "0",
-        "false",
-        "no",
-        "off",
-    )
+    return mode() != "off"
+
+
+def mode() -> str:
+    """The tuning mode: "off", "eager" (measure on the first call) or "deferred" (the
+    default; module docstring)."""
+    v = os.environ.get("FASTCONV_AUTOTUNE", "1").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return "off"
+    return "eager" if v == "eager" else "deferred"
 
 
 def cache_dir() -> Path:
@@ -119,8 +141,13 @@ def _load() -> dict[str, str]:
 
 
 def lookup(k: str) -> str | None:
-    """The remembered choice for key ``k`` (memory first, then the disk cache), or None."""
+    """The remembered choice for key ``k`` (memory first, then the disk cache), or None.
+
+    None as well for a key this process runs on its deferred first choice: ``choose`` answers
+    for it (and moves its measurement along)."""
     with _lock:
+        if k in _deferred:
+            return None
         return _load().get(k)
 
 
@@ -168,23 +195,130 @@ def measure(candidates: dict[str, Callable[[], Any]], repeats: int = 7) -> tuple
     return min(times, key=times.get), times
 
 
-def choose(k: str, candidates: dict[str, Callable[[], Any]]) -> str:
-    """The remembered choice for ``k``, measuring the candidates the first time."""
+@dataclass
+class _Deferred:
+    """A key first met with nothing remembered, in deferred mode (module docstring)."""
+
+    choice: str  # what this process runs for the key, whatever the measurement says
+    calls: int = 1
+    compiled: threading.Event = field(default_factory=threading.Event)
+    state: str = "waiting"  # -> "compiling" -> "measured" (or "failed")
+
+
+_deferred: dict[str, _Deferred] = {}
+_queue: list[Callable[[], Any]] = []  # warm-up calls for the background thread, in order
+_worker: threading.Thread | None = None
+_idle = threading.Condition(_lock)
+
+
+def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None = None) -> str:
+    """The algorithm for key ``k``: the remembered choice; else, with a ``default`` (the
+    heuristic's choice) in deferred mode, that default while the measurement is prepared in
+    the background (module docstring); else the candidates are measured now."""
     hit = lookup(k)
     if hit in candidates:
         return hit
-    best, _ = measure(candidates)
+    if default is None or default not in candidates or mode() != "deferred":
+        best, _ = measure(candidates)
+        with _lock:
+            _load()[k] = best
+        _write(k, best)
+        return best
     with _lock:
-        _load()[k] = best
-    _write(k, best)
-    return best
+        d = _deferred.get(k)
+        if d is None:
+            _deferred[k] = _Deferred(default)
+            return default
+        d.calls += 1
+        start = d.state == "waiting" and d.calls >= WARM_AT
+        if start:
+            d.state = "compiling"
+        ready = d.state == "compiling" and d.compiled.is_set()
+        if ready:
+            d.state = "measured"
+    if start:
+        others = [fn for name, fn in candidates.items() if name != d.choice]
+        _warm_up(others, d.compiled)
+    elif ready:
+        best, _ = measure(candidates)  # both compiled by now: milliseconds
+        _write(k, best)  # for later processes; this one keeps d.choice (reproducible runs)
+    return d.choice
+
+
+def _background_ok() -> bool:
+    """Parallel kernels may run on two Python threads at once (the OpenMP and TBB layers; the
+    workqueue layer aborts the process on a concurrent launch)."""
+    try:
+        import numba
+
+        return numba.threading_layer() in ("omp", "tbb")
+    except Exception:  # no threading layer loaded yet, or none usable
+        return False
+
+
+def _warm_up(calls: list[Callable[[], Any]], done: threading.Event) -> None:
+    """Run ``calls`` once each (compiling their kernels; results dropped), then set ``done``:
+    on the background thread where that is safe, else here and now."""
+
+    def job() -> None:
+        try:
+            for fn in calls:
+                fn()
+        except Exception:  # noqa: BLE001 - a failed warm-up only leaves the key untimed
+            pass
+        finally:
+            done.set()
+
+    if not _background_ok():
+        job()
+        return
+    global _worker
+    with _lock:
+        _queue.append(job)
+        if _worker is None:
+            _worker = threading.Thread(target=_work, name="fastconv-autotune", daemon=True)
+            _worker.start()
+
+
+def _work() -> None:
+    global _worker
+    while True:
+        with _lock:
+            if not _queue:
+                _worker = None
+                _idle.notify_all()
+                return
+            job = _queue.pop(0)
+        job()
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until the background warm-ups queued so far have run (tests, benchmarks).
+    False on timeout."""
+    with _idle:
+        return _idle.wait_for(lambda: _worker is None, timeout)
+
+
+def _after_fork_in_child() -> None:
+    """A fork()ed child has no worker thread (and maybe a lock held at fork time)."""
+    global _lock, _idle, _worker
+    _lock = threading.Lock()
+    _idle = threading.Condition(_lock)
+    _worker = None
+    _queue.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clear() -> None:
     """Forget every choice, in memory and on disk."""
     global _memory
+    wait()
     with _lock:
         _memory = None
+        _deferred.clear()
         try:
             cache_path().unlink()
         except OSError:

@@ -377,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark runner
         return cmd_bench(argparse.Namespace(args=argv[1:]))
     args = _parser().parse_args(argv)
+    from ._jit_notice import arm
     from .datasets import DatasetError
 
+    arm()  # says so on stderr if compiling kernels holds up the first steps
     try:
         return COMMANDS[args.command](args)
     except DatasetError as e:

@@ -186,7 +186,8 @@ def choose(
         autotune=tune,
     )
     if c.algorithm == "auto":
-        best = autotune.choose(k, {a: candidates(a) for a in ("im2col", "direct")})
+        cands = {a: candidates(a) for a in ("im2col", "direct")}
+        best = autotune.choose(k, cands, default=cpu_conv_algorithm(geom, op))
         return Choice(c.backend, best)
     return c
 

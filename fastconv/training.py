@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _device
+from . import _device, _jit_notice
 from . import init as _init
 from .nn import Module as Layer
 from .tensor import no_grad
@@ -327,6 +327,7 @@ def fit(
     if max_steps is not None:
         steps = min(steps, int(max_steps))
     model.train()
+    _jit_notice.arm()  # says so on stderr if compiling kernels holds up the first steps
     for epoch in range(start, epochs):
         optimizer.lr = base_lr * lr_decay**epoch
         order = gen.permutation(n)

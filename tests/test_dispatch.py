@@ -141,6 +141,7 @@ def tune_dir(tmp_path, monkeypatch):
 def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
     from fastconv import autotune
 
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "eager")  # measured on the first call
     calls = []
     real_measure = autotune.measure
 
@@ -177,6 +178,7 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     across its timed calls; the candidates are called in turns."""
     from fastconv import autotune
 
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "eager")
     order, rounds = [], []
     real_measure = autotune.measure
 
@@ -205,6 +207,60 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     per_op = len(order) // 2
     assert order[:per_op] == ["im2col", "direct"] * (per_op // 2)
     assert saved["pool"][0] is y  # the caller's dict still holds its own forward call
+
+
+def test_autotune_deferred_keeps_the_heuristic_and_tunes_for_later(tune_dir, monkeypatch):
+    """Deferred (the default): the first call runs the heuristic's choice without compiling or
+    timing the other candidate; the second call has that one compiled in the background; a
+    call after that times both and writes the winner for later processes, while this process
+    keeps its first choice (same bits on every call)."""
+    from fastconv import autotune, dispatch
+
+    measured, warmed = [], []
+    real_measure, real_warm = autotune.measure, autotune._warm_up
+
+    def spy_measure(candidates, repeats=7):
+        measured.append(sorted(candidates))
+        return real_measure(candidates, repeats)
+
+    def spy_warm(calls, done):
+        warmed.append(len(calls))
+        return real_warm(calls, done)
+
+    monkeypatch.setattr(autotune, "measure", spy_measure)
+    monkeypatch.setattr(autotune, "_warm_up", spy_warm)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    y1 = fc.conv2d(x, w)
+    assert measured == [] and warmed == []  # first call: the heuristic, nothing else
+    assert autotune.lookup(autotune.key("conv2d", shapes.conv2d_geometry(
+        "t", x.shape, w.shape), x.dtype)) is None  # fmt: skip
+    y2 = fc.conv2d(x, w)
+    assert measured == [] and warmed == [1]  # second call: the other candidate compiles
+    assert autotune.wait(timeout=600)
+    y3 = fc.conv2d(x, w)
+    assert measured == [["direct", "im2col"]]  # timed once both were compiled
+    y4 = fc.conv2d(x, w)
+    assert len(measured) == 1
+    np.testing.assert_allclose(y1, fc.reference.conv2d(x, w))
+    for y in (y2, y3, y4):  # this process keeps the heuristic's algorithm: the same bits
+        np.testing.assert_array_equal(y, y1)
+    geom = shapes.conv2d_geometry("t", x.shape, w.shape)
+    assert dispatch.cpu_conv_algorithm(geom) == "direct"
+    ((k, v),) = autotune._read(autotune.cache_path()).items()  # for later processes
+    assert k.startswith("conv2d|") and v in ("im2col", "direct")
+
+
+def test_autotune_warm_up_runs_inline_without_a_safe_threading_layer(tune_dir, monkeypatch):
+    from fastconv import autotune
+
+    monkeypatch.setattr(autotune, "_background_ok", lambda: False)
+    ran, done = [], __import__("threading").Event()
+    autotune._warm_up([lambda: ran.append(1)], done)
+    assert ran == [1] and done.is_set()
+    failing = __import__("threading").Event()
+    autotune._warm_up([lambda: 1 / 0], failing)  # a failed warm-up only skips the timing
+    assert failing.is_set()
 
 
 def test_autotune_off_uses_heuristic(tune_dir, monkeypatch):

@@ -229,7 +229,6 @@ def conv2d_tiled(
     PH, PW = (OH // PKH, OW // PKW) if PKH > 0 else (OH, OW)
     R = aoff.size
     isz = x.itemsize
-    f32 = isz == 4
     plane = Hp * Wp
     yf, wf = y.ravel(), wp.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
@@ -249,10 +248,10 @@ def conv2d_tiled(
                     for j in range(0, L, step):
                         if form_b:  # a = weight rows r0.., b = input from lane j on
                             a0, c0 = wg + U(r0 * R * isz), pt + U((r0 * L + j) * isz)
-                            tile(combo, f32, a0, pa, po, xg + U(j * isz), pb, R, c0, L, False)
+                            tile(combo, x.dtype, a0, pa, po, xg + U(j * isz), pb, R, c0, L, False)
                         else:  # a = input at pixel offsets arow[r0..], b = weights (R, L)
                             a0, c0 = pa + U(r0 * 8), pt + U(j * isz)
-                            tile(combo, f32, xg, a0, po, wg + U(j * isz), pb, R, c0, L, False)
+                            tile(combo, x.dtype, xg, a0, po, wg + U(j * isz), pb, R, c0, L, False)
                     if not form_b and PKH > 0:  # these mr pixels (mr, L) -> z (KG, P)
                         for k in range(KG):
                             for r in range(min(mr, P - r0)):
@@ -319,7 +318,6 @@ def conv2d_filter_tiled(
     G = parts.shape[1]
     CG, KG, P = C // G, K // G, OH * OW
     isz = x.itemsize
-    f32 = isz == 4
     plane = Hp * Wp
     gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
@@ -347,7 +345,7 @@ def conv2d_filter_tiled(
                 for r0 in range(0, rows, mr):
                     for j in range(0, L, step):
                         c0, bj = part + U((r0 * L + j) * isz), pg + U(j * isz)
-                        tile(combo, f32, xg, pa + U(r0 * 8), po, bj, pb, P, c0, L, n > n0)
+                        tile(combo, x.dtype, xg, pa + U(r0 * 8), po, bj, pb, P, c0, L, n > n0)
 
 
 @njit(cache=True)
@@ -438,7 +436,6 @@ def conv2d_filter_dot(
     G, rows, cols = parts.shape[1], parts.shape[2], parts.shape[3]
     CG, KG = C // G, K // G
     isz = x.itemsize
-    f32 = isz == 4
     plane, J = Hp * Wp, S * (VBYTES // isz)
     gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
     off = _window_offsets(PKH, PKW, Wp)  # argmax code -> offset in the window, pitch Wp
@@ -465,7 +462,7 @@ def conv2d_filter_dot(
                     for k0 in range(0, cols, nk):
                         b0 = pgp + U(k0 * J * isz)
                         c0 = part + U((r0 * cols + k0) * isz)
-                        dot_tile(combo, f32, xg, pa + U(r0 * 8), b0, J, S, c0, cols, n > n0)
+                        dot_tile(combo, x.dtype, xg, pa + U(r0 * 8), b0, J, S, c0, cols, n > n0)
         bad[i] = check != check
 
 
@@ -544,7 +541,6 @@ def conv2d_data_scatter(
     G, T = wp.shape[0], wp.shape[1]
     CG, KG = C // G, K // G
     isz = gy.itemsize
-    f32 = isz == 4
     gyf, yf, gxf, wf = gy.ravel(), y.ravel(), gx.ravel(), wp.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
     off = _window_offsets(PKH, PKW, Wp)
@@ -565,7 +561,9 @@ def conv2d_data_scatter(
                     for r0 in range(0, rows, mr):
                         for j in range(0, L, step):
                             cj, bj = c0 + U((r0 * plane + j) * isz), b0 + U(j * isz)
-                            tile(combo, f32, a0, pa + U(r0 * 8), po, bj, pb, KG, cj, plane, True)
+                            tile(
+                                combo, gy.dtype, a0, pa + U(r0 * 8), po, bj, pb, KG, cj, plane, True
+                            )
                 for c in range(CG):  # crop: padded (ih + ph, iw + pw) -> gx (ih, iw)
                     for ih in range(H):
                         src = U((g * rows + c) * plane + (ih + ph) * Wp + pw)

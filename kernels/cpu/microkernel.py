@@ -22,12 +22,13 @@ raw addresses (``arr.ctypes.data``, uint64) and guarantees every offset is in bo
 here checks. Results are summed over t in order: deterministic.
 """
 
+import functools
 import itertools
 
 import llvmlite.binding as llb
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 __all__ = [
     "COMBOS",
@@ -257,60 +258,63 @@ def _make_dot(mr, nk, itemsize):
     return dot_tile
 
 
-_S = [_make(mr, nv, 4) for mr, nv in COMBOS]
-_D = [_make(mr, nv, 8) for mr, nv in COMBOS]
-_s0, _s1, _s2, _s3 = _S
-_d0, _d1, _d2, _d3 = _D
+def tile(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    """Run tile COMBOS[combo] in ``dtype`` (the arrays' ``.dtype``: float32 or float64).
+    Addresses are uint64. Compiled code holds only that dtype's tiles (``_tile``)."""
+    raise NotImplementedError("microkernel.tile runs inside compiled kernels only")
 
 
-@njit(inline="always", cache=True)
-def tile(combo, f32, a, arow, aoff, b, boff, T, c, ldc, add):
-    """Run tile COMBOS[combo] in float32 (``f32``) or float64. Addresses are uint64."""
-    if f32:
+def dot_tile(combo, dtype, a, arow, b, ldb, S, c, ldc, add):
+    """Run dot tile DOT_COMBOS[combo] in ``dtype`` (float32 or float64). Addresses are uint64."""
+    raise NotImplementedError("microkernel.dot_tile runs inside compiled kernels only")
+
+
+@functools.cache
+def _tiles(make, combos, itemsize):
+    """The intrinsics of one dtype, built on first use: a kernel compiled for float32 never
+    generates (or makes LLVM optimise) the float64 tiles, and a float64 run builds its own."""
+    return tuple(make(mr, n, itemsize) for mr, n in combos)
+
+
+def _itemsize(dtype):
+    """Bytes of the element type a kernel passes as ``x.dtype`` (a types.DType)."""
+    if isinstance(dtype, types.DType) and dtype.dtype in (types.float32, types.float64):
+        return dtype.dtype.bitwidth // 8
+    raise TypeError(f"microkernel: float32 or float64 dtype expected, got {dtype}")
+
+
+@overload(tile, inline="always")
+def _tile(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    t0, t1, t2, t3 = _tiles(_make, COMBOS, _itemsize(dtype))
+
+    def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
         if combo == 0:
-            _s0(a, arow, aoff, b, boff, T, c, ldc, add)
+            t0(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 1:
-            _s1(a, arow, aoff, b, boff, T, c, ldc, add)
+            t1(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 2:
-            _s2(a, arow, aoff, b, boff, T, c, ldc, add)
+            t2(a, arow, aoff, b, boff, T, c, ldc, add)
         else:
-            _s3(a, arow, aoff, b, boff, T, c, ldc, add)
-    elif combo == 0:
-        _d0(a, arow, aoff, b, boff, T, c, ldc, add)
-    elif combo == 1:
-        _d1(a, arow, aoff, b, boff, T, c, ldc, add)
-    elif combo == 2:
-        _d2(a, arow, aoff, b, boff, T, c, ldc, add)
-    else:
-        _d3(a, arow, aoff, b, boff, T, c, ldc, add)
+            t3(a, arow, aoff, b, boff, T, c, ldc, add)
+
+    return impl
 
 
-_DS = [_make_dot(mr, nk, 4) for mr, nk in DOT_COMBOS]
-_DD = [_make_dot(mr, nk, 8) for mr, nk in DOT_COMBOS]
-_ds0, _ds1, _ds2, _ds3 = _DS
-_dd0, _dd1, _dd2, _dd3 = _DD
+@overload(dot_tile, inline="always")
+def _dot_tile(combo, dtype, a, arow, b, ldb, S, c, ldc, add):
+    t0, t1, t2, t3 = _tiles(_make_dot, DOT_COMBOS, _itemsize(dtype))
 
-
-@njit(inline="always", cache=True)
-def dot_tile(combo, f32, a, arow, b, ldb, S, c, ldc, add):
-    """Run dot tile DOT_COMBOS[combo] in float32 (``f32``) or float64. Addresses are uint64."""
-    if f32:
+    def impl(combo, dtype, a, arow, b, ldb, S, c, ldc, add):
         if combo == 0:
-            _ds0(a, arow, b, ldb, S, c, ldc, add)
+            t0(a, arow, b, ldb, S, c, ldc, add)
         elif combo == 1:
-            _ds1(a, arow, b, ldb, S, c, ldc, add)
+            t1(a, arow, b, ldb, S, c, ldc, add)
         elif combo == 2:
-            _ds2(a, arow, b, ldb, S, c, ldc, add)
+            t2(a, arow, b, ldb, S, c, ldc, add)
         else:
-            _ds3(a, arow, b, ldb, S, c, ldc, add)
-    elif combo == 0:
-        _dd0(a, arow, b, ldb, S, c, ldc, add)
-    elif combo == 1:
-        _dd1(a, arow, b, ldb, S, c, ldc, add)
-    elif combo == 2:
-        _dd2(a, arow, b, ldb, S, c, ldc, add)
-    else:
-        _dd3(a, arow, b, ldb, S, c, ldc, add)
+            t3(a, arow, b, ldb, S, c, ldc, add)
+
+    return impl
 
 
 _DMR = tuple(mr for mr, _ in DOT_COMBOS)
