@@ -189,9 +189,11 @@ def save_checkpoint(
     rng: np.random.Generator,
     history: dict | None = None,
     meta: dict | None = None,
+    scheduler: Any = None,
 ) -> None:
     """Everything a resumed run needs, written atomically: model, optimizer state, completed
-    epochs, the loop's generator and the model's own generators (Dropout), and the history."""
+    epochs, the loop's generator and the model's own generators (Dropout), the history, and
+    the learning-rate scheduler's state when one is given."""
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -211,14 +213,21 @@ def save_checkpoint(
         optim_scalars=scalars,
         history=history or {},
     )
+    if scheduler is not None:
+        info["scheduler"] = {"type": type(scheduler).__name__, "state": scheduler.state_dict()}
     arrays["__meta__"] = np.array(json.dumps(info))
     _atomic_savez(path, arrays)
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: Layer, optimizer: Optimizer, rng: np.random.Generator
+    path: str | os.PathLike,
+    model: Layer,
+    optimizer: Optimizer,
+    rng: np.random.Generator,
+    scheduler: Any = None,
 ) -> dict:
-    """Restore a ``save_checkpoint`` file into model, optimizer and generators; returns meta."""
+    """Restore a ``save_checkpoint`` file into model, optimizer, generators and, when given, the
+    learning-rate scheduler (which must be of the saved type); returns meta."""
     with np.load(path, allow_pickle=False) as f:
         meta = json.loads(str(f["__meta__"]))
         model_state = {k[len("model/") :]: f[k] for k in f.files if k.startswith("model/")}
@@ -232,6 +241,13 @@ def load_checkpoint(
             f"{path}: checkpoint holds a {meta.get('optim_type')} optimizer state, "
             f"not {type(optimizer).__name__}"
         )
+    saved_sched = meta.get("scheduler")
+    if scheduler is not None and (saved_sched or {}).get("type") != type(scheduler).__name__:
+        held = f"a {saved_sched['type']}" if saved_sched else "no"
+        raise ValueError(
+            f"{path}: checkpoint holds {held} learning-rate scheduler state, "
+            f"not {type(scheduler).__name__}"
+        )
     for i, s in meta["optim_scalars"].items():
         opt_state.setdefault(int(i), {}).update(s)
     model.load_state_dict(model_state)
@@ -244,10 +260,61 @@ def load_checkpoint(
     for k, st in meta["layer_rngs"].items():
         if k in gens:
             gens[k].bit_generator.state = st
+    if scheduler is not None:
+        scheduler.load_state_dict(saved_sched["state"])
     return meta
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def _check_scheduler(optimizer: Optimizer, scheduler: Any, interval: str, lr_decay: float) -> bool:
+    """fit's scheduler arguments; returns True when the scheduler steps once per batch."""
+    from .lr_scheduler import LRScheduler, per_batch
+
+    if interval not in ("auto", "epoch", "step"):
+        raise ValueError(
+            f"fit: scheduler_interval must be 'auto', 'epoch' or 'step'; got {interval!r}"
+        )
+    if scheduler is None:
+        return False
+    if not isinstance(scheduler, LRScheduler):
+        raise TypeError(
+            "fit: scheduler must be a fc.optim.lr_scheduler scheduler; "
+            f"got {type(scheduler).__name__}"
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ValueError(f"fit: the {type(scheduler).__name__} drives another optimizer")
+    if lr_decay != 1.0:
+        raise ValueError(
+            f"fit: lr_decay={lr_decay} and a scheduler both set the learning rate; "
+            "use one (lr_decay is ExponentialLR(optimizer, gamma=lr_decay))"
+        )
+    return per_batch(scheduler) if interval == "auto" else interval == "step"
+
+
+def steps_per_epoch(
+    n: int, batch_size: int, augment: str | None = None, max_steps: int | None = None
+) -> int:
+    """Batches in one of fit's epochs over ``n`` images (what a per-batch schedule such as
+    OneCycleLR needs: ``total_steps = epochs * steps_per_epoch(...)``)."""
+    n = 5 * n if augment == "expand" else n
+    steps = -(-n // batch_size)
+    return steps if max_steps is None else min(steps, int(max_steps))
+
+
+def _check_cycle_length(scheduler: Any, steps: int) -> None:
+    """A OneCycleLR must last the run: say so before training rather than after hours."""
+    from .lr_scheduler import OneCycleLR
+
+    if isinstance(scheduler, OneCycleLR):
+        left = scheduler.total_steps - scheduler.last_epoch
+        if steps > left:
+            raise ValueError(
+                f"fit: the run takes {steps} more steps but the OneCycleLR has {left} left "
+                f"(total_steps={scheduler.total_steps}); build it with "
+                "total_steps = epochs * training.steps_per_epoch(...)"
+            )
 
 
 def fit(
@@ -263,6 +330,8 @@ def fit(
     mean: float = STATS["digits"][0],
     std: float = STATS["digits"][1],
     lr_decay: float = 1.0,
+    scheduler: Any = None,
+    scheduler_interval: str = "auto",
     loss_fn: Any = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
@@ -270,6 +339,7 @@ def fit(
     max_steps: int | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] | None = print,
+    distributed: Any = None,
 ) -> dict[str, list]:
     """Train ``model`` with mini-batch ``optimizer`` steps; evaluate on ``test`` after each epoch.
 
@@ -280,15 +350,23 @@ def fit(
         augment: None | "shift" (random +-2 px per image per epoch) | "expand" (Nielsen's
             expanded data: each image plus its four 1-px shifts, 5x the epoch).
         mean, std: input normalisation (``STATS``).
-        lr_decay: learning rate multiplied by this after every epoch.
+        lr_decay: learning rate multiplied by this after every epoch (without a scheduler).
+        scheduler: a ``fc.optim.lr_scheduler`` scheduler on ``optimizer``, stepped after the
+            optimizer as in PyTorch; saved in and restored from checkpoints.
+        scheduler_interval: "epoch" (step it after every epoch), "step" (after every batch)
+            or "auto": "step" for a OneCycleLR (or a chain/sequence holding one), else "epoch".
         checkpoint: file written atomically after every epoch; with ``resume`` and an existing
             file, training continues from it (model, optimizer, epoch, generators, history).
         max_steps: stop each epoch after this many batches (smoke tests).
         on_epoch_end: called with (epoch, history) after each epoch.
+        distributed: a ``fastconv.distributed.DataParallel``: ``batch_size`` is the global
+            batch, each rank trains on its slice, gradients are summed over the ranks, the
+            metrics and the evaluation are reduced; rank 0 alone logs and writes the checkpoint.
 
     Returns:
         History: lists per epoch of train_loss, train_accuracy, test_loss, test_accuracy,
-        seconds (training time of the epoch) and images_per_second.
+        seconds (training time of the epoch), images_per_second and lr (the learning rate at
+        the epoch's first step).
     """
     from tqdm.auto import tqdm
 
@@ -301,6 +379,7 @@ def fit(
     x_train, y_train = train
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise ValueError(f"fit: {len(x_train)} training images for {len(y_train)} labels")
+    per_batch = _check_scheduler(optimizer, scheduler, scheduler_interval, lr_decay)
     gen = _init.spawn(rng) if not isinstance(rng, np.random.Generator) else rng
     loss_fn = loss_fn or CrossEntropyLoss()
     dtype = _model_dtype(model)
@@ -314,22 +393,32 @@ def fit(
     )
     history: dict[str, list] = {k: [] for k in keys}
     base_lr, start = optimizer.lr, 0
+    dp = distributed
+    if dp is not None and not dp.is_root:
+        progress, log = False, None
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        meta = load_checkpoint(checkpoint, model, optimizer, gen)
+        meta = load_checkpoint(checkpoint, model, optimizer, gen, scheduler)
         start, history = int(meta["epoch"]), meta["history"] or history
         base_lr = meta.get("base_lr", base_lr)
         if log:
             log(f"resumed from {checkpoint} after epoch {start}")
+    if dp is not None:  # rank 0's generators (and, after a resume, its state) everywhere
+        dp.start(gen, resumed=start > 0)
     if augment == "expand":
         x_train, y_train = expand_shifted(x_train, y_train)
     n = len(x_train)
     steps = -(-n // batch_size)
     if max_steps is not None:
         steps = min(steps, int(max_steps))
+    if per_batch:
+        _check_cycle_length(scheduler, (epochs - start) * steps)
+    history.setdefault("lr", [])
     model.train()
     _jit_notice.arm()  # says so on stderr if compiling kernels holds up the first steps
     for epoch in range(start, epochs):
-        optimizer.lr = base_lr * lr_decay**epoch
+        if scheduler is None:
+            optimizer.lr = base_lr * lr_decay**epoch
+        history["lr"].append(optimizer.lr)
         order = gen.permutation(n)
         seen, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(
@@ -345,34 +434,47 @@ def fit(
             idx = order[step * batch_size : (step + 1) * batch_size]
             xb = x_train[idx]
             if augment == "shift":
-                xb = random_shift(xb, gen, 2)
-            xb = normalize(xb, mean, std, dtype)
-            yb = np.ascontiguousarray(y_train[idx], dtype=np.int64)
-            logits = model(_place(model, xb))
-            loss = loss_fn(logits, yb)
+                xb = random_shift(xb, gen, 2)  # the global batch: the same draws on every rank
+            n_global = len(idx)
+            if dp is not None:  # this rank's slice of the global batch
+                part = dp.shard(n_global)
+                idx, xb = idx[part], xb[part]
             optimizer.zero_grad()
-            loss.backward()
+            if len(idx):  # a short last batch may leave a rank with nothing
+                xb = normalize(xb, mean, std, dtype)
+                yb = np.ascontiguousarray(y_train[idx], dtype=np.int64)
+                logits = model(_place(model, xb))
+                loss = loss_fn(logits, yb)
+                loss.backward()
+            if dp is not None:  # one Allreduce: the gradient of the global batch's mean loss
+                dp.sync_gradients(len(idx), n_global)
             optimizer.step()
-            seen += len(idx)
-            loss_sum += float(loss) * len(idx)
-            correct += int((logits.numpy().argmax(axis=1) == yb).sum())
+            if per_batch:
+                scheduler.step()
+            if len(idx):
+                seen += len(idx)
+                loss_sum += float(loss) * len(idx)
+                correct += int((logits.numpy().argmax(axis=1) == yb).sum())
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(
-                    loss=f"{loss_sum / seen:.4f}",
-                    acc=f"{correct / seen:.4f}",
+                    loss=f"{loss_sum / max(seen, 1):.4f}",
+                    acc=f"{correct / max(seen, 1):.4f}",
                     img_s=f"{rate:.0f}",
                     refresh=False,
                 )
         seconds = time.perf_counter() - t0
         bar.close()
+        if dp is not None:  # global sums; BatchNorm running statistics averaged over ranks
+            seen, loss_sum, correct = dp.end_epoch(seen, loss_sum, correct)
         history["train_loss"].append(loss_sum / seen)
         history["train_accuracy"].append(correct / seen)
         history["seconds"].append(seconds)
         history["images_per_second"].append(seen / seconds)
         if test is not None:
-            tl, ta = evaluate(model, test[0], test[1], mean=mean, std=std)
+            ev = evaluate if dp is None else dp.evaluate  # sharded and reduced
+            tl, ta = ev(model, test[0], test[1], mean=mean, std=std)
         else:
             tl, ta = float("nan"), float("nan")
         history["test_loss"].append(tl)
@@ -383,9 +485,18 @@ def fit(
                 f"acc {correct / seen:.4f} | test loss {tl:.4f} acc {ta:.4f} | "
                 f"{seconds:.1f} s, {seen / seconds:.0f} img/s"
             )
-        if checkpoint is not None:
+        if scheduler is not None and not per_batch:
+            scheduler.step()
+        if checkpoint is not None and (dp is None or dp.is_root):
             save_checkpoint(
-                checkpoint, model, optimizer, epoch + 1, gen, history, meta={"base_lr": base_lr}
+                checkpoint,
+                model,
+                optimizer,
+                epoch + 1,
+                gen,
+                history,
+                meta={"base_lr": base_lr},
+                scheduler=scheduler,
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
@@ -403,4 +514,5 @@ __all__ = [
     "random_shift",
     "save_checkpoint",
     "save_model",
+    "steps_per_epoch",
 ]

@@ -257,3 +257,121 @@ def test_fit_max_steps_and_expand():
     )
     assert seen == [1] and np.isnan(hist["test_accuracy"][0])
     assert hist["images_per_second"][0] > 0
+
+
+def _fit_with(scheduler_fn, epochs=3, checkpoint=None, resume=False, **kw):
+    x, y = synthetic(48)
+    model = models.lenet5(rng=0)
+    opt = fc.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = scheduler_fn(opt)
+    # one fixed algorithm: these runs compare schedules, not the autotuner's per-run choices
+    with fc.using(algorithm="direct"):
+        hist = training.fit(
+            model,
+            opt,
+            (x, y),
+            epochs=epochs,
+            batch_size=16,
+            rng=0,
+            scheduler=sched,
+            checkpoint=checkpoint,
+            resume=resume,
+            progress=False,
+            log=None,
+            **kw,
+        )
+    return model, opt, sched, hist
+
+
+def test_fit_steps_an_epoch_scheduler_after_each_epoch():
+    ls = fc.optim.lr_scheduler
+    _, opt, sched, hist = _fit_with(lambda o: ls.StepLR(o, step_size=2, gamma=0.5), epochs=5)
+    assert hist["lr"] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert sched.last_epoch == 5 and opt.lr == 0.025
+
+
+def test_fit_steps_onecycle_after_each_batch():
+    ls = fc.optim.lr_scheduler
+    steps = training.steps_per_epoch(48, 16)
+    assert steps == 3 and training.steps_per_epoch(48, 16, "expand", max_steps=7) == 7
+
+    def make(o):
+        return ls.OneCycleLR(o, max_lr=0.2, epochs=2, steps_per_epoch=steps)
+
+    _, opt, sched, hist = _fit_with(make, epochs=2)
+    ref = make(fc.optim.SGD([fc.Parameter(np.zeros(1))], lr=0.1, momentum=0.9))
+    lrs = [ref.get_last_lr()[0]]
+    for _ in range(6):
+        ref.step()
+        lrs.append(ref.get_last_lr()[0])
+    assert sched.last_epoch == 6 and hist["lr"] == [lrs[0], lrs[3]]
+    assert opt.lr == lrs[-1] and opt.momentum == ref.optimizer.momentum
+    # the same schedule stepped per epoch instead: two steps in all
+    _, _, sched, _ = _fit_with(make, epochs=2, scheduler_interval="epoch")
+    assert sched.last_epoch == 2
+
+
+def test_resume_with_a_scheduler_matches_an_uninterrupted_run(tmp_path):
+    ls = fc.optim.lr_scheduler
+
+    def make(o):
+        warm = ls.LinearLR(o, start_factor=0.2, total_iters=2)
+        return ls.SequentialLR(o, [warm, ls.CosineAnnealingLR(o, T_max=2)], milestones=[2])
+
+    full, opt_full, sched_full, hist_full = _fit_with(make, epochs=4)
+    ckpt = tmp_path / "ckpt.npz"
+    _fit_with(make, epochs=3, checkpoint=ckpt)  # "interrupted" after epoch 3
+    resumed, opt, sched, hist = _fit_with(make, epochs=4, checkpoint=ckpt, resume=True)
+    for (name, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+    assert hist["lr"] == hist_full["lr"] and hist["train_loss"] == hist_full["train_loss"]
+    assert sched.state_dict() == sched_full.state_dict() and opt.lr == opt_full.lr
+
+
+def test_resume_of_a_onecycle_run_keeps_its_momentum(tmp_path):
+    ls = fc.optim.lr_scheduler
+
+    def make(o):
+        return ls.OneCycleLR(o, max_lr=0.2, total_steps=9)
+
+    full, opt_full, _, hist_full = _fit_with(make, epochs=3)
+    ckpt = tmp_path / "ckpt.npz"
+    _fit_with(make, epochs=1, checkpoint=ckpt)
+    resumed, opt, sched, hist = _fit_with(make, epochs=3, checkpoint=ckpt, resume=True)
+    np.testing.assert_array_equal(full[0].weight.data, resumed[0].weight.data)
+    assert hist["lr"] == hist_full["lr"] and sched.last_epoch == 9
+    assert (opt.lr, opt.momentum) == (opt_full.lr, opt_full.momentum)
+
+
+def test_fit_scheduler_errors(tmp_path):
+    ls = fc.optim.lr_scheduler
+    x, y = synthetic(16)
+    model = models.lenet5(rng=0)
+    opt = fc.optim.SGD(model.parameters(), lr=0.1)
+    other = fc.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"epochs": 2, "batch_size": 8, "progress": False, "log": None}
+    with pytest.raises(ValueError, match=r"fit: lr_decay=0.9 and a scheduler both set"):
+        training.fit(model, opt, (x, y), scheduler=ls.StepLR(opt, 1), lr_decay=0.9, **kw)
+    with pytest.raises(ValueError, match=r"fit: the StepLR drives another optimizer"):
+        training.fit(model, opt, (x, y), scheduler=ls.StepLR(other, 1), **kw)
+    with pytest.raises(TypeError, match=r"fit: scheduler must be a fc.optim.lr_scheduler"):
+        training.fit(model, opt, (x, y), scheduler="cosine", **kw)
+    with pytest.raises(ValueError, match=r"fit: scheduler_interval must be"):
+        training.fit(model, opt, (x, y), scheduler_interval="batch", **kw)
+    short = ls.OneCycleLR(opt, max_lr=0.1, total_steps=3)
+    with pytest.raises(ValueError, match=r"fit: the run takes 4 more steps but the OneCycleLR"):
+        training.fit(model, opt, (x, y), scheduler=short, **kw)
+    # a checkpoint without a scheduler cannot resume one, nor one of another type
+    ckpt = tmp_path / "c.npz"
+    training.fit(model, opt, (x, y), checkpoint=ckpt, **{**kw, "epochs": 1})
+    with pytest.raises(ValueError, match=r"holds no learning-rate scheduler state, not StepLR"):
+        training.fit(
+            model, opt, (x, y), scheduler=ls.StepLR(opt, 1), checkpoint=ckpt, resume=True, **kw
+        )
+    training.fit(
+        model, opt, (x, y), scheduler=ls.StepLR(opt, 1), checkpoint=ckpt, **{**kw, "epochs": 1}
+    )
+    with pytest.raises(ValueError, match=r"holds a StepLR learning-rate scheduler state, not Exp"):
+        training.load_checkpoint(
+            ckpt, model, opt, np.random.default_rng(), ls.ExponentialLR(opt, 0.5)
+        )
