@@ -174,8 +174,8 @@ def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
 
 def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     """A fused conv + ReLU + max-pool is tuned as such, forward and backward: its own keys
-    (the fusion in them), candidates that run the fused op, and each candidate's buffers kept
-    across its timed calls; the candidates are called in turns."""
+    (the fusion in them), candidates that run the fused op, and the timed backward
+    candidates leave the op's context alone; the candidates are called in turns."""
     from fastconv import autotune
 
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "eager")
@@ -196,17 +196,17 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     monkeypatch.setattr(autotune, "measure", spy)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
-    saved = {}
-    y = fc.conv2d(x, w, activation="relu", pool=2, saved=saved)
+    xt, wt = fc.Tensor(x, requires_grad=True), fc.Tensor(w, requires_grad=True)
+    y = fc.conv2d_relu_maxpool(xt, wt, None, pool=2)
     gy = rng.standard_normal(y.shape)
-    fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved)
+    y.backward(gy, retain_graph=True)  # keep the context to look at below
     keys = sorted(autotune._read(autotune.cache_path()))
     assert len(keys) == 2 and all("+relu+pool2x2" in k for k in keys), keys
     assert rounds == [["direct", "im2col"]] * 2
     # warm-up calls first, then the two candidates alternate
     per_op = len(order) // 2
     assert order[:per_op] == ["im2col", "direct"] * (per_op // 2)
-    assert saved["pool"][0] is y  # the caller's dict still holds its own forward call
+    assert y._node.ctx.scratch["pool"][0] is y.data  # the op's context holds its own call
 
 
 def test_autotune_deferred_keeps_the_heuristic_and_tunes_for_later(tune_dir, monkeypatch):

@@ -85,26 +85,17 @@ CONV_CASES = [
         TypeError,
         r"conv2d: x must be a NumPy array or a CUDA device array; got list",
     ),
-    (
-        dict(activation="sigmoid"),
-        ValueError,
-        r"conv2d: activation must be None or 'relu'; got 'sigmoid'",
-    ),
-    (
-        dict(pool=0),
-        ValueError,
-        r"conv2d: pool must be positive; got pool=0",
-    ),
-    (
-        dict(pool=(2, 2, 2)),
-        TypeError,
-        r"conv2d: pool must be an int or a pair",
-    ),
+]
+
+# The fused op's own rules (its pooling window); named after the fused op.
+FUSED_POOL_CASES = [
+    (dict(pool=0), ValueError, r"conv2d_relu_maxpool: pool must be positive; got pool=0"),
+    (dict(pool=(2, 2, 2)), TypeError, r"conv2d_relu_maxpool: pool must be an int or a pair"),
     (
         dict(pool=9),
         ValueError,
-        r"conv2d: the pooling window pool=\(9, 9\) is larger than the convolution output "
-        r"\(6x6\); x.shape=\(2, 3, 8, 8\)",
+        r"conv2d_relu_maxpool: the pooling window pool=\(9, 9\) is larger than the convolution "
+        r"output \(6x6\); x.shape=\(2, 3, 8, 8\)",
     ),
 ]
 
@@ -115,6 +106,14 @@ def test_conv2d_errors(case, exc, pattern):
     args.update(case)
     with pytest.raises(exc, match=pattern):
         fc.conv2d(**args)
+
+
+@pytest.mark.parametrize("case,exc,pattern", FUSED_POOL_CASES)
+def test_conv2d_relu_maxpool_errors(case, exc, pattern):
+    args = dict(x=X, weight=W, bias=None)
+    args.update(case)
+    with pytest.raises(exc, match=pattern):
+        fc.conv2d_relu_maxpool(**args)
 
 
 def test_conv2d_backward_errors():
@@ -208,26 +207,28 @@ def test_bad_backend_and_algorithm():
         fc.max_pool2d(X, 2, backend="tpu")
 
 
-def test_conv2d_backward_fused_errors():
-    """The fused backward needs the forward call's saved dict, for this very x and the same
-    arguments, and says so before any kernel runs."""
+def test_conv2d_relu_maxpool_backward_errors():
+    """The fused op's backward runs on the tape only: it needs a recorded forward call, a
+    gradient of the pooled output's shape and dtype, and runs once per recorded call; each
+    says so before any kernel runs."""
     x = np.random.default_rng(0).standard_normal((2, 1, 6, 6))
     w = np.ones((3, 1, 3, 3))
     gy = np.ones((2, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"needs the saved dict .*got saved=None"):
-        fc.conv2d_backward(gy, x, w, activation="relu", pool=2)
-    saved = {}
-    fc.conv2d(x, w, None, activation="relu", pool=2, saved=saved)
-    with pytest.raises(ValueError, match=r"without a matching forward call"):
-        fc.conv2d_backward(gy, x.copy(), w, activation="relu", pool=2, saved=saved)
-    with pytest.raises(ValueError, match=r"without a matching forward call"):
-        fc.conv2d_backward(gy, x, w, pool=2, saved=saved)  # forward had the ReLU
-    with pytest.raises(ValueError, match=r"grad_y"):
-        fc.conv2d_backward(np.ones((2, 3, 4, 4)), x, w, activation="relu", pool=2, saved=saved)
-    with pytest.raises(ValueError, match=r"activation='relu' needs pool"):
-        fc.conv2d_backward(np.ones((2, 3, 4, 4)), x, w, activation="relu", saved=saved)
-    with pytest.raises(ValueError, match=r"ran on backend 'cpu'.*cannot serve backend 'reference'"):
-        fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved, backend="reference")
-    fc.conv2d(x, w, None, saved=saved)  # a later unfused call on the same dict
-    with pytest.raises(ValueError, match=r"without a matching forward call"):
-        fc.conv2d_backward(gy, x, w, activation="relu", pool=2, saved=saved)
+    y = fc.conv2d_relu_maxpool(fc.Tensor(x), fc.Tensor(w), None, pool=2)  # nothing recorded
+    with pytest.raises(RuntimeError, match=r"does not require a gradient and has no recorded op"):
+        y.backward(gy)
+    wt = fc.Tensor(w, requires_grad=True)
+    y = fc.conv2d_relu_maxpool(fc.Tensor(x), wt, None, pool=2)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "backward: grad must match the Tensor: shape (2, 3, 2, 2), dtype float64; "
+            "got shape (2, 3, 4, 4), dtype float64"
+        ),
+    ):
+        y.backward(np.ones((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 2, 2\), dtype float32"):
+        y.backward(gy.astype(np.float32))
+    y.backward(gy)
+    with pytest.raises(RuntimeError, match=r"through conv2d_relu_maxpool was already freed"):
+        y.backward(gy)

@@ -21,47 +21,56 @@ def rnd(shape, seed=0, scale=1.0):
 # --------------------------------------------------------------------------- losses
 
 
-def test_cross_entropy_loss_returns_float_and_gradient():
+def test_cross_entropy_loss_returns_scalar_tensor_and_gradient():
     z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
     labels = np.array([0, 2])
     loss_fn = fc.CrossEntropyLoss()
-    loss = loss_fn(z, labels)
-    assert isinstance(loss, float)
+    zt = fc.Tensor(z, requires_grad=True)
+    loss = loss_fn(zt, labels)
+    assert isinstance(loss, fc.Tensor) and loss.shape == () and loss.dtype == np.float64
+    assert isinstance(float(loss), float)
     # by hand: -log softmax(z)[label], averaged
     sm = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    assert loss == pytest.approx(-(np.log(sm[0, 0]) + np.log(sm[1, 2])) / 2, rel=1e-12)
-    grad = loss_fn.backward()
+    assert float(loss) == pytest.approx(-(np.log(sm[0, 0]) + np.log(sm[1, 2])) / 2, rel=1e-12)
+    loss.backward()
     expected = sm.copy()
     expected[[0, 1], labels] -= 1
-    np.testing.assert_allclose(grad, expected / 2, rtol=1e-12)
+    np.testing.assert_allclose(zt.grad, expected / 2, rtol=1e-12)
 
 
 def test_cross_entropy_loss_matches_torch():
     torch = pytest.importorskip("torch")
     z, labels = rnd((16, 10), scale=5).astype(np.float32), np.arange(16) % 10
     loss_fn = fc.CrossEntropyLoss()
-    loss = loss_fn(z, labels)
+    zf = fc.Tensor(z, requires_grad=True)
+    loss = loss_fn(zf, labels)
     zt = torch.from_numpy(z).requires_grad_()
     lt = torch.nn.CrossEntropyLoss()(zt, torch.from_numpy(labels))
     lt.backward()
-    assert loss == pytest.approx(lt.item(), rel=1e-5)
-    np.testing.assert_allclose(loss_fn.backward(), zt.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert float(loss) == pytest.approx(lt.item(), rel=1e-5)
+    loss.backward()
+    np.testing.assert_allclose(zf.grad, zt.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_mse_loss_matches_hand_computation_and_torch():
     p, t = np.array([[1.0, 2.0], [3.0, 5.0]]), np.array([[1.5, 2.0], [2.0, 5.0]])
     loss_fn = fc.MSELoss()
-    assert loss_fn(p, t) == pytest.approx((0.25 + 1.0) / 4)
-    np.testing.assert_allclose(loss_fn.backward(), 2 * (p - t) / 4)
+    pf = fc.Tensor(p, requires_grad=True)
+    loss = loss_fn(pf, t)
+    assert float(loss) == pytest.approx((0.25 + 1.0) / 4)
+    loss.backward()
+    np.testing.assert_allclose(pf.grad, 2 * (p - t) / 4)
     torch = pytest.importorskip("torch")
     pt = torch.from_numpy(p).requires_grad_()
     torch.nn.MSELoss()(pt, torch.from_numpy(t)).backward()
-    np.testing.assert_allclose(loss_fn.backward(), pt.grad.numpy())
+    np.testing.assert_allclose(pf.grad, pt.grad.numpy())
 
 
-def test_loss_backward_before_call_is_a_clear_error():
-    with pytest.raises(RuntimeError, match=r"CrossEntropyLoss.backward called before"):
-        fc.CrossEntropyLoss().backward()
+def test_loss_backward_without_a_recorded_graph_is_a_clear_error():
+    """A loss of logits that require no gradient has nothing to run backward through."""
+    loss = fc.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0, 1]))
+    with pytest.raises(RuntimeError, match=r"does not require a gradient and has no recorded op"):
+        loss.backward()
     assert repr(fc.MSELoss()) == "MSELoss()"
 
 
@@ -296,13 +305,13 @@ def test_a_model_learns_with_every_optimizer():
         )
         opt = getattr(fc.optim, name)(model.parameters(), **kw)
         loss_fn = fc.CrossEntropyLoss()
-        first = loss_fn(model(x), y)
+        first = float(loss_fn(model(x), y))
         for _ in range(50):
-            loss_fn(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad()
-            model.backward(loss_fn.backward())
+            loss.backward()
             opt.step()
-        assert loss_fn(model(x), y) < 0.5 * first, name
+        assert float(loss_fn(model(x), y)) < 0.5 * first, name
 
 
 # --------------------------------------------------------------------------- initialisers

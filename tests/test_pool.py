@@ -160,8 +160,9 @@ def test_pool_non_contiguous_input():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["overlap_3s2p1", "ceil_mode", "lenet_2x2"])
 def test_max_pool_saved_argmax_matches_oracle(name, dtype):
-    """The forward pass may keep each window's argmax in ``saved``; the backward pass then only
-    scatters. Used only for the very same x object; the gradients stay the oracle's."""
+    """Recorded on the tape, the forward pass keeps each window's argmax in the op's context;
+    the backward pass then only scatters. Used only for the very same x object; the gradients
+    stay the oracle's."""
     cfg = NAMED[name]
     p = dict(
         kernel_size=cfg["kernel_size"],
@@ -172,14 +173,17 @@ def test_max_pool_saved_argmax_matches_oracle(name, dtype):
     rng = np.random.default_rng(5)
     x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
     x[0, 0, :2, :2] = 1.0  # a tie: the first maximum must win here too
-    saved = {}
-    y = fc.max_pool2d(x, **p, backend="cpu", saved=saved)
-    assert_close(y, reference.max_pool2d(x, **p), dtype)
-    assert saved["x"] is x
+    xt = fc.Tensor(x, requires_grad=True)
+    y = fc.max_pool2d(xt, **p, backend="cpu")
+    assert_close(y.numpy(), reference.max_pool2d(x, **p), dtype)
+    node = y._node
+    assert node.ctx.scratch["x"] is x
     gy = rng.standard_normal(y.shape).astype(dtype)
-    for _ in range(2):
-        gx = fc.max_pool2d_backward(gy, x, **p, backend="cpu", saved=saved)
-        assert_close(gx, reference.max_pool2d_backward(gy, x, **p), dtype)
-    x2 = rng.standard_normal(x.shape).astype(dtype)  # another input: searched afresh
-    gx2 = fc.max_pool2d_backward(gy, x2, **p, backend="cpu", saved=saved)
+    for _ in range(2):  # twice: the kept argmax is reused, not consumed
+        xt.grad = None
+        y.backward(gy, retain_graph=True)
+        assert_close(xt.grad, reference.max_pool2d_backward(gy, x, **p), dtype)
+    # the recorded backward given another input: searched afresh
+    x2 = rng.standard_normal(x.shape).astype(dtype)
+    (gx2,) = node.backward(gy, node.ctx._replace(x=x2), node.needs)
     assert_close(gx2, reference.max_pool2d_backward(gy, x2, **p), dtype)
