@@ -194,6 +194,17 @@ from .tensor import GradcheckError, Tensor, enable_grad, gradcheck, no_grad  # n
 from . import nn, ops  # noqa: E402
 
 
+_LAZY = ("onnx",)  # optional extras: imported on first use, never by ``import fastconv``
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastconv' has no attribute {name!r}")
+
+
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
     """A Tensor from data (``torch.tensor``'s habit)."""
     return Tensor(data, requires_grad=requires_grad, dtype=dtype)

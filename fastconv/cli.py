@@ -104,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over MPI ranks (run under mpiexec -n N; needs the 'mpi' extra): "
+        "--batch-size is the global batch; rank 0 prints and writes",
+    )
+    t.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K members (seeds seed..seed+K-1; with --distributed one per rank group) "
+        "and evaluate their averaged softmax",
+    )
+    t.add_argument(
         "--plot-dir",
         default=None,
         help="write training curves, first-layer filters and feature maps (PNG; "
@@ -167,6 +181,10 @@ def _backend_context(args):
 def cmd_train(args) -> int:
     from . import models, optim, training
 
+    if getattr(args, "distributed", False) or getattr(args, "ensemble", 1) != 1:
+        from .distributed import train_command
+
+        return train_command(args)
     args.model = args.model or "lenet5"
     args.dataset = args.dataset or "mnist"
     if args.resume and not args.checkpoint:

@@ -642,6 +642,7 @@ class BNCtx(NamedTuple):
     mean: Array
     invstd: Array
     training: bool
+    a: BNAttrs | None = None  # running statistics and eps, for an exporter reading the tape
 
 
 def _check_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps, keep):
@@ -668,7 +669,7 @@ def batch_norm_forward(m, x, w, b, a):
     y, mean, invstd = m.batch_norm2d(
         x, w, b, a.running_mean, a.running_var, a.training, a.momentum, a.eps
     )
-    return (y, mean, invstd), BNCtx(x, w, mean, invstd, a.training)
+    return (y, mean, invstd), BNCtx(x, w, mean, invstd, a.training, a)
 
 
 def batch_norm_backward(m, gy, ctx, needs):
