@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -121,13 +122,14 @@ def abort_on_error(comm: Any = None) -> Iterator[None]:
             raise
         comm = comm if comm is not None else world()
         if comm.Get_size() > 1:
-            traceback.print_exc()
-            print(
-                f"fastconv: rank {comm.Get_rank()} of {comm.Get_size()} failed "
-                f"({type(e).__name__}: {e}); aborting every rank",
-                file=sys.stderr,
-                flush=True,
+            sys.stdout.flush()
+            sys.stderr.write(
+                traceback.format_exc()
+                + f"fastconv: rank {comm.Get_rank()} of {comm.Get_size()} failed "
+                f"({type(e).__name__}: {e}); aborting every rank\n"
             )
+            sys.stderr.flush()
+            time.sleep(0.5)  # lets the launcher forward the message before it kills the ranks
             comm.Abort(1)
         raise
 
@@ -421,8 +423,6 @@ def _nullcontext() -> Iterator[None]:
 
 
 def _train(args: Any, comm: Any) -> int:
-    import time
-
     from . import cli, models, training
 
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)

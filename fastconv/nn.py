@@ -367,7 +367,8 @@ class Module:
                     f"{who}: {key} has shape {tuple(value.shape)} in the state dict "
                     f"but {tuple(cur.shape)} in the model"
                 )
-            value = np.ascontiguousarray(value, dtype=np.dtype(cur.dtype))
+            # reshape: ascontiguousarray makes a 0-d array (num_batches_tracked) 1-d
+            value = np.ascontiguousarray(value, dtype=np.dtype(cur.dtype)).reshape(value.shape)
             staged.append((owner, name, kind, _device.like(cur, value)))
         for owner, name, kind, value in staged:
             if kind == "param":
