@@ -190,12 +190,12 @@ from .nn import (  # noqa: E402
     Softmax,
     Tanh,
 )
-from .summary import summary  # noqa: E402  (fc.summary is the function)
 from .tensor import GradcheckError, Tensor, enable_grad, gradcheck, no_grad  # noqa: E402
 from . import nn, ops  # noqa: E402
 
 
-_LAZY = ("onnx", "distributed")  # optional extras: imported on first use, never by ``import fastconv``
+# optional extras: imported on first use, never by ``import fastconv``
+_LAZY = ("onnx", "distributed")
 
 
 def __getattr__(name: str):
