@@ -844,6 +844,8 @@ def to(x: Input, target: Any) -> Any:
     """x on "cpu" | "cuda" or cast to float32 | float64 (the gradient moves back)."""
     if isinstance(target, str):
         device, dtype = target, None
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"to: device must be 'cpu' or 'cuda'; got {device!r}")
     else:
         device, dtype = None, target
     xa = x.data if isinstance(x, Tensor) else x

@@ -724,10 +724,9 @@ def _scalar(loss: float, like: Array) -> np.ndarray:
 
 
 def _scaled(m, grad, gy):
-    """grad * gy for the scalar gradient gy of a loss (no pass when gy is 1)."""
+    """grad * gy for the scalar gradient gy of a loss: a new array, so the context's own
+    gradient never becomes a leaf's .grad (retain_graph would hand it out again)."""
     s = float(np.asarray(_device.to_host(gy)).reshape(()))
-    if s == 1.0:
-        return grad
     if _on_device([grad]):
         return m.scale(grad, s)
     return grad * grad.dtype.type(s)
@@ -971,7 +970,7 @@ def reduce_backward(m, g, ctx, needs):
     g = np.asarray(g).reshape(kept)
     if a.mean:
         g = g * g.dtype.type(1.0 / count)
-    return (np.ascontiguousarray(np.broadcast_to(g, shape)),)
+    return (np.array(np.broadcast_to(g, shape)),)  # a copy: 0-d stays 0-d
 
 
 declare("sum", _check_reduce("sum"))
@@ -1028,7 +1027,11 @@ class IndexCtx(NamedTuple):
 
 def getitem_forward(m, x, a):
     out = x[a.index]
-    out = m.contiguous(out) if _on_device([x]) else np.ascontiguousarray(out)
+    if _on_device([x]):
+        out = m.contiguous(out)
+    else:  # an int on every axis gives a NumPy scalar: keep it 0-d
+        out = np.asarray(out)
+        out = np.ascontiguousarray(out) if out.ndim else out.copy()
     return out, IndexCtx(_shape(x), a.index)
 
 

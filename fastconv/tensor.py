@@ -368,16 +368,23 @@ def _topological(root: Node) -> list[Node]:
     return order
 
 
+def _buffer(a: Array) -> int:
+    """Identity of the memory behind ``a``: views (reshape, slices) of one array share it."""
+    if isinstance(a, np.ndarray):
+        return id(a if a.base is None else a.base)
+    return id(getattr(a, "gpu_data", a))
+
+
 def _add(a: Array, b: Array, owned: set) -> Array:
-    """a + b, in place in ``a`` when this backward pass made ``a`` (never in an array a kernel
-    or the user might still read)."""
-    if id(a) in owned:
+    """a + b, in place in ``a`` when this backward pass made ``a``'s memory (never in an array
+    a kernel or the user might still read)."""
+    if _buffer(a) in owned:
         if isinstance(a, np.ndarray):
             a += b
             return a
         return _device.add(a, b)
     out = a + b if isinstance(a, np.ndarray) else _device.add(_device.copy(a), b)
-    owned.add(id(out))
+    owned.add(_buffer(out))
     return out
 
 
@@ -406,11 +413,11 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
             )
         if shapes.is_device_array(grad) != shapes.is_device_array(root.data):
             raise ValueError(f"backward: grad is on another device than the Tensor ({root.device})")
-    if root._node is None:  # a leaf
-        root.grad = grad if root.grad is None else _add(root.grad, grad, set())
+    if root._node is None:  # a leaf: its .grad never is the caller's array
+        root.grad = _device.copy(grad) if root.grad is None else _add(root.grad, grad, set())
         return
-    owned: set = set()  # arrays this pass made by adding: safe to add into in place
-    handed: set = set()  # arrays stored as a pending or leaf gradient in this pass
+    owned: set = set()  # memory this pass made by adding: safe to add into in place
+    handed = {_buffer(grad)}  # memory stored as a pending or leaf gradient (or the caller's)
     grads: dict[int, Array] = {id(root._node): grad}
     for node in _topological(root._node):
         g = grads.pop(id(node), None)
@@ -433,7 +440,7 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
                 if t.grad is not None:
                     t.grad = _add(t.grad, gi, owned)
                     continue
-                if id(gi) in handed:  # one array must not become two Tensors' .grad
+                if _buffer(gi) in handed:  # one memory must not become two Tensors' .grad
                     gi = _device.copy(gi)
                 t.grad = gi
             else:
@@ -441,9 +448,10 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
                 if k in grads:
                     gi = _add(grads[k], gi, owned)
                 grads[k] = gi
-            if id(gi) in handed:  # stored twice now: never added into in place
-                owned.discard(id(gi))
-            handed.add(id(gi))
+            buf = _buffer(gi)
+            if buf in handed:  # stored twice now: never added into in place
+                owned.discard(buf)
+            handed.add(buf)
 
 
 # --------------------------------------------------------------------------- gradcheck
