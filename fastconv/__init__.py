@@ -190,6 +190,7 @@ from .nn import (  # noqa: E402
     Softmax,
     Tanh,
 )
+from .summary import summary  # noqa: E402  (fc.summary is the function)
 from .tensor import GradcheckError, Tensor, enable_grad, gradcheck, no_grad  # noqa: E402
 from . import nn, ops  # noqa: E402
 
@@ -249,6 +250,7 @@ __all__ += [
     "softmax",
     "softmax_backward",
     "sub",
+    "summary",
     "tensor",
     "AvgPool2d",
     "BatchNorm2d",

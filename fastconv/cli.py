@@ -4,6 +4,7 @@
         --metrics-json metrics.json
     fastconv evaluate --load lenet5.npz
     fastconv info
+    fastconv summary --model resnet8 --in-channels 3 --size 32   # layers, shapes, params, MACs
     fastconv bench ...        # from a source checkout: benchmarks/compare.py's main(argv)
 """
 
@@ -129,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--load", required=True, help="weights written by train --save (.npz)")
 
     sub.add_parser("info", help="versions, backends, GPU, threads")
+
+    s = sub.add_parser(
+        "summary", help="layer table of a zoo model: output shapes, parameters, multiply-adds"
+    )
+    s.add_argument("--model", choices=sorted(models.MODELS), default="lenet5")
+    s.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
+    s.add_argument("--size", type=int, default=28, help="input height and width (default 28)")
+    s.add_argument("--num-classes", type=int, default=10, help="outputs (default 10)")
 
     b = sub.add_parser("bench", help="the comparison runner (source checkout)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -304,6 +313,26 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    from . import models
+    from .summary import summary
+
+    kw = {}
+    if args.model in models.CONFIGURABLE:
+        kw = {"in_channels": args.in_channels, "num_classes": args.num_classes}
+    elif (args.in_channels, args.num_classes) != (1, 10):
+        raise SystemExit(
+            f"fastconv summary: {args.model} takes 1-channel images and has 10 outputs; "
+            f"--in-channels and --num-classes apply to {', '.join(models.CONFIGURABLE)}"
+        )
+    try:
+        model = models.get(args.model, rng=0, **kw)
+        print(summary(model, (args.in_channels, args.size, args.size)))
+    except (TypeError, ValueError) as e:  # bad sizes: the layer's own message
+        raise SystemExit(f"fastconv summary: {args.model} on {args.size} px inputs: {e}") from e
+    return 0
+
+
 def _environment() -> dict:
     import numba
 
@@ -386,7 +415,13 @@ def cmd_bench(args) -> int:
     return int(compare.main(list(args.args)) or 0)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "info": cmd_info,
+    "summary": cmd_summary,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
