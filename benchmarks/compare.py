@@ -161,21 +161,23 @@ def conv_case(name: str, batch: int | None = None, dtype=np.float32, seed: int =
     return x, w, b, gy, spec["padding"], g.flops()
 
 
-def _conv_fns(x, w, b, gy, kw: dict, keep_columns: bool) -> tuple:
+def _conv_fns(x, w, b, gy, kw: dict, on_tape: bool) -> tuple:
     """(forward fn, forward+backward fn) calling conv2d with ``kw``. A function of its own so
     that each pair closes over its own ``kw``: closures made in a loop would all see the
-    loop's last value (the ``reference`` rows once timed the CPU direct kernel that way)."""
+    loop's last value (the ``reference`` rows once timed the CPU direct kernel that way).
+    ``on_tape``: forward+backward as a layer runs them, recorded on the tape (the op's
+    context keeps the forward's columns for the backward); else the two array calls."""
     import fastconv as fc
 
     def fwd():
         return fc.conv2d(x, w, b, **kw)
 
     def fwdbwd():
-        if not keep_columns:
+        if not on_tape:
             return fc.conv2d(x, w, b, **kw), fc.conv2d_backward(gy, x, w, **kw)
-        saved: dict = {}  # as a layer does: the forward's columns feed the backward
-        fc.conv2d(x, w, b, **kw, saved=saved)
-        return fc.conv2d_backward(gy, x, w, **kw, saved=saved)
+        xt, wt, bt = (fc.Tensor(a, requires_grad=True) for a in (x, w, b))
+        fc.conv2d(xt, wt, bt, **kw).backward(gy)
+        return xt.grad, wt.grad, bt.grad
 
     return fwd, fwdbwd
 
@@ -185,10 +187,10 @@ def conv_impls(x, w, b, gy, padding, include_reference: bool) -> dict:
     impls: dict[str, tuple] = {}
     if include_reference:
         ref = dict(padding=padding, backend="reference")
-        impls["reference"] = _conv_fns(x, w, b, gy, ref, keep_columns=False)
+        impls["reference"] = _conv_fns(x, w, b, gy, ref, on_tape=False)
     for algo in ("im2col", "direct"):
         cpu = dict(padding=padding, backend="cpu", algorithm=algo)
-        impls[f"cpu-{algo}"] = _conv_fns(x, w, b, gy, cpu, keep_columns=True)
+        impls[f"cpu-{algo}"] = _conv_fns(x, w, b, gy, cpu, on_tape=True)
     return impls
 
 
@@ -316,13 +318,12 @@ def network_impls(name: str, batch: int) -> dict:
     x, labels = _network_data(batch)
     model = models.get(name, rng=0)
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss = losses.CrossEntropyLoss()
+    loss_fn = losses.CrossEntropyLoss()
 
     def step():
         model.train()
         opt.zero_grad()
-        loss(model(x), labels)
-        model.backward_params(loss.backward())
+        loss_fn(model(x), labels).backward()  # the data needs no gradient: none is computed
         opt.step()
 
     def infer():
@@ -370,7 +371,7 @@ print(time.perf_counter() - t0)
 FC_FIRST = (
     "import fastconv as fc\nfrom fastconv import losses, models, optim",
     "m = models.lenet5(rng=0); o = optim.SGD(m.parameters(), lr=0.01, momentum=0.9)\n"
-    "L = losses.CrossEntropyLoss(); L(m(x), y); m.backward_params(L.backward()); o.step()",
+    "L = losses.CrossEntropyLoss(); L(m(x), y).backward(); o.step()",
 )
 TORCH_FIRST = (
     "import torch",

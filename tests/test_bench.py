@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fastconv
 from benchmarks import compare
 
 
@@ -35,15 +34,28 @@ def test_runner_smoke(tmp_path, capsys):
 
 
 def test_conv_rows_call_what_they_are_named(monkeypatch):
-    """Each per-layer row's callables call conv2d with that row's backend and algorithm: the
+    """Each per-layer row's callables run conv2d's forward and backward kernels on that row's
+    backend and algorithm (the CPU rows through the tape, as a layer runs them): the
     ``reference`` row times the oracle, not the last CPU algorithm built after it."""
+    from fastconv.kernels.cpu import ops as cpu
+
+    from fastconv import reference
+
     calls = []
 
-    def record(op):
-        return lambda *a, **kw: calls.append((op, kw.get("backend"), kw.get("algorithm")))
+    def record(module, name, op, backend):
+        real = getattr(module, name)
 
-    monkeypatch.setattr(fastconv, "conv2d", record("fwd"))
-    monkeypatch.setattr(fastconv, "conv2d_backward", record("bwd"))
+        def call(*a, **kw):  # the CPU kernels take the algorithm after (x, w, b | gy, x, w, g)
+            calls.append((op, backend, None if backend == "reference" else a[4]))
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, name, call)
+
+    record(reference, "conv2d", "fwd", "reference")
+    record(reference, "conv2d_backward", "bwd", "reference")
+    record(cpu, "conv2d", "fwd", "cpu")
+    record(cpu, "conv2d_backward", "bwd", "cpu")
     x, w, b, gy = (
         np.zeros(s, np.float32) for s in ((1, 1, 5, 5), (2, 1, 3, 3), (2,), (1, 2, 3, 3))
     )
