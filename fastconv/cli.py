@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="multiply the learning rate by this after every epoch",
     )
+    _schedule_arguments(t)
     t.add_argument(
         "--augment",
         choices=("none", "shift", "expand"),
@@ -144,6 +145,232 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# --------------------------------------------------------------------------- schedules
+
+
+SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "onecycle")
+# option (argparse dest) -> the schedules it applies to
+_SCHEDULE_OPTIONS = {
+    "step_size": ("step",),
+    "gamma": ("step", "multistep", "exponential"),
+    "milestones": ("multistep",),
+    "eta_min": ("cosine",),
+    "max_lr": ("onecycle",),
+    "pct_start": ("onecycle",),
+    "div_factor": ("onecycle",),
+    "final_div_factor": ("onecycle",),
+    "no_cycle_momentum": ("onecycle",),
+}
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas; got {text!r}"
+        ) from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ints separated by commas; got {text!r}"
+        ) from None
+
+
+def _pair(text: str) -> tuple[float, float]:
+    v = _float_list(text)
+    if len(v) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2; got {text!r}")
+    return v[0], v[1]
+
+
+def _schedule_arguments(t: argparse.ArgumentParser) -> None:
+    g = t.add_argument_group(
+        "learning-rate schedule and optimizer options",
+        "fc.optim.lr_scheduler's classes: epoch schedules step after every epoch, onecycle "
+        "after every batch; with --warmup-epochs the schedule starts after the warm-up and "
+        "counts its epochs from there (SequentialLR)",
+    )
+    g.add_argument("--schedule", choices=SCHEDULES, default="none", help="lr schedule")
+    g.add_argument("--step-size", type=int, default=None, help="step: decay every N epochs")
+    g.add_argument(
+        "--gamma",
+        type=float,
+        default=None,
+        help="step/multistep: decay factor (default 0.1); exponential: factor per epoch",
+    )
+    g.add_argument(
+        "--milestones", type=_int_list, default=None, help="multistep: epochs E1,E2,... to decay"
+    )
+    g.add_argument("--eta-min", type=float, default=None, help="cosine: final lr (default 0)")
+    g.add_argument(
+        "--max-lr", type=float, default=None, help="onecycle: peak lr (default: the --lr)"
+    )
+    g.add_argument(
+        "--pct-start", type=float, default=None, help="onecycle: rising share (default 0.3)"
+    )
+    g.add_argument(
+        "--div-factor", type=float, default=None, help="onecycle: start = max/F (default 25)"
+    )
+    g.add_argument(
+        "--final-div-factor",
+        type=float,
+        default=None,
+        help="onecycle: end = start/F (default 1e4)",
+    )
+    g.add_argument(
+        "--no-cycle-momentum",
+        action="store_true",
+        help="onecycle: keep momentum/beta1 fixed (cycled 0.95 -> 0.85 -> 0.95 by default)",
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="linear lr warm-up over N epochs before the schedule (LinearLR)",
+    )
+    g.add_argument(
+        "--warmup-start-factor",
+        type=float,
+        default=None,
+        help="warm-up starts at this fraction of the lr (default 0.1)",
+    )
+    g.add_argument("--betas", type=_pair, default=None, help="adam: B1,B2 (default 0.9,0.999)")
+    g.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="cross-entropy label smoothing EPS in [0, 1] (default 0)",
+    )
+
+
+def _make_optimizer(args, params, lr: float):
+    from . import optim
+
+    kw: dict = {"weight_decay": args.weight_decay}
+    if args.optimizer in ("sgd", "rmsprop"):
+        kw["momentum"] = args.momentum
+    if getattr(args, "nesterov", False):
+        kw["nesterov"] = True
+    if getattr(args, "betas", None) is not None:
+        kw["betas"] = tuple(args.betas)
+    return optim.OPTIMIZERS[args.optimizer](params, lr=lr, **kw)
+
+
+def _make_scheduler(args, opt, steps_per_epoch: int):
+    """The scheduler the flags describe, or None; onecycle lasts epochs * steps_per_epoch."""
+    from .optim import lr_scheduler as ls
+
+    def arg(name, default):
+        v = getattr(args, name, None)
+        return default if v is None else v
+
+    if args.schedule == "onecycle":
+        return ls.OneCycleLR(
+            opt,
+            max_lr=arg("max_lr", opt.lr),
+            epochs=args.epochs,
+            steps_per_epoch=steps_per_epoch,
+            pct_start=arg("pct_start", 0.3),
+            div_factor=arg("div_factor", 25.0),
+            final_div_factor=arg("final_div_factor", 1e4),
+            # AdaGrad has no momentum to cycle
+            cycle_momentum=not args.no_cycle_momentum and args.optimizer != "adagrad",
+        )
+    warm = args.warmup_epochs
+    if warm:
+        warmup = ls.LinearLR(opt, start_factor=arg("warmup_start_factor", 0.1), total_iters=warm)
+    main = None
+    if args.schedule == "step":
+        main = ls.StepLR(opt, step_size=args.step_size, gamma=arg("gamma", 0.1))
+    elif args.schedule == "multistep":
+        main = ls.MultiStepLR(opt, milestones=args.milestones, gamma=arg("gamma", 0.1))
+    elif args.schedule == "exponential":
+        main = ls.ExponentialLR(opt, gamma=args.gamma)
+    elif args.schedule == "cosine":
+        main = ls.CosineAnnealingLR(opt, T_max=args.epochs - warm, eta_min=arg("eta_min", 0.0))
+    if not warm:
+        return main
+    if main is None:
+        return warmup
+    return ls.SequentialLR(opt, [warmup, main], milestones=[warm])
+
+
+def _make_loss(args):
+    from .losses import CrossEntropyLoss
+
+    return CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0))
+
+
+def _check_train_options(args) -> None:
+    """Combinations of the schedule and optimizer flags; then the optimizer, schedule and loss
+    are built once on a stand-in parameter, so that a bad value stops the command before any
+    data is loaded, with the class's own message."""
+
+    def bad(msg: str):
+        raise SystemExit(f"fastconv: {msg}")
+
+    def flag(dest: str) -> str:
+        return "--" + dest.replace("_", "-")
+
+    sched = args.schedule
+    for dest, kinds in _SCHEDULE_OPTIONS.items():
+        if getattr(args, dest) not in (None, False) and sched not in kinds:
+            bad(f"{flag(dest)} applies to --schedule {'/'.join(kinds)}, not {sched}")
+    need = {"step": "step_size", "multistep": "milestones", "exponential": "gamma"}
+    if sched in need and getattr(args, need[sched]) is None:
+        bad(f"--schedule {sched} needs {flag(need[sched])}")
+    if args.warmup_epochs < 0:
+        bad(f"--warmup-epochs must be >= 0; got {args.warmup_epochs}")
+    if args.warmup_epochs:
+        if sched == "onecycle":
+            bad(
+                "--warmup-epochs does not combine with --schedule onecycle (its rise is the "
+                "warm-up: see --pct-start)"
+            )
+        if args.warmup_epochs >= args.epochs:
+            bad(
+                f"--warmup-epochs {args.warmup_epochs} leaves no epoch of --epochs "
+                f"{args.epochs} for the schedule"
+            )
+    elif args.warmup_start_factor is not None:
+        bad("--warmup-start-factor needs --warmup-epochs N")
+    if (sched != "none" or args.warmup_epochs) and args.lr_decay != 1.0:
+        bad(
+            "--lr-decay and --schedule/--warmup-epochs both set the learning rate; use one "
+            "(--lr-decay G is --schedule exponential --gamma G)"
+        )
+    if args.betas is not None and args.optimizer != "adam":
+        bad(f"--betas applies to --optimizer adam, not {args.optimizer}")
+    if args.nesterov and args.optimizer != "sgd":
+        bad(f"--nesterov applies to --optimizer sgd, not {args.optimizer}")
+    if args.nesterov and args.momentum <= 0:
+        bad(f"--nesterov needs --momentum > 0; got --momentum {args.momentum}")
+    extras = sched != "none" or args.warmup_epochs or args.label_smoothing
+    extras = extras or args.betas is not None or args.nesterov
+    if extras and (getattr(args, "distributed", False) or getattr(args, "ensemble", 1) != 1):
+        bad(
+            "--schedule, --warmup-epochs, --betas, --nesterov and --label-smoothing are not "
+            "supported with --distributed or --ensemble yet"
+        )
+    import numpy as np
+
+    from .nn import Parameter
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    try:
+        opt = _make_optimizer(args, [Parameter(np.zeros(1))], lr)
+        _make_scheduler(args, opt, 1)
+        _make_loss(args)
+    except (TypeError, ValueError) as e:
+        bad(str(e))
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -188,8 +415,9 @@ def _backend_context(args):
 
 
 def cmd_train(args) -> int:
-    from . import models, optim, training
+    from . import models, training
 
+    _check_train_options(args)
     if getattr(args, "distributed", False) or getattr(args, "ensemble", 1) != 1:
         from .distributed import train_command
 
@@ -210,16 +438,19 @@ def cmd_train(args) -> int:
     if args.backend == "cuda":
         model.to("cuda")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    kw: dict = {"weight_decay": args.weight_decay}
-    if args.optimizer in ("sgd", "rmsprop"):
-        kw["momentum"] = args.momentum
-    opt = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **kw)
+    opt = _make_optimizer(args, model.parameters(), lr)
     print(
         f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
         f"{args.optimizer} lr={lr}, batch {args.batch_size}, {args.epochs} epochs, "
         f"augment={args.augment}, seed {args.seed}, backend {args.backend}",
         flush=True,
     )
+    augment = None if args.augment == "none" else args.augment
+    steps = training.steps_per_epoch(len(x_train), args.batch_size, augment)
+    sched = _make_scheduler(args, opt, steps)
+    if sched is not None:
+        every = "batch" if args.schedule == "onecycle" else "epoch"
+        print(f"lr schedule: {sched!r}, stepped after every {every}", flush=True)
     t0 = time.perf_counter()
     with _backend_context(args):
         hist = training.fit(
@@ -234,6 +465,8 @@ def cmd_train(args) -> int:
             mean=mean,
             std=std,
             lr_decay=args.lr_decay,
+            scheduler=sched,
+            loss_fn=_make_loss(args),
             checkpoint=args.checkpoint,
             resume=args.resume,
             progress=not args.no_progress,

@@ -8,8 +8,10 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import fastconv as fc
 from fastconv import cli, datasets
 from tests.test_training import mnist_dir
 
@@ -223,3 +225,143 @@ def test_console_script_is_declared():
 def test_evaluate_missing_weights_file(tmp_path):
     with pytest.raises(SystemExit, match=r"--load .*nope.npz: no such file"):
         cli.main(["evaluate", "--load", str(tmp_path / "nope.npz")])
+
+
+def _tiny_train(data_dir, *extra, epochs=1):
+    return [
+        "train",
+        "--epochs",
+        str(epochs),
+        "--train-limit",
+        "96",
+        "--batch-size",
+        "32",
+        "--data-dir",
+        data_dir,
+        "--no-progress",
+        "--threads",
+        "2",
+        *extra,
+    ]
+
+
+def _record_fit(monkeypatch):
+    """Wrap training.fit to see what the command passes it."""
+    from fastconv import training
+
+    seen = {}
+    real = training.fit
+
+    def fit(model, opt, *args, **kw):
+        seen.update(kw, optimizer=opt)
+        return real(model, opt, *args, **kw)
+
+    monkeypatch.setattr(training, "fit", fit)
+    return seen
+
+
+def test_train_with_warmup_cosine_nesterov_and_label_smoothing(tmp_path, data_dir, monkeypatch):
+    seen = _record_fit(monkeypatch)
+    metrics = tmp_path / "m.json"
+    argv = ["--lr", "0.05", "--schedule", "cosine", "--warmup-epochs", "1", "--nesterov"]
+    argv += ["--label-smoothing", "0.1", "--metrics-json", str(metrics)]
+    assert cli.main(_tiny_train(data_dir, *argv, epochs=3)) == 0
+    lrs = json.loads(metrics.read_text())["history"]["lr"]
+    # warm-up epoch at 0.1 x lr, then cosine over the 2 remaining epochs: lr, lr / 2
+    assert lrs == pytest.approx([0.005, 0.05, 0.025], rel=1e-12)
+    assert type(seen["scheduler"]).__name__ == "SequentialLR"
+    assert seen["loss_fn"].label_smoothing == 0.1
+    assert seen["optimizer"].nesterov and seen["optimizer"].momentum == 0.9
+
+
+def test_train_onecycle_with_adam_betas(tmp_path, data_dir, monkeypatch, capsys):
+    seen = _record_fit(monkeypatch)
+    argv = ["--optimizer", "adam", "--betas", "0.8,0.99", "--schedule", "onecycle"]
+    argv += ["--max-lr", "0.004", "--metrics-json", str(tmp_path / "m.json")]
+    assert cli.main(_tiny_train(data_dir, *argv)) == 0
+    assert "stepped after every batch" in capsys.readouterr().out
+    sched, opt = seen["scheduler"], seen["optimizer"]
+    assert sched.total_steps == 3 and sched.last_epoch == 3  # 96 images / 32 per batch
+    ref = fc.optim.Adam([fc.Parameter(np.zeros(1))], betas=(0.8, 0.99))
+    ref_sched = fc.optim.lr_scheduler.OneCycleLR(ref, max_lr=0.004, total_steps=3)
+    first_lr = ref.lr
+    for _ in range(3):
+        ref_sched.step()
+    assert opt.betas == ref.betas and opt.lr == ref.lr  # beta1 cycled, beta2 kept
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["history"]["lr"] == [first_lr]
+    assert m["args"]["betas"] == [0.8, 0.99] and m["args"]["schedule"] == "onecycle"
+
+
+def test_train_step_schedule_resumes_from_a_checkpoint(tmp_path, data_dir):
+    ckpt, metrics = tmp_path / "c.npz", tmp_path / "m.json"
+    argv = ["--schedule", "step", "--step-size", "1", "--gamma", "0.5", "--lr", "0.04"]
+    argv += ["--checkpoint", str(ckpt), "--metrics-json", str(metrics)]
+    assert cli.main(_tiny_train(data_dir, *argv, epochs=1)) == 0
+    assert cli.main(_tiny_train(data_dir, *argv, "--resume", epochs=2)) == 0
+    assert json.loads(metrics.read_text())["history"]["lr"] == [0.04, 0.02]
+    # the checkpoint holds a StepLR: resuming it as another schedule is refused
+    with pytest.raises(ValueError, match=r"holds a StepLR learning-rate scheduler state"):
+        cli.main(
+            _tiny_train(
+                data_dir,
+                *["--schedule", "exponential", "--gamma", "0.5", "--checkpoint", str(ckpt)],
+                "--resume",
+                epochs=3,
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--step-size", "2"], r"--step-size applies to --schedule step, not none"),
+        (["--schedule", "cosine", "--gamma", "0.5"], r"--gamma applies to --schedule step/multi"),
+        (["--schedule", "step", "--max-lr", "1"], r"--max-lr applies to --schedule onecycle"),
+        (["--schedule", "step"], r"--schedule step needs --step-size"),
+        (["--schedule", "multistep"], r"--schedule multistep needs --milestones"),
+        (["--schedule", "exponential"], r"--schedule exponential needs --gamma"),
+        (["--schedule", "step", "--step-size", "0"], r"StepLR: step_size must be an int >= 1"),
+        (["--schedule", "exponential", "--gamma", "0"], r"ExponentialLR: gamma must be in \(0"),
+        (
+            ["--schedule", "multistep", "--milestones", "4,2"],
+            r"MultiStepLR: milestones must be strictly increasing",
+        ),
+        (["--schedule", "onecycle", "--pct-start", "2"], r"OneCycleLR: pct_start must be in"),
+        (["--schedule", "onecycle", "--warmup-epochs", "1"], r"does not combine with --schedule"),
+        (["--warmup-epochs", "10"], r"--warmup-epochs 10 leaves no epoch of --epochs 10"),
+        (["--warmup-epochs", "-1"], r"--warmup-epochs must be >= 0"),
+        (["--warmup-start-factor", "0.5"], r"--warmup-start-factor needs --warmup-epochs"),
+        (["--warmup-epochs", "2", "--warmup-start-factor", "0"], r"LinearLR: start_factor"),
+        (["--schedule", "cosine", "--lr-decay", "0.9"], r"--lr-decay and --schedule"),
+        (["--betas", "0.9,0.99"], r"--betas applies to --optimizer adam, not sgd"),
+        (["--optimizer", "adam", "--betas", "0.9,1.5"], r"Adam: betas\[1\] must be in"),
+        (["--nesterov", "--optimizer", "adam"], r"--nesterov applies to --optimizer sgd, not"),
+        (["--nesterov", "--momentum", "0"], r"--nesterov needs --momentum > 0"),
+        (["--label-smoothing", "1.5"], r"CrossEntropyLoss: label_smoothing must be in \[0, 1\]"),
+    ],
+)
+def test_schedule_and_optimizer_flag_errors(argv, msg, tmp_path, monkeypatch):
+    """Refused before any data is read (the data folder here is empty)."""
+
+    def no_data(*a, **k):
+        raise AssertionError("data was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_load_data", no_data)
+    with pytest.raises(SystemExit, match=msg):
+        cli.main(["train", "--data-dir", str(tmp_path), *argv])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--schedule", "linear"],
+        ["--betas", "0.9"],
+        ["--betas", "a,b"],
+        ["--milestones", "1,x"],
+    ],
+)
+def test_schedule_flag_parse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *argv])
+    assert e.value.code == 2 and "usage: fastconv train" in capsys.readouterr().err
