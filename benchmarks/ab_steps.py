@@ -90,8 +90,13 @@ print(json.dumps(out))
 
 def run(pythonpath: Path, code: str, args: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    out = subprocess.run(  # run from the checkout: "-c" puts the working directory first
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=pythonpath,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
