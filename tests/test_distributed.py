@@ -20,7 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
-ENV = {**os.environ, "NUMBA_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# one thread per rank on 2 cores; the heuristic algorithm choice (no timing-dependent autotune),
+# so separate processes run the same kernels and bit-equality is well defined
+ENV = {
+    **os.environ,
+    "NUMBA_NUM_THREADS": "1",
+    "FASTCONV_AUTOTUNE": "0",
+    "PYTHONPATH": str(REPO),
+}
 
 
 def _have_mpi4py() -> bool:
@@ -172,7 +179,6 @@ def test_two_ranks_equal_one_process_and_resume(tmp_path):
     _assert_close(dp0, dp1, exact=True)  # every rank holds the same model
     one = _load(tmp_path / "one.rank0.npz")
     _assert_close(dp0, one)
-    assert any(not np.array_equal(dp0[k], one[k]) for k in one) or True  # rounding may differ
     h_dp = json.loads((tmp_path / "dp.json").read_text())
     h_one = json.loads((tmp_path / "one.json").read_text())
     np.testing.assert_allclose(h_dp["train_loss"], h_one["train_loss"], rtol=1e-5)
