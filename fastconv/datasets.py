@@ -1,4 +1,5 @@
-"""MNIST and Fashion-MNIST from the standard gzipped IDX files.
+"""MNIST and Fashion-MNIST from the standard gzipped IDX files; CIFAR-10 and CIFAR-100 from the
+canonical python-pickle release (``load_cifar``, ``cifar10``, ``cifar100``; see below).
 
     x_train, y_train, x_test, y_test = fc.datasets.load_mnist()            # digits
     x_train, y_train, x_test, y_test = fc.datasets.load_mnist(kind="fashion")
@@ -21,10 +22,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import struct
+import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -340,4 +344,411 @@ def load_mnist(
     return x_train, y_train, x_test, y_test
 
 
-__all__ = ["DatasetError", "cache_dir", "download_mnist", "find_mnist", "load_mnist", "read_idx"]
+# --------------------------------------------------------------------------- CIFAR-10 / -100
+#
+# The canonical "python version" release: a .tar.gz of pickles written by Python 2's cPickle
+# (protocol 2): per batch a dict {data: uint8 (N, 3072) array, labels or fine_labels /
+# coarse_labels: lists of ints, batch_label, filenames}; each row is 1024 red, 1024 green,
+# 1024 blue bytes of a 32x32 image, i.e. (3, 32, 32) in row-major order. The pickles are read
+# by ``_RestrictedUnpickler``, which admits only what they hold; the archive is read in
+# place (never extracted, so its member paths cannot write anywhere).
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+
+CIFAR = {
+    "cifar10": {
+        "title": "CIFAR-10",
+        "archive": "cifar-10-python.tar.gz",
+        "archive_md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"),
+        "test": ("test_batch",),
+        "labels": {"fine": "labels"},
+        "classes": {"fine": 10},
+        "md5": {
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+    },
+    "cifar100": {
+        "title": "CIFAR-100",
+        "archive": "cifar-100-python.tar.gz",
+        "archive_md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ("train",),
+        "test": ("test",),
+        "labels": {"fine": "fine_labels", "coarse": "coarse_labels"},
+        "classes": {"fine": 100, "coarse": 20},
+        "md5": {
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        },
+    },
+}
+
+
+class _NDArrayMarker:
+    """Stands for numpy.ndarray inside a pickle: only ``_reconstruct`` may use it, so the
+    stream cannot call the ndarray constructor itself (an arbitrary-size allocation)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            "refused a direct call of numpy.ndarray (only numpy's _reconstruct builds arrays)"
+        )
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+    if cls is not _NDArrayMarker:
+        raise pickle.UnpicklingError("_reconstruct: only numpy.ndarray may be rebuilt")
+    return _NP_RECONSTRUCT(np.ndarray, shape, typecode)
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    dt = np.dtype(spec)
+    if dt.hasobject:
+        raise pickle.UnpicklingError(f"dtype {dt} holds Python objects")
+    return dt
+
+
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
+    # how Python 3 pickles bytes at protocol 2: _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode: only latin-1 text")
+    return text.encode("latin-1")
+
+
+_NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's _reconstruct, any version
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # Python 2 / numpy 1 pickles
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2
+    ("numpy", "ndarray"): _NDArrayMarker,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only dicts, lists, tuples, str/bytes, numbers and plain numpy arrays: any other
+    global (os.system, builtins.eval, ...) raises UnpicklingError instead of being imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name}: a CIFAR batch holds only dicts, lists, "
+                "strings and numpy arrays"
+            ) from None
+
+
+def _check_loaded(obj: Any) -> None:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise pickle.UnpicklingError(f"array of dtype {obj.dtype} holds Python objects")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_loaded(k)
+            _check_loaded(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_loaded(v)
+    elif not isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        raise pickle.UnpicklingError(f"unexpected {type(obj).__name__} in the pickle")
+
+
+def load_pickle(f: Any, name: str | os.PathLike) -> Any:
+    """Read one pickle of the CIFAR release from the binary file object ``f`` with the restricted
+    unpickler (Python 2 str read as latin-1 text, numpy's own convention); ``name`` (the file)
+    is named in the DatasetError raised for anything else."""
+    try:
+        obj = _RestrictedUnpickler(f, encoding="latin1").load()
+        _check_loaded(obj)
+        return obj
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{name}: not a CIFAR pickle: {e}") from None
+    except Exception as e:  # truncated or garbled streams raise many kinds
+        raise DatasetError(
+            f"{name}: cannot be read as a pickle ({type(e).__name__}: {e}); the file is corrupt "
+            "or truncated: delete it and download it again"
+        ) from None
+
+
+def _key(batch: dict, key: str) -> Any:
+    return batch[key] if key in batch else batch.get(key.encode())
+
+
+def _parse_batch(
+    batch: Any, name: str | os.PathLike, label_key: str, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, 3, 32, 32), int64 (N,)) from one loaded batch dict, checked."""
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{name}: expected a dict; the pickle holds a {type(batch).__name__}")
+    data, labels = _key(batch, "data"), _key(batch, label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{name}: 'data' must be a uint8 (N, 3072) array; got {got}")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{name}: 'data' rows hold {data.shape[1]} bytes, not 3072 (3x32x32)")
+    if labels is None:
+        raise DatasetError(f"{name}: no {label_key!r} entry")
+    try:
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DatasetError(f"{name}: {label_key!r} is not a list of ints ({e})") from None
+    if len(y) != len(data):
+        raise DatasetError(f"{name}: {len(y)} labels for {len(data)} images")
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise DatasetError(
+            f"{name}: label {int(y.min() if y.min() < 0 else y.max())} is outside 0-{classes - 1}"
+        )
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), y
+
+
+def _cifar_spec(name: str) -> dict:
+    if name not in CIFAR:
+        raise ValueError(f"CIFAR: name must be one of {sorted(CIFAR)}; got {name!r}")
+    return CIFAR[name]
+
+
+def _cifar_dirs(base: Path, name: str) -> list[Path]:
+    spec = _cifar_spec(name)
+    short, dashed = {"cifar10": ("cifar10", "cifar-10"), "cifar100": ("cifar100", "cifar-100")}[
+        name
+    ]
+    parents = [base, base / short, base / dashed]
+    return [p / spec["folder"] for p in parents] + parents
+
+
+def _folder_verified(d: Path, spec: dict) -> bool:
+    """True when ``d`` holds every batch file with its canonical MD5; raises on a wrong one."""
+    paths = [d / f for f in spec["train"] + spec["test"]]
+    if not all(p.is_file() for p in paths):
+        return False
+    for p in paths:
+        digest = md5sum(p)
+        if digest != spec["md5"][p.name]:
+            raise DatasetError(
+                f"{p}: MD5 {digest} does not match the canonical {spec['md5'][p.name]} "
+                f"({spec['title']}); the file is corrupt, truncated or from another release: "
+                "delete it and run again"
+            )
+    return True
+
+
+def _archive_verified(p: Path, spec: dict) -> bool:
+    if not p.is_file():
+        return False
+    digest = md5sum(p)
+    if digest != spec["archive_md5"]:
+        raise DatasetError(
+            f"{p}: MD5 {digest} does not match the canonical {spec['archive_md5']} "
+            f"({spec['title']}); the file is corrupt or truncated: delete it and run again "
+            "to download a fresh copy"
+        )
+    return True
+
+
+def find_cifar(root: str | os.PathLike | None = None, name: str = "cifar10") -> Path | None:
+    """The verified extracted folder (e.g. ``cifar-10-batches-py/``) or archive (``.tar.gz``)
+    of ``name`` under ``root`` (default ``$FASTCONV_DATA``, else the cache), or None. Looks in
+    root, root/cifar10 (root/cifar100) and root/cifar-10 (root/cifar-100), and in the release's
+    folder inside each; an extracted folder wins over an archive."""
+    spec = _cifar_spec(name)
+    base = Path(root).expanduser() if root is not None else default_root()
+    dirs = _cifar_dirs(base, name)
+    for d in dirs:
+        if _folder_verified(d, spec):
+            return d
+    for d in dirs:
+        if _archive_verified(d / spec["archive"], spec):
+            return d / spec["archive"]
+    return None
+
+
+def download_cifar(directory: str | os.PathLike, name: str = "cifar10") -> Path:
+    """Download the canonical archive of ``name`` into ``directory`` (temporary name, moved in
+    place once its MD5 matches); returns its path."""
+    spec = _cifar_spec(name)
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / spec["archive"]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        _download(CIFAR_URL + spec["archive"], Path(tmp))
+        digest = md5sum(tmp)
+        if digest != spec["archive_md5"]:
+            raise DatasetError(
+                _cifar_missing(directory, name, [f"{CIFAR_URL}{dest.name}: MD5 {digest}"])
+            )
+        os.replace(tmp, dest)
+    except OSError as e:  # URLError is an OSError
+        failure = f"{CIFAR_URL}{dest.name}: {e}"
+        raise DatasetError(_cifar_missing(directory, name, [failure])) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def _cifar_missing(directory: Path, name: str, failures: list[str]) -> str:
+    spec = _cifar_spec(name)
+    lines = [f"{spec['title']} not found and could not be downloaded (offline?).", "Put either"]
+    lines.append(
+        f"  {spec['archive']}  (md5 {spec['archive_md5']}, from {CIFAR_URL}{spec['archive']})"
+    )
+    files = ", ".join(spec["train"] + spec["test"])
+    lines.append(f"or its extracted folder {spec['folder']}/ ({files}) into {directory},")
+    lines.append("or point FASTCONV_DATA (or root=, or --data-dir) at a folder that holds them.")
+    if failures:
+        lines.append("Download errors: " + "; ".join(failures[:4]))
+    return "\n".join(lines)
+
+
+def _read_cifar_split(
+    source: Path, name: str, files: tuple[str, ...], label_mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    spec = _cifar_spec(name)
+    key, classes = spec["labels"][label_mode], spec["classes"][label_mode]
+    xs, ys = [], []
+    if source.is_dir():
+        for f in files:
+            with open(source / f, "rb") as fh:
+                x, y = _parse_batch(load_pickle(fh, source / f), source / f, key, classes)
+            xs.append(x)
+            ys.append(y)
+    else:
+        try:
+            with tarfile.open(source, "r:gz") as tar:
+                for f in files:
+                    member = f"{spec['folder']}/{f}"
+                    where = f"{source}:{member}"
+                    try:
+                        fh = tar.extractfile(member)
+                    except KeyError:
+                        fh = None
+                    if fh is None:
+                        raise DatasetError(f"{source}: no file {member} in the archive")
+                    with fh:
+                        x, y = _parse_batch(load_pickle(fh, where), where, key, classes)
+                    xs.append(x)
+                    ys.append(y)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DatasetError(
+                f"{source}: cannot be read as a .tar.gz ({e}); the file is corrupt or "
+                "truncated: delete it and download it again"
+            ) from None
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _check_label_mode(name: str, label_mode: str) -> None:
+    modes = tuple(_cifar_spec(name)["labels"])
+    if label_mode not in modes:
+        raise ValueError(f"{name}: label_mode must be one of {modes}; got {label_mode!r}")
+
+
+def load_cifar(
+    name: str = "cifar10",
+    root: str | os.PathLike | None = None,
+    *,
+    label_mode: str = "fine",
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Load CIFAR-10 (``name="cifar10"``) or CIFAR-100 (``"cifar100"``) from the canonical
+    python-pickle release: the ``.tar.gz`` (read in place) or its extracted folder, found under
+    ``root``, else ``$FASTCONV_DATA``, else the cache; MD5-checked; the archive is downloaded
+    into the first of those when missing (``download=True``).
+
+    Args:
+        label_mode: CIFAR-100's "fine" (100 classes, default) or "coarse" (20 superclasses).
+
+    Returns:
+        (x_train, y_train, x_test, y_test).
+
+    Shape:
+        x_train (50000, 3, 32, 32) uint8, y_train (50000,) int64, x_test (10000, 3, 32, 32)
+        uint8, y_test (10000,) int64.
+
+    Raises:
+        DatasetError: files missing (offline; the message says which to put where) or corrupt
+            (the message names the file).
+    """
+    spec = _cifar_spec(name)
+    source = _cifar_source(name, root, label_mode, download)
+    x_train, y_train = _read_cifar_split(source, name, spec["train"], label_mode)
+    x_test, y_test = _read_cifar_split(source, name, spec["test"], label_mode)
+    return x_train, y_train, x_test, y_test
+
+
+def cifar10(
+    root: str | os.PathLike | None = None, train: bool = True, *, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's training (50,000) or test (10,000) split: (uint8 (N, 3, 32, 32), int64 (N,)).
+    See ``load_cifar`` for where the files are looked for."""
+    return _cifar_split("cifar10", root, train, "fine", download)
+
+
+def cifar100(
+    root: str | os.PathLike | None = None,
+    train: bool = True,
+    *,
+    label_mode: str = "fine",
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-100's training (50,000) or test (10,000) split: (uint8 (N, 3, 32, 32), int64 (N,))
+    with the 100 fine labels, or the 20 superclasses with ``label_mode="coarse"``."""
+    return _cifar_split("cifar100", root, train, label_mode, download)
+
+
+def _cifar_split(name, root, train, label_mode, download) -> tuple[np.ndarray, np.ndarray]:
+    source = _cifar_source(name, root, label_mode, download)
+    return _read_cifar_split(source, name, CIFAR[name]["train" if train else "test"], label_mode)
+
+
+def _cifar_source(name: str, root, label_mode: str, download: bool) -> Path:
+    """The verified folder or archive of ``name``, downloaded into the root when missing."""
+    _check_label_mode(name, label_mode)
+    base = Path(root).expanduser() if root is not None else default_root()
+    source = find_cifar(base, name)
+    if source is None:
+        if not download:
+            raise DatasetError(_cifar_missing(base, name, []))
+        source = download_cifar(base, name)
+    return source
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images after /255 (float64, in chunks:
+    the whole set never exists in float). Shape: x (N, C, H, W) -> two lists of C floats."""
+    n, c = x.shape[0], x.shape[1]
+    s, ss = np.zeros(c), np.zeros(c)
+    for i in range(0, n, chunk):
+        b = x[i : i + chunk].astype(np.float64) / 255.0
+        s += b.sum(axis=(0, 2, 3))
+        ss += np.square(b).sum(axis=(0, 2, 3))
+    count = n * x.shape[2] * x.shape[3]
+    mean = s / count
+    std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+__all__ = [
+    "CIFAR",
+    "DatasetError",
+    "cache_dir",
+    "channel_stats",
+    "cifar10",
+    "cifar100",
+    "download_cifar",
+    "download_mnist",
+    "find_cifar",
+    "find_mnist",
+    "load_cifar",
+    "load_mnist",
+    "load_pickle",
+    "read_idx",
+]

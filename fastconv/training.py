@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .optim import Optimizer
 # Per-pixel mean and standard deviation of the training images (after /255).
 STATS = {"digits": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
 
-AUGMENTATIONS = (None, "none", "shift", "expand")
+AUGMENTATIONS = (None, "none", "shift", "expand", "crop-flip")
 
 
 # --------------------------------------------------------------------------- data
@@ -42,12 +42,27 @@ AUGMENTATIONS = (None, "none", "shift", "expand")
 
 def normalize(
     x: np.ndarray,
-    mean: float = STATS["digits"][0],
-    std: float = STATS["digits"][1],
+    mean: float | Sequence[float] = STATS["digits"][0],
+    std: float | Sequence[float] = STATS["digits"][1],
     dtype: Any = np.float32,
 ) -> np.ndarray:
-    """uint8 images -> (x / 255 - mean) / std in ``dtype``. Shape: any -> same."""
+    """uint8 images -> (x / 255 - mean) / std in ``dtype``; ``mean`` and ``std`` are numbers or
+    one per channel (axis 1, e.g. ``datasets.channel_stats`` of the training set).
+
+    Shape: any -> same; per channel: x (N, C, H, W) with C = len(mean).
+    """
     dt = np.dtype(dtype)
+    if np.ndim(mean) or np.ndim(std):
+        m, sd = np.asarray(mean, np.float64).ravel(), np.asarray(std, np.float64).ravel()
+        if x.ndim != 4 or not (len(m) == len(sd) == x.shape[1]):
+            raise ValueError(
+                f"normalize: {len(m)} channel means and {len(sd)} stds for images of shape "
+                f"{x.shape}; expected (N, {len(m)} channels, H, W)"
+            )
+        out = x.astype(dt)
+        out *= (1.0 / (255.0 * sd)).astype(dt).reshape(-1, 1, 1)
+        out -= (m / sd).astype(dt).reshape(-1, 1, 1)
+        return out
     out = x.astype(dt)
     out *= dt.type(1.0 / (255.0 * std))
     out -= dt.type(mean / std)
@@ -71,6 +86,28 @@ def random_shift(x: np.ndarray, rng: _init.RngLike = None, max_shift: int = 2) -
     # image i reads padded rows s - dy[i] + (0..h-1): the content moves down by dy.
     rows = (s - dy)[:, None] + np.arange(h)[None, :]  # (N, H)
     cols = (s - dx)[:, None] + np.arange(w)[None, :]  # (N, W)
+    idx_n = np.arange(n)[:, None, None]
+    out = padded.transpose(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def random_crop_flip(x: np.ndarray, rng: _init.RngLike = None, padding: int = 4) -> np.ndarray:
+    """The CIFAR augmentation: each image zero-padded by ``padding`` px on every side, cropped
+    back to its size at a random offset, and flipped left-right with probability 1/2.
+
+    Shape: x (N, C, H, W) -> (N, C, H, W), same dtype.
+    """
+    rng = _init.get_rng(rng)
+    n, c, h, w = x.shape
+    p = int(padding)
+    padded = np.zeros((n, c, h + 2 * p, w + 2 * p), x.dtype)
+    padded[:, :, p : p + h, p : p + w] = x
+    dy = rng.integers(0, 2 * p + 1, n)
+    dx = rng.integers(0, 2 * p + 1, n)
+    flip = rng.random(n) < 0.5
+    rows = dy[:, None] + np.arange(h)[None, :]  # (N, H)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (N, W)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)  # a flip reads the columns backwards
     idx_n = np.arange(n)[:, None, None]
     out = padded.transpose(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
@@ -108,10 +145,13 @@ def evaluate(
 ) -> tuple[float, float]:
     """(mean loss, accuracy in [0, 1]) of ``model`` in evaluation mode on uint8 images.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. A model whose ``outputs`` attribute is
+    "probabilities" (``fc.Ensemble``) is scored by the NLL of the log of its outputs, not by
+    ``loss_fn`` (which expects logits).
 
     Shape: x (N, 1, H, W) uint8 (or float, used as is), y (N,) ints.
     """
+    probs = getattr(model, "outputs", "logits") == "probabilities"
     loss_fn = loss_fn or CrossEntropyLoss()
     was_training = model.training
     model.eval()
@@ -124,7 +164,11 @@ def evaluate(
             yb = np.ascontiguousarray(y[i : i + batch_size], dtype=np.int64)
             with no_grad():
                 logits = model(_place(model, xb))
-                total_loss += float(loss_fn(logits, yb)) * len(yb)
+                if probs:  # NLL of the probabilities (float64; a zero gives log 1e-300)
+                    p = np.asarray(logits.numpy(), np.float64)[np.arange(len(yb)), yb]
+                    total_loss -= float(np.log(np.maximum(p, 1e-300)).sum())
+                else:
+                    total_loss += float(loss_fn(logits, yb)) * len(yb)
             correct += int((logits.numpy().argmax(axis=1) == yb).sum())
     finally:
         model.train(was_training)
@@ -348,8 +392,9 @@ def fit(
         epochs: total epochs (a resumed run continues up to this number).
         rng: seed or Generator for shuffling and augmentation.
         augment: None | "shift" (random +-2 px per image per epoch) | "expand" (Nielsen's
-            expanded data: each image plus its four 1-px shifts, 5x the epoch).
-        mean, std: input normalisation (``STATS``).
+            expanded data: each image plus its four 1-px shifts, 5x the epoch) | "crop-flip"
+            (CIFAR: random crop of the 4-px zero-padded image + horizontal flip).
+        mean, std: input normalisation (``STATS``), numbers or one per channel.
         lr_decay: learning rate multiplied by this after every epoch (without a scheduler).
         scheduler: a ``fc.optim.lr_scheduler`` scheduler on ``optimizer``, stepped after the
             optimizer as in PyTorch; saved in and restored from checkpoints.
@@ -435,6 +480,8 @@ def fit(
             xb = x_train[idx]
             if augment == "shift":
                 xb = random_shift(xb, gen, 2)  # the global batch: the same draws on every rank
+            elif augment == "crop-flip":
+                xb = random_crop_flip(xb, gen, 4)
             n_global = len(idx)
             if dp is not None:  # this rank's slice of the global batch
                 part = dp.shard(n_global)
@@ -511,6 +558,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "normalize",
+    "random_crop_flip",
     "random_shift",
     "save_checkpoint",
     "save_model",
