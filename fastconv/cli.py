@@ -130,6 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--load", required=True, help="weights written by train --save (.npz)")
 
+    x = sub.add_parser("export", help="write saved weights as an ONNX file (the 'onnx' extra)")
+    x.add_argument("--load", required=True, help="weights written by train --save (.npz)")
+    x.add_argument(
+        "--model", choices=sorted(models.MODELS), default=None, help="default: the saved one"
+    )
+    x.add_argument("--onnx", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 21 (default 17)")
+    x.add_argument(
+        "--input-shape", default="1,28,28", help="C,H,W of one input (default 1,28,28)"
+    )
+
     sub.add_parser("info", help="versions, backends, GPU, threads")
 
     s = sub.add_parser(
@@ -648,9 +659,36 @@ def cmd_bench(args) -> int:
     return int(compare.main(list(args.args)) or 0)
 
 
+def cmd_export(args) -> int:
+    from . import models, training
+
+    if importlib.util.find_spec("onnx") is None:
+        raise SystemExit("fastconv export: needs the onnx package: pip install 'fastconv[onnx]'")
+    from . import onnx as fonnx
+
+    if not os.path.isfile(args.load):
+        raise SystemExit(f"fastconv: --load {args.load}: no such file")
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise SystemExit(f"fastconv: --input-shape must be C,H,W; got {args.input_shape!r}")
+    with np.load(args.load, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
+    name = args.model or meta.get("model") or "lenet5"
+    kw = {"in_channels": shape[0]} if shape[0] != 1 else {}
+    model, _ = training.load_model(args.load, models.get(name, rng=0, **kw))
+    example = np.zeros((2, *shape), np.dtype(model.parameters()[0].dtype))
+    fonnx.export(model, example, args.onnx, opset=args.opset)
+    print(f"wrote {args.onnx}: {name}, opset {args.opset}, input (N, {', '.join(map(str, shape))})")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "export": cmd_export,
     "info": cmd_info,
     "summary": cmd_summary,
     "bench": cmd_bench,

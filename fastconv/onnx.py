@@ -81,6 +81,8 @@ class _Exporter:
         self.dynamic = dynamic
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.buffers = {id(b): n for n, b in model.named_buffers()}
+        self.taken.update(self.params.values())  # constants never take a state-dict name
+        self.taken.update(self.buffers.values())
         self.inputs = inputs
         self.module_of: dict[int, str] = {}
         self.keep: list = []  # what ids refer to stays alive while exporting
@@ -392,11 +394,38 @@ def _ex_reshape(ex: _Exporter, n, t) -> None:
     ex.node("Reshape", [name, ex.ints(target)], ex.out(t, "Reshape"))
 
 
+def _uniform(v: Any) -> bool:
+    """A constant with one value everywhere (the blocks ``_pad`` concatenates)."""
+    if isinstance(v, Tensor) and v._node is None and not v.requires_grad:
+        a = np.asarray(v.numpy())
+        return a.size > 0 and bool(np.all((a == a.flat[0]) | (np.isnan(a) & np.isnan(a.flat[0]))))
+    return False
+
+
 def _ex_cat(ex: _Exporter, n, t) -> None:
     dim = n.ctx.dim
+    ins = list(n.inputs)
     ex.need(dim != 0 or not ex.is_batched(t), "cat", "concatenates along the batch axis")
-    ins = [ex.value(i) for i in n.inputs]
-    ex.node("Concat", ins, ex.out(t, "Concat"), axis=int(dim))
+    batched = [i for i in ins if ex.is_batched(i)]
+    if (
+        len(batched) == 1
+        and t.ndim == 4
+        and dim in (2, 3)
+        and all(_uniform(i) for i in ins if i is not batched[0])
+    ):  # a constant border: ONNX Pad (valid for any batch size)
+        k = next(j for j, i in enumerate(ins) if i is batched[0])
+        before = sum(i.shape[dim] for i in ins[:k])
+        after = sum(i.shape[dim] for i in ins[k + 1 :])
+        value = next((i for i in ins if i is not batched[0]), None)
+        pads = [0] * 8
+        pads[dim], pads[4 + dim] = before, after
+        fill = float(np.asarray(value.numpy()).flat[0])
+        v = ex.const(np.asarray(fill, t.dtype), "pad_value")
+        ex.node("Pad", [ex.value(batched[0]), ex.ints(pads, "pads"), v], ex.out(t, "Pad"))
+        return
+    for i in ins:  # a constant's axis 0 would be the example's batch size
+        ex.need(ex.is_batched(i) or not ex.is_batched(t), "cat", "joins x with a constant")
+    ex.node("Concat", [ex.value(i) for i in ins], ex.out(t, "Concat"), axis=int(dim))
 
 
 def _ex_getitem(ex: _Exporter, n, t) -> None:
@@ -776,6 +805,7 @@ def _read(path: str):
         raise OnnxError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
     if not model.graph.node or not model.graph.output or not model.opset_import:
         raise OnnxError(f"{path}: not an ONNX model (no graph nodes, outputs or opset)")
+    _opset(model, path)
     _check_external(onnx, model, path)
     try:
         onnx.checker.check_model(model)
@@ -874,6 +904,7 @@ def _infer(onnx, model, specs, path: str) -> dict[str, tuple]:
 
 # inputs that are attributes in disguise (shapes, axes, ratios): constants, never Parameters
 _ATTR_INPUTS = {
+    "Pad": {1, 2, 3},
     "Reshape": {1},
     "Dropout": {1, 2},
     "Unsqueeze": {1},
@@ -908,9 +939,14 @@ def load(path: str | os.PathLike, *, input_shape: Any = None) -> OnnxModel:
     m.__dict__["_graph_inputs"] = specs
 
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    aliased = set()  # Identity nodes of initializers (torch's exporter shares equal values so):
+    for k, node in enumerate(g.node):  # each output becomes an initializer of its own
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0]:
+            inits[node.output[0]] = inits[node.input[0]]
+            aliased.add(k)
     role: dict[str, str] = {}  # initializer name -> "buffer" | "param" | "const"
     rank = {"buffer": 2, "param": 1, "const": 0}
-    for node in g.node:
+    for node in (n for k, n in enumerate(g.node) if k not in aliased):
         for k, name in enumerate(node.input):
             if name not in inits:
                 continue
@@ -931,8 +967,10 @@ def load(path: str | os.PathLike, *, input_shape: Any = None) -> OnnxModel:
             m._add_state(name, np.ascontiguousarray(np.array(arr)), r)
         lanes[name] = "data" if arr.dtype.kind == "f" else "shape"
 
+    for name, arr in inits.items():
+        static.setdefault(name, tuple(arr.shape))
     ctx = _Ctx(m.source, opset, static)
-    for node in g.node:
+    for node in (n for k, n in enumerate(g.node) if k not in aliased):
         if node.op_type not in IMPORTERS:
             raise ctx.fail(
                 node,
@@ -957,6 +995,8 @@ def load(path: str | os.PathLike, *, input_shape: Any = None) -> OnnxModel:
                 lanes[name] = out_lane
         m._steps.append((run, list(node.input), [node.output[0]]))
     for o in g.output:
+        if o.name in inits and o.name not in m._slots_of:
+            m._consts.setdefault(o.name, np.array(inits[o.name]))
         if lanes.get(o.name) != "data":
             raise OnnxError(f"{m.source}: output {o.name!r} is not computed from float data")
         m._graph_outputs.append(o.name)
@@ -1080,6 +1120,13 @@ def _im_conv(node, attrs, lanes, ctx):
         raise ctx.fail(node, f"only 2-D convolution is supported (weight of rank {w_rank})")
     k, strides, dil, pads_of = _window(node, attrs, ctx)
     group = int(attrs.get("group", 1))
+    xs, ws = ctx.static.get(node.input[0]), ctx.static.get(node.input[1])
+    if xs and ws and len(xs) == 4 and xs[1] and ws[1] and xs[1] != ws[1] * group:
+        raise ctx.fail(
+            node,
+            f"input has {xs[1]} channels; the weight {tuple(ws)} with group={group} wants "
+            f"{ws[1] * group}",
+        )
 
     def run(m, args):
         x, w = args[0], args[1]
@@ -1130,7 +1177,8 @@ def _im_conv_transpose(node, attrs, lanes, ctx):
                 total = f - o
                 if total < 0:
                     raise ctx.fail(node, f"output size {list(want)} is larger than {list(full)}")
-                head = total - total // 2 if auto == "SAME_UPPER" else total // 2
+                # the spec: SAME_UPPER puts the smaller half first, else the larger
+                head = total // 2 if auto == "SAME_UPPER" else total - total // 2
                 pads += [head, total - head]
             t, bt, left, r = pads
         else:
@@ -1549,7 +1597,44 @@ def _im_cast(node, attrs, lanes, ctx):
     return run, "data"
 
 
+def _im_pad(node, attrs, lanes, ctx):
+    _need_data(node, lanes, ctx, positions={0})
+    mode = _text(attrs.get("mode", "constant"))
+    if mode != "constant":
+        raise ctx.fail(node, f"mode={mode!r} is not supported (only 'constant')")
+    for k in (1, 3):
+        _shape_input(node, lanes, ctx, k, "pads/axes")
+
+    def run(m, args):
+        x = args[0]
+        if ctx.opset < 11:
+            pads, value = list(attrs["pads"]), float(attrs.get("value", 0.0))
+        else:
+            pads = _ints(args[1])
+            v = args[2] if len(args) > 2 else None
+            value = (
+                0.0
+                if v is None
+                else float(
+                    np.asarray(_device.to_host(v.data if isinstance(v, Tensor) else v)).reshape(())
+                )
+            )
+            if len(args) > 3 and args[3] is not None:  # axes (opset 18)
+                axes = [a + x.ndim if a < 0 else a for a in _ints(args[3])]
+                full = [0] * (2 * x.ndim)
+                for j, a in enumerate(axes):
+                    full[a], full[x.ndim + a] = pads[j], pads[len(axes) + j]
+                pads = full
+        r = x.ndim
+        if r != 4 or any(pads[a] or pads[r + a] for a in (0, 1)) or min(pads) < 0:
+            raise ctx.fail(node, f"pads {pads} on rank {r}: only H and W of (N, C, H, W), >= 0")
+        return (_pad(x, (pads[2], pads[6], pads[3], pads[7]), value),)
+
+    return run, "data"
+
+
 IMPORTERS: dict[str, Callable] = {
+    "Pad": _im_pad,
     "Conv": _im_conv,
     "ConvTranspose": _im_conv_transpose,
     "MaxPool": _im_pool("MaxPool"),
