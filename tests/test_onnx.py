@@ -298,7 +298,7 @@ def test_loaded_model_trains_saves_and_reexports(tmp_path):
     net.train()
     tloss = torch.nn.CrossEntropyLoss()(net(torch.from_numpy(x)), torch.from_numpy(y))
     tloss.backward()
-    np.testing.assert_allclose(float(loss), float(tloss), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), tloss.item(), rtol=1e-4)
     for k, tp in net.named_parameters():
         np.testing.assert_allclose(
             np.asarray(params[k].grad), tp.grad.numpy(), rtol=1e-3, atol=1e-5, err_msg=k
@@ -699,3 +699,16 @@ def test_cli_export(tmp_path, capsys):
     assert "m.onnx" in capsys.readouterr().out
     x = f32(3, 1, 28, 28)
     np.testing.assert_allclose(run_ort(out, x)[0], model.eval()(x).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_readme_onnx_example_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from tests.test_readme import _blocks
+
+    (block,) = [b for b in _blocks() if "fc.onnx" in b]
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block, "README.md", "exec"), {})
+    errs = [float(v) for v in capsys.readouterr().out.split()[-2:]]
+    assert max(errs) < 1e-4
