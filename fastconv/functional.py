@@ -37,10 +37,10 @@ def _has_tensor(*args: Any) -> bool:
     return any(isinstance(a, Tensor) for a in args)
 
 
-def _backward(name: str, backend: str, on_device: bool, grad_y, ctx_of, needs):
+def _backward(name: str, backend: str, on_device: bool, grad_y, ctx_of, needs, geom=None):
     """Run op ``name``'s backward kernel on the backend chosen for these arrays;
     ``ctx_of(m, be)`` builds the context its forward would have kept."""
-    be = dispatch.choose(name, None, backend, "auto", on_device).backend
+    be = dispatch.choose(name, geom, backend, "auto", on_device).backend
     m, k = ops.kernel(name, be)
     return k.backward(m, grad_y, ctx_of(m, be), needs)
 
@@ -291,6 +291,7 @@ def conv_transpose2d_backward(
         grad_y,
         lambda m, be: ops.ConvTCtx(x, weight, a, be),
         (True, True, True),
+        a.g,
     )
 
 

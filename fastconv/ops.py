@@ -53,8 +53,37 @@ def declare(name: str, check: Callable, tuned: str | None = None) -> None:
     OPS[name] = OpDef(name, check, tuned)
 
 
+class _Backend:
+    """A backend module whose missing functions raise NotImplementedError naming the op and
+    the backend (a backend may lack an op; the adapters call its functions by name)."""
+
+    def __init__(self, m: Any, be: str) -> None:
+        self._m, self._be = m, be
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            v = getattr(self._m, name)
+        except AttributeError:
+            raise NotImplementedError(
+                f"{name}: the {self._be!r} backend does not implement {name} yet"
+            ) from None
+        self.__dict__[name] = v  # found once, then a plain attribute
+        return v
+
+
+_backends: dict[int, _Backend] = {}
+
+
 def backend_module(op: str, be: str) -> Any:
-    return reference if be == "reference" else dispatch.backend_ops(op, be)
+    m = reference if be == "reference" else dispatch.backend_ops(op, be)
+    w = _backends.get(id(m))
+    if w is None or w._m is not m:
+        w = _backends[id(m)] = _Backend(m, be)
+    return w
+
+
+def _is_reference(m: Any) -> bool:
+    return m is reference or getattr(m, "_m", None) is reference
 
 
 def _on_device(arrays) -> bool:
@@ -119,7 +148,7 @@ def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", alg
         return out
     if not keep:
         return Tensor._make(out, None)
-    return record(name, out, functools.partial(bwd, m), ctx, args)
+    return record(name, out, functools.partial(bwd, m), ctx, args, RELEASE.get(name))
 
 
 def kernel(name: str, be: str) -> tuple[Any, Kernel]:
@@ -196,8 +225,28 @@ def _bwd_algorithm(m, gy, ctx, needs, variant, run):
     return c.algorithm
 
 
+# What the kernels kept for a backward (im2col columns, argmax codes), handed back once that
+# backward has run and the context is freed, for the next forward of the same geometry: a
+# training step then writes into the last step's buffers instead of fresh ones. One per key.
+_spare: dict[tuple, dict] = {}
+
+
+def _scratch(a: Any, x: Array, kind: str) -> dict | None:
+    if not a.keep:
+        return None
+    return _spare.pop((kind, a.g, getattr(a, "pg", None), x.dtype.str), None) or {}
+
+
+def release_scratch(kind: str):
+    def release(ctx):
+        if ctx.scratch:
+            _spare[(kind, ctx.a.g, getattr(ctx.a, "pg", None), ctx.x.dtype.str)] = ctx.scratch
+
+    return release
+
+
 def conv2d_forward(m, x, w, b, a):
-    scratch = {} if a.keep else None
+    scratch = _scratch(a, x, "conv")
     y = m.conv2d(x, w, b, a.g, a.algorithm, scratch)
     return y, ConvCtx(x, w, a, None, scratch)
 
@@ -212,7 +261,7 @@ def conv2d_backward(m, gy, ctx, needs):
 
 
 def conv2d_relu_forward(m, x, w, b, a):
-    scratch = {} if a.keep else None
+    scratch = _scratch(a, x, "conv")
     y = m.conv2d_bias_relu(x, w, b, a.g, a.algorithm, scratch)
     return y, ConvCtx(x, w, a, y, scratch)
 
@@ -223,7 +272,7 @@ def conv2d_relu_backward(m, gy, ctx, needs):
 
 
 def conv2d_pool_forward(m, x, w, b, a):
-    scratch = {}
+    scratch = _scratch(a, x, "conv")
     y = m.conv2d_pool(x, w, b, a.g, a.pg, True, a.algorithm, scratch)
     return y, ConvCtx(x, w, a, y, scratch)
 
@@ -377,7 +426,7 @@ def _check_pool(op):
 
 
 def max_pool_forward(m, x, a):
-    scratch = {} if a.keep else None
+    scratch = _scratch(a, x, "pool")
     return m.max_pool2d(x, a.g, scratch), PoolCtx(x, a, scratch)
 
 
@@ -834,7 +883,7 @@ def _shape(a):
 
 def host_binary_forward(m, a, b, at):
     fn = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[at.op]
-    if m is reference:
+    if _is_reference(m):
         out = fn(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
     else:
         out = fn(a, b)
@@ -901,7 +950,7 @@ def _check_matmul(a, b, keep):
 
 
 def matmul_forward(m, a, b, at):
-    if m is reference:
+    if _is_reference(m):
         out = (a.astype(np.float64) @ b.astype(np.float64)).astype(a.dtype)
     elif _on_device([a]):
         out = m.matmul(a, b)
@@ -946,7 +995,7 @@ def reduce_forward(m, x, a):
         out = m.sum_axes(x, a.axes, a.keepdims)
         if a.mean:
             out = m.scale(out, 1.0 / count)
-    elif m is reference:
+    elif _is_reference(m):
         out = x.astype(np.float64).sum(axis=a.axes, keepdims=a.keepdims)
         out = np.asarray(out / count if a.mean else out, dtype=x.dtype)
     else:
@@ -1135,6 +1184,14 @@ for _name in ("add", "sub", "mul", "div"):
             (_name, "cuda"): Kernel(cuda_binary_forward, _binary_backward(_name)),
         }
     )
+
+# ops whose contexts hold kernel buffers worth reusing once their backward has run
+RELEASE = {
+    "conv2d": release_scratch("conv"),
+    "conv2d_relu": release_scratch("conv"),
+    "conv2d_relu_maxpool": release_scratch("conv"),
+    "max_pool2d": release_scratch("pool"),
+}
 
 KERNELS: dict[tuple[str, str], Kernel] = {
     **_both(

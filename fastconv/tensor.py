@@ -63,14 +63,15 @@ class Node:
     inputs (the first convolution's grad_x, labels, running statistics).
     """
 
-    __slots__ = ("name", "backward", "ctx", "inputs", "needs")
+    __slots__ = ("name", "backward", "ctx", "inputs", "needs", "release")
 
-    def __init__(self, name, backward, ctx, inputs, needs):
+    def __init__(self, name, backward, ctx, inputs, needs, release=None):
         self.name = name
         self.backward = backward
         self.ctx = ctx
         self.inputs = inputs
         self.needs = needs
+        self.release = release  # release(ctx) once the context is freed: buffers for reuse
 
 
 def _as_array(data: Any, dtype: Any, op: str) -> Array:
@@ -335,13 +336,21 @@ class Tensor:
         return transpose(self)
 
 
-def record(name: str, out: Array, backward_fn: Callable, ctx: Any, inputs: Sequence) -> Any:
+def record(
+    name: str,
+    out: Array,
+    backward_fn: Callable,
+    ctx: Any,
+    inputs: Sequence,
+    release: Callable | None = None,
+) -> Any:
     """``out`` as a Tensor whose node will run ``backward_fn(grad, ctx, needs)``, if any input
-    Tensor requires a gradient and recording is on; else a Tensor that is a leaf."""
+    Tensor requires a gradient and recording is on; else a Tensor that is a leaf.
+    ``release(ctx)`` runs when the context is freed (after the node's backward)."""
     needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
     if not any(needs) or not is_grad_enabled():
         return Tensor._make(out, None)
-    return Tensor._make(out, Node(name, backward_fn, ctx, tuple(inputs), needs))
+    return Tensor._make(out, Node(name, backward_fn, ctx, tuple(inputs), needs, release))
 
 
 def _topological(root: Node) -> list[Node]:
@@ -432,6 +441,8 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
         out = node.backward(g, ctx, node.needs)
         if not retain_graph:
             node.ctx = _FREED
+            if node.release is not None:
+                node.release(ctx)
         for t, gi, need in zip(node.inputs, out, node.needs):
             if not need or gi is None:
                 continue

@@ -689,12 +689,6 @@ def test_flatten_errors():
         F.flatten(np.array(1.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regression: the registry's adapters call the backend module's function by "
-    "attribute, so a backend lacking one raises a bare AttributeError (was NotImplementedError "
-    "naming the op and the backend)",
-)
 def test_device_only_ops_give_a_clear_error_when_a_backend_lacks_them(monkeypatch):
     import types
 
