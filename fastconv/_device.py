@@ -27,7 +27,7 @@ def to_device(a: np.ndarray, what: str = "to") -> Any:
         raise RuntimeError(f"{what}('cuda'): no usable GPU: {why}")
     from numba import cuda
 
-    return cuda.to_device(np.ascontiguousarray(a))
+    return cuda.to_device(np.ascontiguousarray(a).reshape(np.shape(a)))  # 0-d stays 0-d
 
 
 def to_host(a: Any) -> Any:

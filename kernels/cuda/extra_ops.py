@@ -44,6 +44,7 @@ __all__ = [
     "split",
     "sum_axes",
     "sum_to",
+    "transpose2d",
 ]
 
 BINARY_OPS = {"add": ex.ADD, "sub": ex.SUB, "mul": ex.MUL, "div": ex.DIV}
@@ -431,3 +432,25 @@ def contiguous(a):
     if isinstance(a, np.ndarray):
         return np.ascontiguousarray(a)
     return _dev(a)
+
+
+class _Strided:
+    """A zero-copy view of device memory with its own shape and byte strides (for ``_dev``)."""
+
+    def __init__(self, base: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        self._base = base  # keeps the memory alive
+        iface = dict(base.__cuda_array_interface__)
+        iface.update(shape=tuple(shape), strides=tuple(strides))
+        self.__cuda_array_interface__ = iface
+
+
+def transpose2d(a):
+    """a.T as a C-contiguous array where a lives: the transposed strides read by the
+    contiguous-copy kernel (numba's own ``.T`` would launch a kernel of its own).
+    Shape: (M, N) -> (N, M)."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a.T)
+    (a,) = _inputs(a)[1]
+    M, N = _shape(a)
+    s = np.dtype(a.dtype).itemsize
+    return _dev(_Strided(a, (N, M), (s, N * s)))

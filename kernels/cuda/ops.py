@@ -79,6 +79,7 @@ __all__ = [
     "sum_to",
     "tanh",
     "tanh_backward",
+    "transpose2d",
 ]
 
 # --------------------------------------------------------------------------- placement
@@ -933,4 +934,5 @@ from .extra_ops import (  # noqa: E402
     split,
     sum_axes,
     sum_to,
+    transpose2d,
 )
