@@ -193,26 +193,42 @@ def test_fused_bias_relu(algorithm, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relu", [True, False])
 def test_fused_pool(algorithm, dtype, relu):
-    """conv2d(..., pool=k): conv + bias (+ ReLU) + max-pool against the oracle's three ops,
-    gradients from the pooled gradient and the saved dict; on device arrays, the gradients
-    stay on the device."""
+    """Fused conv + bias (+ ReLU) + max-pool against the oracle's three ops, gradients from the
+    pooled gradient. With ReLU: the op ``fc.conv2d_relu_maxpool``, its gradients from the tape;
+    without: the kernels' ``conv2d_pool`` / ``conv2d_pool_backward`` and their saved dict.
+    Host arrays in, host arrays out; on device arrays, the output and gradients stay there."""
+    from fastconv.kernels.cuda import ops
+
     cfg = NAMED["batch1_odd"]  # 5x3 output: floor mode drops the last row and column
     x, w, b = _arrays(cfg, dtype, 8)
     p = conv_params(cfg)
-    act = "relu" if relu else None
+    g = shapes.conv2d_geometry(
+        "t", x.shape, w.shape, p["stride"], p["padding"], p["dilation"], p["groups"]
+    )
+    pg = shapes.pool2d_geometry("t", g.y_shape, (2, 2))
     z = reference.conv2d(x, w, b, **p)
     z = np.maximum(z, 0) if relu else z
+    gy = np.random.default_rng(1).standard_normal((1, 3, 2, 1)).astype(dtype)
+    gz = reference.max_pool2d_backward(gy, z, 2)
+    expected = reference.conv2d_backward(np.where(z > 0, gz, 0) if relu else gz, x, w, **p)
     for xs in ((x, w, b), to_device(x, w, b)):
-        saved = {}
-        kw = dict(backend="cuda", algorithm=algorithm, activation=act, pool=2)
-        y = fc.conv2d(*xs, **p, saved=saved, **kw)
+        on_device = xs[0] is not x
+        gyd = to_device(gy)[0] if on_device else gy
+        if relu:
+            ts = [fc.Tensor(a, requires_grad=True) for a in xs]
+            y = fc.conv2d_relu_maxpool(*ts, **p, pool=2, backend="cuda", algorithm=algorithm)
+            assert y.grad_fn == "conv2d_relu_maxpool"
+            y.backward(gyd)
+            y, got = y.data, [t.grad for t in ts]
+        else:
+            saved = {}
+            y = ops.conv2d_pool(*xs, g, pg, False, algorithm, saved)
+            got = ops.conv2d_pool_backward(
+                gyd, xs[0], xs[1], g, pg, False, algorithm, (True, True, True), saved
+            )
+        assert is_numba_device(y) == on_device
         assert_close(y, reference.max_pool2d(z, 2))
-        gy = np.random.default_rng(1).standard_normal((1, 3, 2, 1)).astype(dtype)
-        gyd = gy if xs[0] is x else to_device(gy)[0]
-        got = fc.conv2d_backward(gyd, xs[0], xs[1], **p, saved=saved, **kw)
-        assert all(is_numba_device(a) for a in got) == (xs[0] is not x)
-        gz = reference.max_pool2d_backward(gy, z, 2)
-        expected = reference.conv2d_backward(np.where(z > 0, gz, 0) if relu else gz, x, w, **p)
+        assert all(is_numba_device(a) for a in got) == on_device
         for a, e in zip(got, expected):
             assert_close(a, e, dtype)
 

@@ -40,8 +40,9 @@ def _steps(model, optimizer, x, y, n):
     for _ in range(n):
         optimizer.zero_grad()
         logits = model(x)
-        losses.append(loss_fn(logits, y))
-        model.backward(loss_fn.backward())
+        loss = loss_fn(logits, y)
+        loss.backward()
+        losses.append(float(loss))
         optimizer.step()
     return losses, logits
 
@@ -93,7 +94,7 @@ def test_training_step_on_device_matches_cpu(opt):
     x_dev = cuda.to_device(x)  # the batch is uploaded once; labels go in as NumPy
     cpu_losses, _ = _steps(cpu_model, cpu_opt, x, y, 2)
     gpu_losses, logits = _steps(gpu_model, gpu_opt, x_dev, y, 2)
-    assert is_numba_device(logits)
+    assert is_numba_device(logits.data)
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-10)
     assert all(is_numba_device(p.data) for p in gpu_model.parameters())
     cpu_state, gpu_state = cpu_model.state_dict(), gpu_model.state_dict()
@@ -148,8 +149,7 @@ def test_conv2d_gradients_accumulate_on_device_like_the_oracle(dtype, monkeypatc
     x_devs, gy_devs = [cuda.to_device(x) for x in xs], [cuda.to_device(gy) for gy in gys]
     copies = _count_host_copies(monkeypatch, type(x_devs[0]))
     for x_dev, gy_dev in zip(x_devs, gy_devs):
-        layer(x_dev)
-        layer.backward(gy_dev)
+        layer(x_dev).backward(gy_dev)
     assert copies == []
     assert is_numba_device(layer.weight.grad) and is_numba_device(layer.bias.grad)
     assert_close(layer.weight.grad, gw_ref, dtype, "weight.grad")
@@ -171,11 +171,10 @@ def test_gradient_accumulation_on_device_matches_cpu(dtype, monkeypatch):
             model.to("cuda")
         loss_fn = fc.CrossEntropyLoss()
         for x, y in zip(xs, ys):
-            loss_fn(model(cuda.to_device(x) if device == "cuda" else x), y)
-            grad_logits = loss_fn.backward()
+            loss = loss_fn(model(cuda.to_device(x) if device == "cuda" else x), y)
             with monkeypatch.context() as mp:
                 copies = _count_host_copies(mp, type(cuda.to_device(x)))
-                model.backward(grad_logits)
+                loss.backward()
             assert copies == [], copies  # backward, accumulation included, stays on the GPU
         grads[device] = {n: p.grad for n, p in model.named_parameters()}
     assert grads["cpu"].keys() == grads["cuda"].keys()
