@@ -191,6 +191,8 @@ from .nn import (  # noqa: E402
     Tanh,
 )
 from .summary import summary  # noqa: E402  (fc.summary is the function)
+from . import features  # noqa: E402
+from .features import Ensemble, extract_features  # noqa: E402
 from .tensor import GradcheckError, Tensor, enable_grad, gradcheck, no_grad  # noqa: E402
 from . import nn, ops  # noqa: E402
 
@@ -216,6 +218,9 @@ __all__ += [
     "AdaptiveAvgPool2d",
     "BatchNorm1d",
     "ELU",
+    "Ensemble",
+    "extract_features",
+    "features",
     "GradcheckError",
     "Identity",
     "LogSoftmax",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = {"mnist": "digits", "fashion": "fashion"}
+DATASETS = {"mnist": "digits", "fashion": "fashion", "cifar10": "cifar10", "cifar100": "cifar100"}
+CLASSES = {"mnist": 10, "fashion": 10, "cifar10": 10, "cifar100": 100}
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "rmsprop": 1e-3, "adagrad": 1e-2}
 
 
@@ -44,12 +45,15 @@ def _parser() -> argparse.ArgumentParser:
             "--dataset",
             choices=sorted(DATASETS),
             default=None,
-            help="mnist (digits) or fashion (default mnist, or the saved one)",
+            help="mnist (digits), fashion, cifar10 or cifar100 (default mnist, or the saved "
+            "one); CIFAR needs a model taking in_channels (resnet8, resnet20, inception_mini, "
+            "vgg_mini) and is normalised per channel with the training set's statistics",
         )
         sp.add_argument(
             "--data-dir",
             default=None,
-            help="folder with the .gz files (default $FASTCONV_DATA, then the cache)",
+            help="folder with the MNIST .gz files or the CIFAR .tar.gz / extracted folder "
+            "(default $FASTCONV_DATA, then the cache)",
         )
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument(
@@ -88,10 +92,34 @@ def _parser() -> argparse.ArgumentParser:
     _schedule_arguments(t)
     t.add_argument(
         "--augment",
-        choices=("none", "shift", "expand"),
+        choices=("none", "shift", "expand", "crop-flip"),
         default="none",
         help="shift: random +-2 px per image and epoch; expand: Nielsen's expanded "
-        "data (each image plus four 1-px shifts)",
+        "data (each image plus four 1-px shifts); crop-flip (CIFAR): random crop of the "
+        "4-px zero-padded image + horizontal flip",
+    )
+    f = t.add_argument_group("fine-tuning")
+    f.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these weights (.npz from fastconv or a PyTorch state dict exported "
+        "to .npz; .pt/.pth read with torch.load(weights_only=True) when torch is installed); "
+        "keys must match the model exactly, except the head with --num-classes",
+    )
+    f.add_argument(
+        "--freeze",
+        default=None,
+        metavar="PREFIX[,PREFIX]",
+        help="freeze the parameters whose names start with a prefix (e.g. 0.,3. for lenet5's "
+        "convolutions; conv1.,bn1.,layer1. for resnet8)",
+    )
+    f.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the head (must be the dataset's); with --init a head of another "
+        "size in the file is replaced by a fresh Linear(in, K)",
     )
     t.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling, dropout")
     t.add_argument(
@@ -128,7 +156,14 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate saved weights on the test set")
     common(e)
-    e.add_argument("--load", required=True, help="weights written by train --save (.npz)")
+    e.add_argument(
+        "--load",
+        required=True,
+        nargs="+",
+        metavar="WEIGHTS",
+        help="weights written by train --save (.npz); several: each member and their "
+        "ensemble (averaged softmax) are evaluated",
+    )
 
     x = sub.add_parser("export", help="write saved weights as an ONNX file (the 'onnx' extra)")
     x.add_argument("--load", required=True, help="weights written by train --save (.npz)")
@@ -137,9 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--onnx", required=True, help="the .onnx file to write")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 21 (default 17)")
-    x.add_argument(
-        "--input-shape", default="1,28,28", help="C,H,W of one input (default 1,28,28)"
-    )
+    x.add_argument("--input-shape", default="1,28,28", help="C,H,W of one input (default 1,28,28)")
 
     sub.add_parser("info", help="versions, backends, GPU, threads")
 
@@ -395,8 +428,75 @@ def _set_threads(n: int | None) -> None:
 def _load_data(args) -> tuple:
     from . import datasets
 
+    if args.dataset in datasets.CIFAR:
+        return datasets.load_cifar(args.dataset, args.data_dir)
     kind = DATASETS[args.dataset]
     return datasets.load_mnist(args.data_dir, kind=kind)
+
+
+def _stats(args, x_train) -> tuple:
+    """(mean, std) of the inputs: MNIST's published numbers, or CIFAR's per channel computed
+    from the training images in use."""
+    from . import datasets, training
+
+    if args.dataset in datasets.CIFAR:
+        return datasets.channel_stats(x_train)
+    return training.STATS[DATASETS[args.dataset]]
+
+
+def _shape_meta(args, x_train) -> dict:
+    """What the model must take and give for this data (saved with the weights)."""
+    n = CLASSES[args.dataset]
+    k = getattr(args, "num_classes", None)
+    if k is not None and k != n:
+        raise SystemExit(f"fastconv: --num-classes {k}: {args.dataset} has {n} classes")
+    return {"in_channels": int(x_train.shape[1]), "num_classes": n, "size": int(x_train.shape[2])}
+
+
+def _model_for(args, shape: dict, seed: int, *, pretrained: bool = True, log=print):
+    """The zoo model ``args.model`` for inputs and classes ``shape`` (``_shape_meta``), then,
+    when ``pretrained``, --init's weights (the head left fresh where --num-classes makes it
+    another size than the file's) and --freeze."""
+    from . import features, models
+
+    cin, k, size = shape.get("in_channels", 1), shape.get("num_classes", 10), shape.get("size", 28)
+    if args.model in models.CONFIGURABLE:
+        model = models.get(args.model, rng=seed, in_channels=cin, num_classes=k)
+    elif (cin, size) != (1, 28):
+        raise SystemExit(
+            f"fastconv: {args.model} takes 1-channel 28x28 images; {args.dataset} has {cin} "
+            f"channels of {size}x{size}: use one of {', '.join(models.CONFIGURABLE)}"
+        )
+    else:
+        model = models.get(args.model, rng=seed)
+        if k != 10:
+            features.replace_head(model, k, rng=seed)
+    if not pretrained:
+        return model
+    say = log or (lambda s: None)
+    init = getattr(args, "init", None)
+    if init:
+        try:
+            skipped = features.load_init(
+                model, init, skip_head=getattr(args, "num_classes", None) is not None
+            )
+        except features.WeightsError as e:
+            raise SystemExit(f"fastconv: --init {e}") from None
+        if skipped:
+            say(
+                f"--init {init}: all weights loaded except the head ({', '.join(skipped)}: "
+                f"another size in the file), which starts fresh for {k} classes"
+            )
+        else:
+            say(f"--init {init}: all weights loaded (strict)")
+    if getattr(args, "freeze", None):
+        try:
+            frozen = features.freeze(model, args.freeze.split(","))
+        except ValueError as e:
+            raise SystemExit(f"fastconv: --freeze: {e}") from None
+        n = sum(int(p.data.size) for p in model.parameters() if not p.requires_grad)
+        say(f"--freeze: {len(frozen)} parameters frozen ({n} values): {', '.join(frozen)}")
+    return model
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -426,7 +526,7 @@ def _backend_context(args):
 
 
 def cmd_train(args) -> int:
-    from . import models, training
+    from . import training
 
     _check_train_options(args)
     if getattr(args, "distributed", False) or getattr(args, "ensemble", 1) != 1:
@@ -444,8 +544,9 @@ def cmd_train(args) -> int:
     x_train, y_train, x_test, y_test = _load_data(args)
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
-    mean, std = training.STATS[DATASETS[args.dataset]]
-    model = models.get(args.model, rng=args.seed)
+    mean, std = _stats(args, x_train)
+    shape = _shape_meta(args, x_train)
+    model = _model_for(args, shape, args.seed, log=lambda s: print(s, flush=True))
     if args.backend == "cuda":
         model.to("cuda")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
@@ -484,7 +585,7 @@ def cmd_train(args) -> int:
             log=lambda s: print(s, flush=True),
         )
     total = time.perf_counter() - t0
-    meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std}
+    meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std, **shape}
     if args.save:
         training.save_model(args.save, model, meta)
         print(f"saved weights to {args.save}")
@@ -517,43 +618,69 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import models, training
+    """One weights file: its test accuracy and loss. Several: each member's, then their
+    ensemble's (``fc.Ensemble``: averaged softmax, scored by NLL and accuracy)."""
+    from . import features, training
 
     _check_backend(args)
     _set_threads(args.threads)
-    if not os.path.isfile(args.load):
-        raise SystemExit(f"fastconv: --load {args.load}: no such file")
-    with np.load(args.load, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
-    args.model = args.model or meta.get("model") or "lenet5"
-    args.dataset = args.dataset or meta.get("dataset") or "mnist"
-    model, _ = training.load_model(args.load, models.get(args.model, rng=0))
-    if args.backend == "cuda":
-        model.to("cuda")
-    _, _, x_test, y_test = _load_data(args)
-    mean, std = training.STATS[DATASETS[args.dataset]]
-    t0 = time.perf_counter()
-    with _backend_context(args):
-        loss, acc = training.evaluate(
-            model, x_test, y_test, batch_size=max(args.batch_size, 1), mean=mean, std=std
-        )
-    secs = time.perf_counter() - t0
-    print(
-        f"{args.model} on {args.dataset} test set: accuracy {acc:.4f}, loss {loss:.4f} "
-        f"({len(x_test) / secs:.0f} img/s)"
-    )
-    _write_json(
-        args.metrics_json,
-        {
-            "command": "evaluate",
-            "model": args.model,
-            "dataset": args.dataset,
-            "test_accuracy": acc,
-            "test_loss": loss,
-            "images_per_second": len(x_test) / secs,
-            "environment": _environment(),
-        },
-    )
+    metas = []
+    for path in args.load:
+        if not os.path.isfile(path):
+            raise SystemExit(f"fastconv: --load {path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                metas.append(json.loads(str(f["__meta__"])) if "__meta__" in f.files else {})
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"fastconv: --load {path}: not a weights file ({e})") from None
+    first = metas[0]
+    args.dataset = args.dataset or first.get("dataset") or "mnist"
+    for path, meta in zip(args.load, metas):
+        if meta.get("dataset", args.dataset) != args.dataset:
+            raise SystemExit(
+                f"fastconv: --load {path} was trained on {meta['dataset']}, not {args.dataset}"
+            )
+    x_train, _, x_test, y_test = _load_data(args)
+    stats = [(m["mean"], m["std"]) for m in metas if "mean" in m and "std" in m]
+    mean, std = stats[0] if stats else _stats(args, x_train)
+    if any(s != (mean, std) for s in stats):
+        raise SystemExit("fastconv: the --load files normalise their inputs differently")
+    name = args.model
+    nets, names, results = [], [], []
+    for path, meta in zip(args.load, metas):
+        args.model = name or meta.get("model") or "lenet5"
+        shape = {k: meta[k] for k in ("in_channels", "num_classes", "size") if k in meta}
+        model = _model_for(args, shape or _shape_meta(args, x_train), 0, pretrained=False)
+        try:
+            model, _ = training.load_model(path, model)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"fastconv: --load {path}: {e}") from None
+        if args.backend == "cuda":
+            model.to("cuda")
+        nets.append(model)
+        names.append(args.model)
+    members = [(path, model_name, net) for path, model_name, net in zip(args.load, names, nets)]
+    if len(nets) > 1:
+        members.append((f"ensemble of {len(nets)}", "ensemble", features.Ensemble(nets)))
+    for label, model_name, net in members:
+        t0 = time.perf_counter()
+        with _backend_context(args):
+            loss, acc = training.evaluate(
+                net, x_test, y_test, batch_size=max(args.batch_size, 1), mean=mean, std=std
+            )
+        secs = time.perf_counter() - t0
+        what = f"{model_name} on {args.dataset} test set" if len(nets) == 1 else label
+        avg = " (averaged softmax; loss = NLL of it)" if model_name == "ensemble" else ""
+        print(f"{what}: accuracy {acc:.4f}, loss {loss:.4f}{avg} ({len(x_test) / secs:.0f} img/s)")
+        results.append(
+            {"weights": label, "model": model_name, "test_accuracy": acc, "test_loss": loss,
+             "images_per_second": len(x_test) / secs}
+        )  # fmt: skip
+    out = {"command": "evaluate", "dataset": args.dataset, **results[-1]}
+    if len(nets) > 1:
+        out["members"] = results[:-1]
+    out["environment"] = _environment()
+    _write_json(args.metrics_json, out)
     return 0
 
 

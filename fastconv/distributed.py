@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from .features import softmax_average  # the one averaging, shared with fc.Ensemble
 from .nn import Module
 
 EXTRA = "fastconv[mpi]"
@@ -324,56 +325,32 @@ def member_plan(k: int, size: int, rank: int) -> tuple[int, list[int]]:
     return rank, list(range(rank, k, size))
 
 
-def softmax_average(logits: Sequence[np.ndarray]) -> np.ndarray:
-    """Mean of the members' softmax probabilities (float64). Shape: K x (N, C) -> (N, C)."""
-    out = None
-    for z in logits:
-        z = np.asarray(z, np.float64)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
-        out = p if out is None else out + p
-    return out / len(logits)
-
-
 def evaluate_ensemble(
     models: Sequence[Module],
     x: np.ndarray,
     y: np.ndarray,
     *,
     batch_size: int = 1000,
-    mean: float | None = None,
-    std: float | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
 ) -> tuple[float, float]:
     """(NLL of the averaged softmax, accuracy) of an ensemble on uint8 images: the members'
-    probabilities are averaged (not their logits). Modes are restored afterwards.
+    probabilities are averaged (not their logits) by ``fc.Ensemble``, scored by
+    ``training.evaluate``. Each member's mode is restored afterwards.
 
     Shape: x (N, C, H, W) uint8 (or float, used as is), y (N,) ints.
     """
     from . import training
-    from .tensor import no_grad
+    from .features import Ensemble
 
     mean = training.STATS["digits"][0] if mean is None else mean
     std = training.STATS["digits"][1] if std is None else std
     modes = [m.training for m in models]
-    nll, correct = 0.0, 0
     try:
-        for m in models:
-            m.eval()
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i : i + batch_size], np.asarray(y[i : i + batch_size], np.int64)
-            logits = []
-            for m in models:
-                dt = training._model_dtype(m)
-                xm = training.normalize(xb, mean, std, dt) if xb.dtype == np.uint8 else xb
-                with no_grad():
-                    logits.append(m(training._place(m, xm.astype(dt, copy=False))).numpy())
-            p = softmax_average(logits)
-            nll -= float(np.log(np.maximum(p[np.arange(len(yb)), yb], 1e-300)).sum())
-            correct += int((p.argmax(axis=1) == yb).sum())
+        return training.evaluate(Ensemble(models), x, y, batch_size=batch_size, mean=mean, std=std)
     finally:
         for m, t in zip(models, modes):
             m.train(t)
-    return nll / len(x), correct / len(x)
 
 
 # --------------------------------------------------------------------------- the command
@@ -423,7 +400,7 @@ def _nullcontext() -> Iterator[None]:
 
 
 def _train(args: Any, comm: Any) -> int:
-    from . import cli, models, training
+    from . import cli, training
 
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     root = rank == 0
@@ -448,7 +425,7 @@ def _train(args: Any, comm: Any) -> int:
     x_train, y_train, x_test, y_test = cli._load_data(args)
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
-    mean, std = training.STATS[cli.DATASETS[args.dataset]]
+    mean, std = cli._stats(args, x_train)
     lr = args.lr if args.lr is not None else cli.DEFAULT_LR[args.optimizer]
     say(
         f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
@@ -459,7 +436,7 @@ def _train(args: Any, comm: Any) -> int:
     steps = -(-len(x_train) * (5 if args.augment == "expand" else 1) // args.batch_size)
     mine, nbytes, t0 = [], 0, time.perf_counter()
     for k in members:
-        model = models.get(args.model, rng=args.seed + k)
+        model = cli._model_for(args, x_train, args.seed + k, log=say)
         opt = _optimizer(args, model, lr)
         dp = DataParallel(model, opt, sub) if sub is not None else None
         nbytes = dp.nbytes if dp is not None else 0
@@ -495,9 +472,10 @@ def _train(args: Any, comm: Any) -> int:
         return 0
     done = sorted((m for part in trained for m in part), key=lambda m: m[0])
     meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std}
+    meta.update(cli._shape_meta(args, x_train))
     nets = []
     for k, state, _ in done:
-        net = models.get(args.model, rng=0)
+        net = cli._model_for(args, x_train, 0, pretrained=False)
         net.load_state_dict(state)
         nets.append(net)
         if args.save:
