@@ -426,6 +426,7 @@ def _train(args: Any, comm: Any) -> int:
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     mean, std = cli._stats(args, x_train)
+    shape = cli._shape_meta(args, x_train)  # input channels, classes, size
     lr = args.lr if args.lr is not None else cli.DEFAULT_LR[args.optimizer]
     say(
         f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
@@ -436,7 +437,7 @@ def _train(args: Any, comm: Any) -> int:
     steps = -(-len(x_train) * (5 if args.augment == "expand" else 1) // args.batch_size)
     mine, nbytes, t0 = [], 0, time.perf_counter()
     for k in members:
-        model = cli._model_for(args, x_train, args.seed + k, log=say)
+        model = cli._model_for(args, shape, args.seed + k, log=say)
         opt = _optimizer(args, model, lr)
         dp = DataParallel(model, opt, sub) if sub is not None else None
         nbytes = dp.nbytes if dp is not None else 0
@@ -472,10 +473,10 @@ def _train(args: Any, comm: Any) -> int:
         return 0
     done = sorted((m for part in trained for m in part), key=lambda m: m[0])
     meta = {"model": args.model, "dataset": args.dataset, "mean": mean, "std": std}
-    meta.update(cli._shape_meta(args, x_train))
+    meta.update(shape)
     nets = []
     for k, state, _ in done:
-        net = cli._model_for(args, x_train, 0, pretrained=False)
+        net = cli._model_for(args, shape, 0, pretrained=False)
         net.load_state_dict(state)
         nets.append(net)
         if args.save:

@@ -153,7 +153,7 @@ def evaluate(
     """
     probs = getattr(model, "outputs", "logits") == "probabilities"
     loss_fn = loss_fn or CrossEntropyLoss()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each one's (an ensemble's members)
     model.eval()
     dtype = _model_dtype(model)
     total_loss, correct = 0.0, 0
@@ -171,7 +171,8 @@ def evaluate(
                     total_loss += float(loss_fn(logits, yb)) * len(yb)
             correct += int((logits.numpy().argmax(axis=1) == yb).sum())
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.__dict__["training"] = mode
     return total_loss / len(x), correct / len(x)
 
 

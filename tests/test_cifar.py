@@ -298,3 +298,26 @@ def test_random_crop_flip():
     assert 15 < flips < 49  # about half flipped
     again = training.random_crop_flip(x, np.random.default_rng(2))
     np.testing.assert_array_equal(out, again)  # seeded: reproducible
+
+
+def test_cli_trains_and_evaluates_on_cifar(tmp_path, monkeypatch, capsys):
+    from fastconv import cli, models
+
+    make_release(tmp_path, "cifar10", monkeypatch, archive=True)
+    w, m = str(tmp_path / "w.npz"), str(tmp_path / "m.json")
+    args = ["train", "--dataset", "cifar10", "--model", "resnet8", "--augment", "crop-flip",
+            "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "10", "--threads", "1",
+            "--no-progress", "--save", w, "--metrics-json", m]  # fmt: skip
+    assert cli.main(args) == 0
+    meta = training.load_model(w, models.resnet8(in_channels=3))[1]
+    x_train, *_ = datasets.load_cifar("cifar10", tmp_path, download=False)
+    assert meta["in_channels"] == 3 and meta["num_classes"] == 10 and meta["size"] == 32
+    assert meta["mean"] == pytest.approx(datasets.channel_stats(x_train)[0])
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--load", w, "--data-dir", str(tmp_path), "--threads", "1"]) == 0
+    assert "resnet8 on cifar10 test set: accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="lenet5 takes 1-channel 28x28 images; cifar10 has 3"):
+        cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1"])
+    rc = cli.main(["train", "--dataset", "cifar100", "--model", "resnet8", "--epochs", "1",
+                   "--data-dir", str(tmp_path / "none")])  # fmt: skip
+    assert rc == 1 and "cifar-100-python.tar.gz" in capsys.readouterr().err
