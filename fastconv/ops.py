@@ -67,8 +67,7 @@ class _Backend:
             raise NotImplementedError(
                 f"{name}: the {self._be!r} backend does not implement {name} yet"
             ) from None
-        self.__dict__[name] = v  # found once, then a plain attribute
-        return v
+        return v  # looked up every time: the module's functions may be replaced (tests)
 
 
 _backends: dict[int, _Backend] = {}
