@@ -22,7 +22,7 @@ import numpy as np
 from . import _device
 from . import functional as F
 from . import init as _init
-from .nn import Linear, Module, ModuleList, Sequential
+from .nn import Linear, Module, ModuleList
 from .tensor import no_grad
 
 # --------------------------------------------------------------------------- ensembles
@@ -226,9 +226,7 @@ def replace_head(model: Module, num_classes: int, *, rng: _init.RngLike = None) 
         new.to(model.device)
     parent_name, _, attr = name.rpartition(".")
     parent = modules[parent_name]
-    parent._modules[attr] = new
-    if isinstance(parent, Sequential):
-        parent._replan()  # a fused Linear+ReLU run must see the new module
+    setattr(parent, attr, new)  # a Sequential replans: a fused Linear+ReLU sees the new head
     return new
 
 

@@ -112,6 +112,7 @@ class Module:
             buffers.pop(name, None)
             d.pop(name, None)
             modules[name] = value
+            self._changed()
         elif name in params:
             if value is not None:
                 raise TypeError(
@@ -157,6 +158,9 @@ class Module:
         by ``to()``."""
         self.__dict__.pop(name, None)
         self._buffers[name] = array
+
+    def _changed(self) -> None:
+        """Called after a sub-module is assigned (Sequential replans its fusions)."""
 
     def register_module(self, name: str, module: Module | None) -> None:
         if module is not None and not isinstance(module, Module):
@@ -1118,8 +1122,59 @@ def plan_fusions(layers: list[Module]) -> list[tuple[int, int, Callable | None]]
     return plan
 
 
-class Sequential(Module):
-    """Modules applied in order (``torch.nn.Sequential``; state-dict keys "<index>.<name>").
+class _ModuleSequence(Module):
+    """Modules held in order under the keys "0", "1", ... (the containers' common part)."""
+
+    def _check(self, module: Any, what: str) -> Module:
+        if not isinstance(module, Module):
+            raise TypeError(
+                f"{type(self).__name__}{what} not a fastconv Module; got {type(module).__name__}"
+            )
+        return module
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(list(self._modules.values()))
+
+    def __getitem__(self, i: int | slice) -> Any:
+        """A module, or for a slice a container of the same kind sharing the modules."""
+        layers = list(self._modules.values())
+        if isinstance(i, slice):
+            out = type(self)()
+            out.extend(layers[i])
+            return out.train(self.training)
+        return layers[i]
+
+    def __setitem__(self, i: int, module: Module) -> None:
+        self._modules[list(self._modules)[i]] = self._check(module, "[...]:")
+        self._changed()
+
+    def append(self, module: Module) -> Any:
+        self._modules[str(len(self._modules))] = self._check(module, ".append:")
+        self._changed()
+        return self
+
+    def extend(self, modules: Iterable[Module]) -> Any:
+        for m in modules:
+            self._modules[str(len(self._modules))] = self._check(m, ".extend:")
+        self._changed()
+        return self
+
+    def insert(self, index: int, module: Module) -> Any:
+        layers = list(self._modules.values())
+        layers.insert(index, self._check(module, ".insert:"))
+        self._modules.clear()
+        for i, m in enumerate(layers):
+            self._modules[str(i)] = m
+        self._changed()
+        return self
+
+
+class Sequential(_ModuleSequence):
+    """Modules applied in order (``torch.nn.Sequential``; state-dict keys "<index>.<name>", or
+    the names of an OrderedDict given instead).
 
     Runs listed in ``FUSIONS`` (Conv2d, ReLU, MaxPool2d(k) with stride k; Conv2d, ReLU;
     Linear, ReLU) run as one fused op: same results, fewer passes over memory. The plan is
@@ -1135,57 +1190,14 @@ class Sequential(Module):
         else:
             items = [(str(i), m) for i, m in enumerate(modules)]
         for name, m in items:
-            if not isinstance(m, Module):
-                raise TypeError(
-                    f"Sequential: item {name} is not a fastconv Module; got {type(m).__name__}"
-                )
-            self._modules[name] = m
-        self._replan()
+            self._modules[name] = self._check(m, f": item {name} is")
+        self._changed()
 
-    def _replan(self) -> None:
+    def _changed(self) -> None:
         layers = list(self._modules.values())
         self.__dict__["_plan"] = [
             (tuple(layers[first:end]), call) for first, end, call in plan_fusions(layers)
         ]
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter(list(self._modules.values()))
-
-    def __getitem__(self, i: int | slice) -> Module:
-        layers = list(self._modules.values())
-        if isinstance(i, slice):
-            out = Sequential(*layers[i])
-            out.train(self.training)
-            return out
-        return layers[i]
-
-    def __setitem__(self, i: int, module: Module) -> None:
-        if not isinstance(module, Module):
-            raise TypeError(f"Sequential: not a fastconv Module; got {type(module).__name__}")
-        key = list(self._modules)[i]
-        self._modules[key] = module
-        self._replan()
-
-    def append(self, module: Module) -> Sequential:
-        if not isinstance(module, Module):
-            raise TypeError(
-                f"Sequential.append: not a fastconv Module; got {type(module).__name__}"
-            )
-        self._modules[str(len(self._modules))] = module
-        self._replan()
-        return self
-
-    def insert(self, index: int, module: Module) -> Sequential:
-        layers = list(self._modules.values())
-        layers.insert(index, module)
-        self._modules.clear()
-        for i, m in enumerate(layers):
-            self._modules[str(i)] = m
-        self._replan()
-        return self
 
     def forward(self, x: Any) -> Any:
         for run, call in self._plan:
@@ -1197,43 +1209,12 @@ class Sequential(Module):
         return x
 
 
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of Modules, registered (``torch.nn.ModuleList``: keys "<index>.<name>")."""
 
     def __init__(self, modules: Iterable[Module] = ()) -> None:
         super().__init__()
-        for m in modules:
-            self.append(m)
-
-    def append(self, module: Module) -> ModuleList:
-        if not isinstance(module, Module):
-            raise TypeError(
-                f"ModuleList.append: not a fastconv Module; got {type(module).__name__}"
-            )
-        self._modules[str(len(self._modules))] = module
-        return self
-
-    def extend(self, modules: Iterable[Module]) -> ModuleList:
-        for m in modules:
-            self.append(m)
-        return self
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter(list(self._modules.values()))
-
-    def __getitem__(self, i: int | slice) -> Any:
-        layers = list(self._modules.values())
-        if isinstance(i, slice):
-            return ModuleList(layers[i])
-        return layers[i]
-
-    def __setitem__(self, i: int, module: Module) -> None:
-        if not isinstance(module, Module):
-            raise TypeError(f"ModuleList: not a fastconv Module; got {type(module).__name__}")
-        self._modules[list(self._modules)[i]] = module
+        self.extend(modules)
 
 
 __all__ = [
