@@ -133,15 +133,12 @@ def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", alg
     arrays, a = op.check(*arrays, *params, keep)
     if op.tuned is None:
         be, a = choose(op, arrays, a, backend, algorithm)
-        m = backend_module(name, be)
-        fwd, bwd = KERNELS[(name, be)]
     else:  # the candidates run the very call (fusions included), on the CPU
         cpu = KERNELS[(name, "cpu")]
         run = lambda at: cpu.forward(backend_module(name, "cpu"), *arrays, at)  # noqa: E731
         be, a = choose(op, arrays, a._replace(requested=algorithm), backend, algorithm, run)
         a = a._replace(backend=be)
-        m = backend_module(name, be)
-        fwd, bwd = KERNELS[(name, be)]
+    m, (fwd, bwd) = kernel(name, be)
     out, ctx = fwd(m, *arrays, a)
     if not tensors:
         return out
@@ -153,7 +150,10 @@ def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", alg
 def kernel(name: str, be: str) -> tuple[Any, Kernel]:
     """(backend module, kernel pair) of op ``name`` on backend ``be`` (the explicit
     ``*_backward`` functions of ``fastconv.functional`` call backward directly)."""
-    return backend_module(name, be), KERNELS[(name, be)]
+    k = KERNELS.get((name, be))
+    if k is None:
+        raise NotImplementedError(f"{name}: the {be!r} backend has no kernel for it yet")
+    return backend_module(name, be), k
 
 
 def _mask(out, needs):
