@@ -168,7 +168,7 @@ def plan(g, itemsize, choice=None):
     if form_b:  # a = weights (rows, R); b = padded input at tap offsets
         arow, aoff, boff = np.arange(mr, dtype=np.int64) * R, np.arange(R, dtype=np.int64), taps
     else:  # a = padded input at pixel offsets; b = weights (R, L)
-        arow = np.zeros(rows, np.int64)
+        arow = np.zeros(rows + mr, np.int64)  # + MR: pooled segments' tiles off the grid
         arow[:P] = _pixels(g, Wp)
         aoff, boff = taps, np.arange(R, dtype=np.int64) * L
     return TiledPlan(form_b, combo, mr, rows, L, step, Hp, Wp, arow, aoff, boff, cost)
@@ -211,16 +211,26 @@ def _pad_copy(x, n, xp, Hp, Wp, ph, pw):
                 pf[dst + U(iw)] = xf[src + U(iw)]
 
 
+@njit(cache=True)
+def _segment(s, S, n):
+    """[lo, hi) of n blocks: segment s of S nearly equal segments (empty when n < S)."""
+    return s * n // S, (s + 1) * n // S
+
+
 @njit(parallel=True, cache=True)
 def conv2d_tiled(
     x, wp, b, y, code, relu, pool, OH, OW, bounds, ph, pw, form_b, arow, aoff, boff, combo, mr,
-    rows, L, step, Hp, Wp,
+    rows, L, step, Hp, Wp, splits=1,
 ):  # fmt: skip
     """y = conv(x) + b (ReLU with ``relu``) by the plan's tiles (``plan``, wp from
     ``pack_weights``); y (N, K, OH, OW), or with ``pool`` = (PKH, PKW) != (0, 0) that output
     max-pooled (im2col.pool_planes: y (N, K, OH // PKH, OW // PKW), each window's argmax in
-    ``code``), with no full-size output written. Each chunk of images [bounds[i], bounds[i+1])
-    runs on one thread, with its own padded copy and result buffer."""
+    ``code``), with no full-size output written. Each work item = (chunk of images [bounds[i],
+    bounds[i+1]), segment s < ``splits`` of the tile rows) runs on one thread, with its own
+    padded copy and result buffer; segments cut one image's work across threads (batch 1).
+    Every output comes from one tile whatever the segments: the same bits for any ``splits``.
+    Form A's pooled segments hold whole pooled rows (their tiles may start off the MR grid:
+    ``plan`` pads arow by MR)."""
     N, C, H, W = x.shape
     K = y.shape[1]
     G = wp.shape[0]
@@ -233,18 +243,31 @@ def conv2d_tiled(
     yf, wf = y.ravel(), wp.ravel()
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
     _check_tile(combo, mr, step, isz)
-    for i in prange(bounds.size - 1):
+    S = max(splits, 1)
+    for item in prange((bounds.size - 1) * S):
+        i, s = item // S, item % S
+        if PKH > 0 and not form_b:  # pixels of whole pooled rows [ph0, ph1)
+            ph0, ph1 = _segment(s, S, PH)
+            r_lo, r_hi = ph0 * PKH * OW, (ph1 * PKH * OW if s < S - 1 else P)
+        else:  # whole tiles: rows [r_lo, r_hi)
+            b0, b1 = _segment(s, S, rows // mr)
+            r_lo, r_hi = b0 * mr, b1 * mr
+            ph0, ph1 = 0, PH
+        if r_lo >= r_hi:
+            continue
         xp = np.zeros(C * plane + (L if form_b else 0), x.dtype)  # + tail read by form B
         tmp = np.empty((rows if form_b else mr) * L, x.dtype)
         z = np.empty(KG * P if PKH > 0 and not form_b else 0, x.dtype)  # form A before pooling
         pt, px = tmp.ctypes.data, xp.ctypes.data
+        k_lo, k_hi = (r_lo, min(r_hi, KG)) if form_b else (0, KG)  # form B: channels owned
+        p_end = min(r_hi, P)
         for n in range(bounds[i], bounds[i + 1]):
             _pad_copy(x, n, xp[: C * plane].reshape(C, Hp, Wp), Hp, Wp, ph, pw)
             for g in range(G):
                 xg = px + U(g * CG * plane * isz)
                 wg = wf.ctypes.data + U(g * wp.shape[1] * wp.shape[2] * isz)
                 o = U((n * K + g * KG) * PH * PW)  # y's (n, g*KG) plane
-                for r0 in range(0, rows, mr):
+                for r0 in range(r_lo, r_hi, mr):
                     for j in range(0, L, step):
                         if form_b:  # a = weight rows r0.., b = input from lane j on
                             a0, c0 = wg + U(r0 * R * isz), pt + U((r0 * L + j) * isz)
@@ -254,24 +277,30 @@ def conv2d_tiled(
                             tile(combo, x.dtype, xg, a0, po, wg + U(j * isz), pb, R, c0, L, False)
                     if not form_b and PKH > 0:  # these mr pixels (mr, L) -> z (KG, P)
                         for k in range(KG):
-                            for r in range(min(mr, P - r0)):
+                            for r in range(min(mr, p_end - r0)):
                                 z[U(k * P + r0 + r)] = tmp[U(r * L + k)]
                     elif not form_b:  # these mr pixels (mr, L), still in L1, into y
                         for k in range(KG):
                             bk = b[g * KG + k]
-                            for r in range(min(mr, P - r0)):
+                            for r in range(min(mr, p_end - r0)):
                                 v = tmp[U(r * L + k)] + bk
                                 if relu and v < 0:
                                     v = 0  # NaN stays NaN, as in np.maximum
                                 yf[o + U(k * P + r0 + r)] = v
-                if PKH > 0:  # bias, ReLU and pooling from z (A) or tmp (B, row pitch Wp)
-                    if form_b:
-                        a, ks, rs = tmp, L, Wp
-                    else:
-                        a, ks, rs = z, P, OW
-                    pool_planes(a, 0, ks, rs, b, g * KG, KG, yf, o, code, o, PH, PW, PKH, PKW, relu)
-                elif form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
+                if PKH > 0 and form_b:  # bias, ReLU and pooling of the channels owned
+                    pool_planes(
+                        tmp, k_lo * L, L, Wp, b, g * KG + k_lo, k_hi - k_lo, yf,
+                        o + U(k_lo * PH * PW), code, o + U(k_lo * PH * PW), PH, PW, PKH, PKW, relu,
+                    )  # fmt: skip
+                elif PKH > 0:  # form A: the pooled rows [ph0, ph1) of every channel, from z
                     for k in range(KG):
+                        d = o + U(k * PH * PW + ph0 * PW)
+                        pool_planes(
+                            z, k * P + ph0 * PKH * OW, P, OW, b, g * KG + k, 1, yf, d, code, d,
+                            ph1 - ph0, PW, PKH, PKW, relu,
+                        )  # fmt: skip
+                elif form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
+                    for k in range(k_lo, k_hi):
                         bk = b[g * KG + k]
                         for oh in range(OH):
                             src, dst = U(k * L + oh * Wp), o + U(k * P + oh * OW)
@@ -306,12 +335,15 @@ def filter_plan(g, itemsize, nv=None):
 @njit(parallel=True, cache=True)
 def conv2d_filter_tiled(
     x, gy, y, code, relu, pool, OH, OW, parts, bounds, ph, pw, arow, aoff, boff, combo, mr,
-    rows, L, step, Hp, Wp,
+    rows, L, step, Hp, Wp, splits=1,
 ):  # fmt: skip
     """parts[i] (G, rows, L): chunk i's grad_w^T (taps x output channels), summed over its
     images in order; the caller adds the parts in chunk order (``filter_plan``). gy (N, K, OH,
     OW), or with ``pool`` = (PKH, PKW) != (0, 0) the gradient of conv2d_pool's output, with its
-    y and argmax ``code``: each plane is rebuilt in a buffer of its own (``pool.grad_plane``)."""
+    y and argmax ``code``: each plane is rebuilt in a buffer of its own (``pool.grad_plane``).
+    Work item (i, s): chunk i's tiles of segment s < ``splits`` of the (row block, lane block)
+    grid, disjoint entries of parts[i] each summed in image order: the same bits for any
+    ``splits``."""
     N, C, H, W = x.shape
     K = gy.shape[1]
     PKH, PKW = pool
@@ -323,7 +355,13 @@ def conv2d_filter_tiled(
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
     off = _window_offsets(PKH, PKW, OW)
     _check_tile(combo, mr, step, isz)
-    for i in prange(bounds.size - 1):
+    S, nr = max(splits, 1), rows // mr
+    for item in prange((bounds.size - 1) * S):
+        i = item // S
+        t0, t1 = _segment(item % S, S, nr * (L // step))  # tiles t0..t1-1, lane block major
+        if t0 >= t1:
+            continue
+        k_lo, k_hi = t0 // nr * step, min((t1 - 1) // nr * step + step, KG)  # channels read
         xp = np.zeros(C * plane, x.dtype)
         gt = np.zeros(P * L, x.dtype)  # grad_y of one image and group, (P, L); pad lanes 0
         gk = np.empty(P if PKH > 0 else 0, x.dtype)  # one plane rebuilt from the pooled one
@@ -332,7 +370,7 @@ def conv2d_filter_tiled(
         for n in range(n0, bounds[i + 1]):
             _pad_copy(x, n, xp.reshape(C, Hp, Wp), Hp, Wp, ph, pw)
             for g in range(G):
-                for k in range(KG):
+                for k in range(k_lo, k_hi):
                     nk = n * K + g * KG + k
                     src, plane_k = U(nk * P), gyf
                     if PKH > 0:
@@ -342,10 +380,10 @@ def conv2d_filter_tiled(
                         gt[U(p * L + k)] = plane_k[src + U(p)]
                 xg = px + U(g * CG * plane * isz)
                 part = pf.ctypes.data + U(((i * G + g) * rows * L) * isz)
-                for r0 in range(0, rows, mr):
-                    for j in range(0, L, step):
-                        c0, bj = part + U((r0 * L + j) * isz), pg + U(j * isz)
-                        tile(combo, x.dtype, xg, pa + U(r0 * 8), po, bj, pb, P, c0, L, n > n0)
+                for t in range(t0, t1):
+                    r0, j = t % nr * mr, t // nr * step
+                    c0, bj = part + U((r0 * L + j) * isz), pg + U(j * isz)
+                    tile(combo, x.dtype, xg, pa + U(r0 * 8), po, bj, pb, P, c0, L, n > n0)
 
 
 @njit(cache=True)
@@ -423,13 +461,16 @@ def _check_dot(combo, mr, nk):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def conv2d_filter_dot(
-    x, gy, y, code, relu, pool, OH, OW, parts, bad, bounds, ph, pw, arow, combo, mr, nk, S, Hp, Wp
-):
+    x, gy, y, code, relu, pool, OH, OW, parts, bad, bounds, ph, pw, arow, combo, mr, nk, S, Hp, Wp,
+    splits=1,
+):  # fmt: skip
     """parts[i] (G, rows, cols): chunk i's grad_w^T (taps x output channels), summed over its
     images in order; bad[i] = True where chunk i's input holds inf or NaN (its part is then
     not valid). Tables from ``dot_plan``. gy (N, K, OH, OW), or with ``pool`` = (PKH, PKW) !=
     (0, 0) the gradient of conv2d_pool's output, with its y and argmax ``code``
-    (``pool.grad_plane``: the full-size gradient is never written)."""
+    (``pool.grad_plane``: the full-size gradient is never written). Work item (i, s): chunk
+    i's tiles of segment s < ``splits`` of the (tap block, channel block) grid (disjoint
+    entries: the same bits for any ``splits``); segment 0 checks the input."""
     N, C, H, W = x.shape
     K = gy.shape[1]
     PKH, PKW = pool
@@ -440,7 +481,13 @@ def conv2d_filter_dot(
     gyf, yf, pf = gy.ravel(), y.ravel(), parts.ravel()
     off = _window_offsets(PKH, PKW, Wp)  # argmax code -> offset in the window, pitch Wp
     _check_dot(combo, mr, nk)
-    for i in prange(bounds.size - 1):
+    SP, nr = max(splits, 1), rows // mr
+    for item in prange((bounds.size - 1) * SP):
+        i, s = item // SP, item % SP
+        t0, t1 = _segment(s, SP, nr * (cols // nk))  # tiles t0..t1-1, channel block major
+        if t0 >= t1 and s > 0:
+            continue
+        k_lo, k_hi = t0 // nr * nk, min((t1 - 1) // nr * nk + nk, KG)  # channels read
         xp = np.zeros(C * plane + Wp + J, x.dtype)  # + tail: lanes past the last tap's row
         gp = np.zeros(cols * J, x.dtype)  # one group's grad_y, rows widened to Wp
         px, pgp, pa = xp.ctypes.data, gp.ctypes.data, arow.ctypes.data
@@ -448,22 +495,24 @@ def conv2d_filter_dot(
         n0 = bounds[i]
         for n in range(n0, bounds[i + 1]):
             _pad_copy(x, n, xp[: C * plane].reshape(C, Hp, Wp), Hp, Wp, ph, pw)
-            for e in range(C * plane):
-                check += xp[U(e)] * 0  # NaN once any input is inf or NaN
+            if s == 0:
+                for e in range(C * plane):
+                    check += xp[U(e)] * 0  # NaN once any input is inf or NaN
             for g in range(G):
-                for k in range(KG):
+                for k in range(k_lo, k_hi):
                     plane_k = n * K + g * KG + k
                     grad_plane(
                         gyf, yf, code, off, relu, PKH, PKW, plane_k, OH, OW, gp, U(k * J), Wp
                     )
                 xg = px + U(g * CG * plane * isz)
                 part = pf.ctypes.data + U(((i * G + g) * rows * cols) * isz)
-                for r0 in range(0, rows, mr):
-                    for k0 in range(0, cols, nk):
-                        b0 = pgp + U(k0 * J * isz)
-                        c0 = part + U((r0 * cols + k0) * isz)
-                        dot_tile(combo, x.dtype, xg, pa + U(r0 * 8), b0, J, S, c0, cols, n > n0)
-        bad[i] = check != check
+                for t in range(t0, t1):
+                    r0, k0 = t % nr * mr, t // nr * nk
+                    b0 = pgp + U(k0 * J * isz)
+                    c0 = part + U((r0 * cols + k0) * isz)
+                    dot_tile(combo, x.dtype, xg, pa + U(r0 * 8), b0, J, S, c0, cols, n > n0)
+        if s == 0:
+            bad[i] = check != check
 
 
 class ScatterPlan(NamedTuple):
@@ -526,7 +575,7 @@ def pack_scatter_weights(w, g, p):
 @njit(parallel=True, cache=True)
 def conv2d_data_scatter(
     gy, y, code, relu, pool, OH, OW, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr,
-    rows, L, step, Hp, Wp, plane,
+    rows, L, step, Hp, Wp, plane, splits=1,
 ):  # fmt: skip
     """gx (N, C, H, W) = grad_x at stride 1 from gy (N, K, OH, OW) and wp from
     ``pack_scatter_weights``, tables from ``scatter_plan``. Per image: grad_y copied into a
@@ -534,7 +583,9 @@ def conv2d_data_scatter(
     lane block) tile added into a zeroed padded grad_x, which is then cropped into gx. Each
     chunk of images [bounds[i], bounds[i+1]) runs on one thread. With ``pool`` = (PKH, PKW)
     != (0, 0), gy is the gradient of conv2d_pool's output (y, argmax ``code``), rebuilt plane
-    by plane into that buffer (``pool.grad_plane``)."""
+    by plane into that buffer (``pool.grad_plane``). Work item (i, s): chunk i's row blocks
+    (input channels) of segment s < ``splits``; every element is summed in tap order whatever
+    the segments."""
     K = gy.shape[1]
     PKH, PKW = pool
     _, C, H, W = gx.shape
@@ -545,26 +596,33 @@ def conv2d_data_scatter(
     pa, po, pb = arow.ctypes.data, aoff.ctypes.data, boff.ctypes.data
     off = _window_offsets(PKH, PKW, Wp)
     _check_tile(combo, mr, step, isz)
-    for i in prange(bounds.size - 1):
+    S = max(splits, 1)
+    for item in prange((bounds.size - 1) * S):
+        i = item // S
+        b0, b1 = _segment(item % S, S, rows // mr)
+        r_lo, r_hi = b0 * mr, b1 * mr  # the input channels (rows) of this item
+        if r_lo >= r_hi:
+            continue
         gyp = np.zeros(K * L, gy.dtype)
         gxp = np.empty(G * rows * plane, gy.dtype)
         py, px = gyp.ctypes.data, gxp.ctypes.data
         for n in range(bounds[i], bounds[i + 1]):
             for k in range(K):  # grad_y rows at pitch Wp (the zeros in between stay zero)
                 grad_plane(gyf, yf, code, off, relu, PKH, PKW, n * K + k, OH, OW, gyp, U(k * L), Wp)
-            gxp[:] = 0
             for g in range(G):
-                b0 = py + U(g * KG * L * isz)
+                gxp[(g * rows + r_lo) * plane : (g * rows + r_hi) * plane] = 0
+            for g in range(G):
+                bg = py + U(g * KG * L * isz)
                 for t in range(T):
                     a0 = wf.ctypes.data + U((g * T + t) * rows * KG * isz)
                     c0 = px + U((g * rows * plane + taps[t]) * isz)
-                    for r0 in range(0, rows, mr):
+                    for r0 in range(r_lo, r_hi, mr):
                         for j in range(0, L, step):
-                            cj, bj = c0 + U((r0 * plane + j) * isz), b0 + U(j * isz)
+                            cj, bj = c0 + U((r0 * plane + j) * isz), bg + U(j * isz)
                             tile(
                                 combo, gy.dtype, a0, pa + U(r0 * 8), po, bj, pb, KG, cj, plane, True
                             )
-                for c in range(CG):  # crop: padded (ih + ph, iw + pw) -> gx (ih, iw)
+                for c in range(r_lo, min(r_hi, CG)):  # crop: padded (ih+ph, iw+pw) -> gx (ih, iw)
                     for ih in range(H):
                         src = U((g * rows + c) * plane + (ih + ph) * Wp + pw)
                         dst = U(((n * C + g * CG + c) * H + ih) * W)
@@ -580,8 +638,9 @@ def _tables(p):
     return p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L, p.step, p.Hp, p.Wp
 
 
-def forward(x, w, b, g, relu, bounds, pg=None, code=_NO_CODE):
-    """y (N, K, OH, OW) = conv(x, w) + b (ReLU with ``relu``); chunks of images ``bounds``.
+def forward(x, w, b, g, relu, bounds, pg=None, code=_NO_CODE, splits=1):
+    """y (N, K, OH, OW) = conv(x, w) + b (ReLU with ``relu``); chunks of images ``bounds``,
+    each cut into ``splits`` segments of its tiles (work items for more threads than chunks).
     With pg (a pooling geometry of non-overlapping windows): y max-pooled, (N, K, PH, PW), each
     window's argmax in ``code`` (N*K*PH*PW int32)."""
     p = plan(g, x.itemsize)
@@ -589,8 +648,9 @@ def forward(x, w, b, g, relu, bounds, pg=None, code=_NO_CODE):
     y = np.empty(g.y_shape if pg is None else (g.N, g.K, pg.OH, pg.OW), x.dtype)
     wp = pack_weights(w, g, p)
     conv2d_tiled(
-        x, wp, b, y, code, relu, pool, g.OH, g.OW, bounds, g.ph, g.pw, p.form_b, *_tables(p)
-    )
+        x, wp, b, y, code, relu, pool, g.OH, g.OW, bounds, g.ph, g.pw, p.form_b, *_tables(p),
+        splits,
+    )  # fmt: skip
     return y
 
 
@@ -621,18 +681,19 @@ def _pooled_args(gy, pooled):
     return y, code, relu, (pg.KH, pg.KW)
 
 
-def backward_data(gy, w, g, bounds, form=None, pooled=None):
+def backward_data(gy, w, g, bounds, form=None, pooled=None, splits=1):
     """grad_x (N, C, H, W) of the convolution with weight w: the scatter form or the flipped
     forward by the cost model at stride 1 (``form`` = "scatter" / "forward" forces one:
     tests), else ``conv2d_backward_data``. pooled = (y, code, relu, pg): gy is the gradient of
-    conv2d_pool's output (the scatter form rebuilds its planes, the others get it unpooled)."""
+    conv2d_pool's output (the scatter form rebuilds its planes, the others get it unpooled).
+    ``splits``: segments per chunk of images (``forward``)."""
     if form == "scatter" or (form is None and use_scatter(g, gy.itemsize)):
         p = scatter_plan(g, gy.itemsize)
         gx = np.empty((g.N, g.C, g.H, g.W), gy.dtype)
         conv2d_data_scatter(
             gy, *_pooled_args(gy, pooled), g.OH, g.OW, pack_scatter_weights(w, g, p), gx,
             bounds, g.ph, g.pw, p.taps, p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L,
-            p.step, p.Hp, p.Wp, p.plane,
+            p.step, p.Hp, p.Wp, p.plane, splits,
         )  # fmt: skip
         return gx
     if pooled is not None:
@@ -644,13 +705,14 @@ def backward_data(gy, w, g, bounds, form=None, pooled=None):
     # wt[g*CG + c, k, kh', kw'] = w[g*KG + k, c, KH-1-kh', KW-1-kw']
     wt = w.reshape(g.G, g.KG, g.CG, g.KH, g.KW)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
     wt = np.ascontiguousarray(wt).reshape(g.C, g.KG, g.KH, g.KW)
-    return forward(gy, wt, np.zeros(g.C, gy.dtype), gt, False, bounds)
+    return forward(gy, wt, np.zeros(g.C, gy.dtype), gt, False, bounds, splits=splits)
 
 
-def backward_filter(gy, x, g, bounds, pooled=None):
+def backward_filter(gy, x, g, bounds, pooled=None, splits=1):
     """grad_w (K, CG, KH, KW): per chunk of images a (G, taps, KG) part, added in chunk order;
     in the dot form where ``use_dot`` says so and the input is finite, else on the tiles.
-    pooled = (y, code, relu, pg): gy is the gradient of conv2d_pool's output (y, argmax codes)."""
+    pooled = (y, code, relu, pg): gy is the gradient of conv2d_pool's output (y, argmax codes).
+    ``splits``: segments of the tiles per chunk (``forward``); the sums do not depend on it."""
     R = g.CG * g.KH * g.KW
     if use_dot(g, x.itemsize):
         d = dot_plan(g, x.itemsize)
@@ -658,13 +720,14 @@ def backward_filter(gy, x, g, bounds, pooled=None):
         bad = np.zeros(bounds.size - 1, np.bool_)
         conv2d_filter_dot(
             x, gy, *_pooled_args(gy, pooled), g.OH, g.OW, parts, bad, bounds, g.ph, g.pw,
-            d.arow, d.combo, d.mr, d.nk, d.S, d.Hp, d.Wp,
+            d.arow, d.combo, d.mr, d.nk, d.S, d.Hp, d.Wp, splits,
         )  # fmt: skip
         if not bad.any():
             return grad_w_from_parts(parts[:, :, :R, : g.KG], g)
     p = filter_plan(g, x.itemsize)
     parts = np.empty((bounds.size - 1, g.G, p.rows, p.L), x.dtype)
     conv2d_filter_tiled(
-        x, gy, *_pooled_args(gy, pooled), g.OH, g.OW, parts, bounds, g.ph, g.pw, *_tables(p)
-    )
+        x, gy, *_pooled_args(gy, pooled), g.OH, g.OW, parts, bounds, g.ph, g.pw, *_tables(p),
+        splits,
+    )  # fmt: skip
     return grad_w_from_parts(parts[:, :, :R, : g.KG], g)

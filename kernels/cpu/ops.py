@@ -122,10 +122,11 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
         bounds = _direct_bounds(g, gy.itemsize)
         pooled = (y, code, relu, pg)  # the kernels rebuild grad_y plane by plane from it
         with threads_for(g.flops() // 2 * (int(need_x) + int(need_w))):
+            s = _splits(bounds)
             if need_w:
-                gw = direct.backward_filter(gy, x, g, bounds, pooled)
+                gw = direct.backward_filter(gy, x, g, bounds, pooled, splits=s)
             if need_x:
-                gx = direct.backward_data(gy, w, g, bounds, pooled=pooled)
+                gx = direct.backward_data(gy, w, g, bounds, pooled=pooled, splits=s)
         return gx, gw, gb
     gz = _unpool(gy, y, code, g, pg, relu)
     return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
@@ -169,9 +170,10 @@ def _direct_forward(x, w, bias, g, relu, pg, code):
     """Bias, ReLU and pooling in the tiles' epilogue (direct.conv2d_tiled)."""
     with threads_for(g.flops() // 2):  # one parallel loop over chunks of images
         bounds = _direct_bounds(g, x.itemsize)
+        s = _splits(bounds)
         if pg is None:
-            return direct.forward(x, w, bias, g, relu, bounds)
-        return direct.forward(x, w, bias, g, relu, bounds, pg, code)
+            return direct.forward(x, w, bias, g, relu, bounds, splits=s)
+        return direct.forward(x, w, bias, g, relu, bounds, pg, code, splits=s)
 
 
 def _im2col_forward(x, w, bias, g, relu, pg, code, kept):
@@ -234,10 +236,11 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
         gx = gw = None
         bounds = _direct_bounds(g, gy.itemsize)
         with threads_for(work):
+            s = _splits(bounds)
             if need_x:
-                gx = direct.backward_data(gy, w, g, bounds)
+                gx = direct.backward_data(gy, w, g, bounds, splits=s)
             if need_w:
-                gw = direct.backward_filter(gy, x, g, bounds)
+                gw = direct.backward_filter(gy, x, g, bounds, splits=s)
         return gx, gw, gb
     parts = batch_chunks(g, gy.itemsize)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
@@ -309,6 +312,18 @@ def _direct_bounds(g, itemsize):
     """The direct path's chunks of images: those of the im2col path (a function of the
     geometry only, so grad_w's per-chunk parts add up the same on any thread count)."""
     return _bounds(batch_chunks(g, itemsize))
+
+
+def _splits(bounds):
+    """Segments per chunk of images for the direct kernels, so that every thread gets work
+    when there are fewer chunks than threads (batch 1: one image's tiles cut across threads),
+    or when the chunks do not share out evenly. The kernels give the same bits for any value
+    (each output or partial sum is made by one tile), so it may follow the thread count; it is
+    read inside ``threads_for``, which leaves small calls on one thread (then 1)."""
+    chunks, n = bounds.size - 1, threads.num_threads()
+    if n <= 1 or chunks % n == 0 or chunks >= 4 * n:
+        return 1
+    return max(2, -(-n // chunks))
 
 
 def _bounds(parts):
