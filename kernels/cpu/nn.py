@@ -407,15 +407,18 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     Training: normalise with the batch statistics (biased variance) and update the running
     statistics IN PLACE with the unbiased variance, as PyTorch does:
     running = (1 - momentum) * running + momentum * batch. Evaluation: use the running ones.
-    w, b may be None (affine=False). Statistics are computed in float64 (one pass over x).
+    w, b may be None (affine=False). Statistics are summed in float64, two passes per channel
+    (mean, then squared deviations), one compiled loop per channel (``_bn_stats``); as NumPy
+    expressions on a float64 copy this was as slow as resnet8's convolutions.
     Shape: x (N, C, H, W), w/b/running_* (C,) -> y (N, C, H, W), save_mean/save_invstd (C,).
     """
     N, C, H, W = x.shape
+    x = np.ascontiguousarray(x)
     if training:
         m = N * H * W
-        x64 = x.astype(np.float64, copy=False)
-        mean = x64.mean(axis=(0, 2, 3))
-        var = x64.var(axis=(0, 2, 3))  # biased: what the normalisation uses
+        mean, var = np.empty(C), np.empty(C)
+        with threads.threads_for(2 * x.size):
+            _bn_stats(x, mean, var)
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
@@ -427,9 +430,47 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     invstd = 1.0 / np.sqrt(var + eps)
     scale = invstd if w is None else invstd * w
     shift = -mean * scale if b is None else b - mean * scale
-    y = x * scale.astype(x.dtype)[None, :, None, None]
-    y += shift.astype(x.dtype)[None, :, None, None]
+    y = np.empty_like(x)
+    with threads.threads_for(x.size):
+        _bn_apply(x, scale.astype(x.dtype), shift.astype(x.dtype), y)
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _bn_stats(x, mean, var):
+    """mean[c], var[c] (biased) of channel c over (N, H, W), in float64; one thread a channel
+    (each sum in a fixed order: the same bits on any thread count)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    xf = x.ravel()
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            o = U((n * C + c) * HW)
+            for i in range(HW):
+                s += np.float64(xf[o + U(i)])
+        mu = s / (N * HW)
+        q = 0.0
+        for n in range(N):
+            o = U((n * C + c) * HW)
+            for i in range(HW):
+                d = np.float64(xf[o + U(i)]) - mu
+                q += d * d
+        mean[c] = mu
+        var[c] = q / (N * HW)
+
+
+@njit(parallel=True, cache=True)
+def _bn_apply(x, scale, shift, y):
+    """y = x * scale[c] + shift[c] (rounded after the product and after the sum, as NumPy)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    xf, yf = x.ravel(), y.ravel()
+    for nc in prange(N * C):
+        a, b = scale[nc % C], shift[nc % C]
+        o = U(nc * HW)
+        for i in range(HW):
+            yf[o + U(i)] = xf[o + U(i)] * a + b
 
 
 def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
@@ -438,30 +479,55 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
     With xhat = (x - mean) * invstd and y = w * xhat + b, per channel over its M values:
     gb = sum gy, gw = sum gy * xhat, and in training (mean and invstd depend on x)
     gx = w * invstd * (gy - gb/M - xhat * gw/M); in evaluation gx = w * invstd * gy.
+    Sums in float64, one compiled loop per channel (``_bn_backward``).
     Shape: gy, x (N, C, H, W), w/save_* (C,) -> gx (N, C, H, W), gw (C,), gb (C,).
     """
     need_x, need_w, need_b = mask
     N, C, H, W = x.shape
-    m = N * H * W
-    mean = save_mean.astype(np.float64)[None, :, None, None]
-    invstd = save_invstd.astype(np.float64)[None, :, None, None]
-    gy64 = gy.astype(np.float64, copy=False)
-    xhat = (x - mean) * invstd  # float64 (N, C, H, W)
-    gb = gy64.sum(axis=(0, 2, 3))
-    gw = (gy64 * xhat).sum(axis=(0, 2, 3))
-    gx = None
-    if need_x:
-        wk = invstd if w is None else invstd * w.astype(np.float64)[None, :, None, None]
-        if training:
-            gx = wk * (gy64 - (gb / m)[None, :, None, None] - xhat * (gw / m)[None, :, None, None])
-        else:
-            gx = wk * gy64
-        gx = gx.astype(x.dtype)
+    gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
+    mean = save_mean.astype(np.float64)
+    invstd = save_invstd.astype(np.float64)
+    wk = invstd if w is None else invstd * w.astype(np.float64)
+    gx = np.empty_like(x) if need_x else np.empty((0, C, H, W), x.dtype)
+    gw, gb = np.empty(C), np.empty(C)
+    with threads.threads_for(4 * x.size):
+        _bn_backward(gy, x, mean, invstd, wk, bool(training), gx, gw, gb)
     return (
-        gx,
+        gx if need_x else None,
         gw.astype(x.dtype) if need_w else None,
         gb.astype(x.dtype) if need_b else None,
     )
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb):
+    """gb[c] = sum gy, gw[c] = sum gy * xhat (float64), and gx unless it has no images; one
+    thread a channel (fixed summation order)."""
+    N, C, H, W = x.shape
+    HW, M = H * W, N * H * W
+    xf, gf, of = x.ravel(), gy.ravel(), gx.ravel()
+    for c in prange(C):
+        mu, iv = mean[c], invstd[c]
+        sb = 0.0
+        sw = 0.0
+        for n in range(N):
+            o = U((n * C + c) * HW)
+            for i in range(HW):
+                g = np.float64(gf[o + U(i)])
+                sb += g
+                sw += g * (np.float64(xf[o + U(i)]) - mu)
+        sw *= iv
+        gb[c], gw[c] = sb, sw
+        if gx.shape[0] == 0:
+            continue
+        k = wk[c]
+        a = sb / M if training else 0.0
+        q = sw / M * iv if training else 0.0  # xhat * gw / M = (x - mu) * q
+        for n in range(N):
+            o = U((n * C + c) * HW)
+            for i in range(HW):
+                d = np.float64(xf[o + U(i)]) - mu
+                of[o + U(i)] = k * (np.float64(gf[o + U(i)]) - a - d * q)
 
 
 # --------------------------------------------------------------------------- optimizer updates
