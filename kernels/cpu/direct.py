@@ -523,10 +523,11 @@ class ScatterPlan(NamedTuple):
     rows: int  # input channels of a group, padded to a multiple of mr
     L: int  # lanes of one grad_y plane: OH*Wp padded to whole tiles
     step: int
-    Hp: int  # padded input height / width (the row pitch of both buffers)
-    Wp: int
-    plane: int  # one grad_x plane in the padded buffer, with room for the last tap's lanes
-    taps: np.ndarray  # int64 offset of tap (kh, kw) in a padded plane
+    Hp: int  # height / width of one phase of the padded input (the row pitch of both
+    Wp: int  # buffers); at stride 1 the padded input's size
+    plane: int  # one grad_x channel in the padded buffer (its sh*sw phases), with room for
+    # the last tap's lanes
+    taps: np.ndarray  # int64 offset of tap (kh, kw) in a padded channel
     arow: np.ndarray  # int64: row r of a tap's weight block starts at r*KG
     aoff: np.ndarray  # int64: output channel k of grad_y
     boff: np.ndarray  # int64: k's grad_y plane, k*L
@@ -535,14 +536,19 @@ class ScatterPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def scatter_plan(g, itemsize, nv=None):
-    """grad_x at stride 1 as a scatter (``conv2d_data_scatter``): per tap (kh, kw), tile rows =
-    input channels, lanes = grad_y positions oh*Wp + ow, steps = the group's KG output
-    channels; each tile adds its result into the padded grad_x at the tap's offset. Only the
-    lanes with ow >= OW are wasted: the flipped forward instead runs every tap over grad_y's
-    zero border too (LeNet-5's conv2: 2x the useful multiply-adds). NV by ``_cost`` unless
-    given (tests)."""
+    """grad_x as a scatter (``conv2d_data_scatter``): per tap (kh, kw), tile rows = input
+    channels, lanes = grad_y positions oh*Wp + ow, steps = the group's KG output channels;
+    each tile adds its result into the padded grad_x at the tap's offset. Only the lanes with
+    ow >= OW are wasted: the flipped forward instead runs every tap over grad_y's zero border
+    too (LeNet-5's conv2: 2x the useful multiply-adds). NV by ``_cost`` unless given (tests).
+
+    Stride s > 1: padded position (oh*sh + kh*dh, ow*sw + kw*dw) lies in phase
+    ((kh*dh) % sh, (kw*dw) % sw) of the padded grad_x, split into sh*sw phase planes of
+    Hp x Wp (Hp = OH + (KH-1)*dh // sh), at (oh + kh*dh // sh, ow + kw*dw // sw): within one
+    phase every tap is a shift again, so the same tiles run at any stride."""
     VL = lanes(itemsize)
-    Hp, Wp = _padded_size(g)
+    sh, sw = g.sh, g.sw
+    Hp, Wp = g.OH + (g.KH - 1) * g.dh // sh, g.OW + (g.KW - 1) * g.dw // sw
     T = g.KH * g.KW
     options = []
     for v in (1, 2, 3, 4) if nv is None else (nv,):
@@ -550,12 +556,13 @@ def scatter_plan(g, itemsize, nv=None):
         rows, L = _round(g.CG, mr), _round(g.OH * Wp, v * VL)
         tiles = T * (rows // mr) * (L // (v * VL))
         # + zeroing and cropping the padded grad_x, copying grad_y in (~a tenth of a cycle each)
-        cost = _cost(tiles, g.KG, mr, v, 0, False) + (rows * Hp * Wp + g.KG * L) / 10
+        cost = _cost(tiles, g.KG, mr, v, 0, False) + (rows * sh * sw * Hp * Wp + g.KG * L) / 10
         options.append((cost * g.G, v - 1, mr, rows, L, v * VL))
     cost, combo, mr, rows, L, step = min(options)
-    kh, kw = np.meshgrid(np.arange(g.KH), np.arange(g.KW), indexing="ij")
-    taps = ((kh * g.dh * Wp + kw * g.dw).ravel()).astype(np.int64)
-    plane = int(taps[-1]) + L
+    kh, kw = np.meshgrid(np.arange(g.KH) * g.dh, np.arange(g.KW) * g.dw, indexing="ij")
+    phase = (kh % sh) * sw + kw % sw
+    taps = ((phase * Hp + kh // sh) * Wp + kw // sw).ravel().astype(np.int64)
+    plane = max(int(taps.max()) + L, sh * sw * Hp * Wp)
     arow = np.arange(rows, dtype=np.int64) * g.KG
     aoff = np.arange(g.KG, dtype=np.int64)
     return ScatterPlan(
@@ -575,12 +582,13 @@ def pack_scatter_weights(w, g, p):
 @njit(parallel=True, cache=True)
 def conv2d_data_scatter(
     gy, y, code, relu, pool, OH, OW, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr,
-    rows, L, step, Hp, Wp, plane, splits=1,
+    rows, L, step, Hp, Wp, plane, sh=1, sw=1, splits=1,
 ):  # fmt: skip
-    """gx (N, C, H, W) = grad_x at stride 1 from gy (N, K, OH, OW) and wp from
+    """gx (N, C, H, W) = grad_x at stride (sh, sw) from gy (N, K, OH, OW) and wp from
     ``pack_scatter_weights``, tables from ``scatter_plan``. Per image: grad_y copied into a
     buffer with rows at pitch Wp (zeros at ow >= OW and past OH*Wp), every (tap, row block,
-    lane block) tile added into a zeroed padded grad_x, which is then cropped into gx. Each
+    lane block) tile added into a zeroed padded grad_x (sh*sw phase planes a channel), which
+    is then cropped into gx (input rows or columns no tap reaches get 0). Each
     chunk of images [bounds[i], bounds[i+1]) runs on one thread. With ``pool`` = (PKH, PKW)
     != (0, 0), gy is the gradient of conv2d_pool's output (y, argmax ``code``), rebuilt plane
     by plane into that buffer (``pool.grad_plane``). Work item (i, s): chunk i's row blocks
@@ -623,11 +631,28 @@ def conv2d_data_scatter(
                                 combo, gy.dtype, a0, pa + U(r0 * 8), po, bj, pb, KG, cj, plane, True
                             )
                 for c in range(r_lo, min(r_hi, CG)):  # crop: padded (ih+ph, iw+pw) -> gx (ih, iw)
+                    base = (g * rows + c) * plane
                     for ih in range(H):
-                        src = U((g * rows + c) * plane + (ih + ph) * Wp + pw)
                         dst = U(((n * C + g * CG + c) * H + ih) * W)
-                        for iw in range(W):
-                            gxf[dst + U(iw)] = gxp[src + U(iw)]
+                        if sh == 1 and sw == 1:
+                            src = U(base + (ih + ph) * Wp + pw)
+                            for iw in range(W):
+                                gxf[dst + U(iw)] = gxp[src + U(iw)]
+                            continue
+                        r = ih + ph
+                        if r >= Hp * sh:  # below every tap's reach
+                            for iw in range(W):
+                                gxf[dst + U(iw)] = 0
+                            continue
+                        row = base + (r % sh * sw * Hp + r // sh) * Wp
+                        for ph_w in range(sw):  # columns iw = j*sw + ph_w - pw: phase ph_w
+                            src = U(row + ph_w * Hp * Wp)
+                            j0 = max(0, -((ph_w - pw) // sw))
+                            j1 = min(Wp, (W - 1 - ph_w + pw) // sw + 1)
+                            for j in range(j0, j1):
+                                gxf[dst + U(j * sw + ph_w - pw)] = gxp[src + U(j)]
+                        for iw in range(max(0, Wp * sw - pw), W):  # right of every tap
+                            gxf[dst + U(iw)] = 0
 
 
 # --------------------------------------------------------------------------- entry points
@@ -664,8 +689,9 @@ def transposed_geometry(g):
 
 
 def use_scatter(g, itemsize):
-    """grad_x in the scatter form? Stride 1, and its estimated cost below the flipped
-    forward's (or that form does not apply: padding beyond the kernel's reach)."""
+    """grad_x in the scatter form rather than the flipped forward? Stride 1, and its estimated
+    cost below the flipped forward's (or that form does not apply: padding beyond the kernel's
+    reach). At stride > 1 there is no flipped forward: ``backward_data`` takes the scatter."""
     if g.sh != 1 or g.sw != 1:
         return False
     gt = transposed_geometry(g)
@@ -683,17 +709,19 @@ def _pooled_args(gy, pooled):
 
 def backward_data(gy, w, g, bounds, form=None, pooled=None, splits=1):
     """grad_x (N, C, H, W) of the convolution with weight w: the scatter form or the flipped
-    forward by the cost model at stride 1 (``form`` = "scatter" / "forward" forces one:
-    tests), else ``conv2d_backward_data``. pooled = (y, code, relu, pg): gy is the gradient of
-    conv2d_pool's output (the scatter form rebuilds its planes, the others get it unpooled).
+    forward by the cost model (``form`` = "scatter" / "forward" forces one: tests; "forward"
+    at stride > 1 runs ``conv2d_backward_data``, the untiled loops). pooled = (y, code, relu,
+    pg): gy is the gradient of conv2d_pool's output (the scatter form rebuilds its planes, the
+    others get it unpooled).
     ``splits``: segments per chunk of images (``forward``)."""
-    if form == "scatter" or (form is None and use_scatter(g, gy.itemsize)):
+    strided = g.sh != 1 or g.sw != 1
+    if form == "scatter" or (form is None and (strided or use_scatter(g, gy.itemsize))):
         p = scatter_plan(g, gy.itemsize)
         gx = np.empty((g.N, g.C, g.H, g.W), gy.dtype)
         conv2d_data_scatter(
             gy, *_pooled_args(gy, pooled), g.OH, g.OW, pack_scatter_weights(w, g, p), gx,
             bounds, g.ph, g.pw, p.taps, p.arow, p.aoff, p.boff, p.combo, p.mr, p.rows, p.L,
-            p.step, p.Hp, p.Wp, p.plane, splits,
+            p.step, p.Hp, p.Wp, p.plane, g.sh, g.sw, splits,
         )  # fmt: skip
         return gx
     if pooled is not None:
