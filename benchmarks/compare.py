@@ -7,7 +7,8 @@ oracle, on synthetic MNIST-shaped data (no download, no GPU):
 - per-layer convolution forward and forward+backward on the MNIST-scale shapes (batch 64);
 - pooling forward and forward+backward;
 - whole-network train step (forward, loss, backward, SGD step) and inference for lenet5,
-  mnist_cnn and nielsen at batch 1, 64 and 256;
+  mnist_cnn and nielsen at batch 1, 64 and 256, resnet8 and vgg_mini (BatchNorm, 3x3 layers of
+  16-128 channels) at batch 128;
 - time to the first train step in a fresh process with a warm JIT cache.
 
 Each figure is the median of repeated calls after warm-up; first calls (JIT compile or cache
@@ -51,8 +52,9 @@ POOL_LAYERS = {
     "lenet5.pool1": dict(x=(64, 6, 28, 28), kernel_size=2),
     "mnist_cnn.pool": dict(x=(64, 64, 24, 24), kernel_size=2),
 }
-NETWORKS = ("lenet5", "mnist_cnn", "nielsen")
+NETWORKS = ("lenet5", "mnist_cnn", "nielsen", "resnet8", "vgg_mini")
 BATCHES = (1, 64, 256)
+NETWORK_BATCHES = {"resnet8": (128,), "vgg_mini": (128,)}  # default batches where not BATCHES
 
 
 # --------------------------------------------------------------------------- timing
@@ -97,6 +99,27 @@ def sgemm_ceiling() -> float:
     return best
 
 
+def isa() -> str:
+    """The vector instruction sets of this CPU that matter here, and the width the direct
+    convolution's register tiles use."""
+    try:
+        flags = next(
+            ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        flags = []
+    name = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if "amx_tile" in flags:
+        name += " + AMX"
+    try:
+        from fastconv.kernels.cpu.microkernel import VBYTES
+
+        name += f"; direct-convolution tiles on {8 * VBYTES}-bit vectors"
+    except ImportError:
+        pass
+    return name
+
+
 def machine_info() -> dict:
     import numba
 
@@ -113,6 +136,7 @@ def machine_info() -> dict:
     info = {
         "date": dt.date.today().isoformat(),
         "cpu": cpu,
+        "isa": isa(),
         "cores": os.cpu_count(),
         "threads": threads(),
         "python": platform.python_version(),
@@ -252,9 +276,16 @@ def torch_pool_impls(x, kernel_size) -> dict:
 
 
 def torch_model(model):
-    """The equal ``torch.nn.Sequential`` of a fastconv Sequential, with the same weights."""
+    """The equal ``torch.nn.Sequential`` of a fastconv Sequential, with the same weights (the
+    zoo's resnet8 and vgg_mini: their twins, ``torch_zoo_twin``)."""
     torch = _torch()
     from fastconv import layers as L
+    from fastconv import models
+
+    if isinstance(model, models.ResNet):
+        return torch_zoo_twin("resnet8", model)
+    if isinstance(model, models.VGG):
+        return torch_zoo_twin("vgg_mini", model)
 
     nn = torch.nn
     mods = []
@@ -301,6 +332,70 @@ def torch_model(model):
         else:
             raise TypeError(f"bench: no torch equivalent for {type(layer).__name__}")
     tm = nn.Sequential(*mods)
+    tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
+    return tm
+
+
+def torch_zoo_twin(name: str, model):
+    """The torch twin of a zoo model that is not a plain Sequential (resnet8, vgg_mini at their
+    defaults: 1 input channel, 10 classes), written layer for layer with the zoo's module
+    names (tests/test_zoo.py checks the same twins' parity), with the same weights."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, planes, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.downsample = None
+            if stride != 1 or cin != planes:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.layer1 = nn.Sequential(Block(16, 16, 1))
+            self.layer2 = nn.Sequential(Block(16, 32, 2))
+            self.layer3 = nn.Sequential(Block(32, 64, 2))
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = self.layer3(self.layer2(self.layer1(x)))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    class VGGMini(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, c = [], 1
+            for v in (32, 32, "M", 64, 64, "M", 128, "M"):
+                if v == "M":
+                    layers.append(nn.MaxPool2d(2))
+                else:
+                    conv = nn.Conv2d(c, v, 3, padding=1, bias=False)
+                    layers += [conv, nn.BatchNorm2d(v), nn.ReLU()]
+                    c = v
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    tm = {"resnet8": ResNet8, "vgg_mini": VGGMini}[name]()
     tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
     return tm
 
@@ -534,11 +629,12 @@ def run_pool(quick: bool, log, peer: Peer | None = None) -> list[dict]:
 
 
 def run_networks(
-    quick: bool, log, networks=NETWORKS, batches=BATCHES, peer: Peer | None = None
+    quick: bool, log, networks=NETWORKS, batches=None, peer: Peer | None = None
 ) -> list[dict]:
+    """``batches``: for every network, else each network's defaults (NETWORK_BATCHES)."""
     rows = []
     for name in networks:
-        for batch in batches:
+        for batch in batches or NETWORK_BATCHES.get(name, BATCHES):
             impls = network_impls(name, batch)
             for pass_, idx in (("train step", 0), ("inference", 1)):
                 req = dict(section="networks", name=name, batch=batch, pass_=pass_)
@@ -660,7 +756,8 @@ def _vs(r) -> str:
 
 def markdown(info: dict, ceiling: float, conv: list, pool: list, nets: list, first: dict) -> str:
     out = [
-        f"Machine: {info['cpu']}, {info['cores']} cores; {info['threads']} threads for every "
+        f"Machine: {info['cpu']} ({info.get('isa', '?')}), {info['cores']} cores; "
+        f"{info['threads']} threads for every "
         f"library (Numba, OpenBLAS, PyTorch). Versions: fastconv {info['fastconv']}, numpy "
         f"{info['numpy']}, numba {info['numba']}, torch {info['torch']}, Python "
         f"{info['python']}. Date: {info['date']}.",
@@ -778,7 +875,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=int,
         default=None,
-        help=f"network batch sizes (default {' '.join(map(str, BATCHES))})",
+        help=f"network batch sizes (default {' '.join(map(str, BATCHES))}; "
+        + ", ".join(f"{k} {' '.join(map(str, v))}" for k, v in NETWORK_BATCHES.items())
+        + ")",
     )
     ap.add_argument(
         "--out-dir",
@@ -791,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.only or ["conv", "pool", "networks", "first-step"])
     if args.quick:
         sections.discard("first-step")
-    batches = args.batches or ([64] if args.quick else list(BATCHES))
+    batches = args.batches or ([64] if args.quick else None)  # None: NETWORK_BATCHES
 
     n = threads()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(n))
