@@ -27,6 +27,7 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def md5sum(path: str | os.PathLike, *, decompressed: bool = False) -> str:
         with (gzip.open if decompressed else open)(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(
             f"{path}: cannot be read ({e}); the file is corrupt or truncated: "
             f"delete it and download it again"
@@ -139,7 +140,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib: a corrupt stream
         raise DatasetError(
             f"{path}: cannot be read as a gzip file ({e}); the file is corrupt or "
             f"truncated: delete it and download it again"

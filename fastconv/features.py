@@ -24,6 +24,7 @@ from . import functional as F
 from . import init as _init
 from .nn import Linear, Module, ModuleList
 from .tensor import no_grad
+from .training import WeightsError  # one class for every weights reader
 
 # --------------------------------------------------------------------------- ensembles
 
@@ -138,10 +139,6 @@ def extract_features(
 
 
 # --------------------------------------------------------------------------- fine-tuning
-
-
-class WeightsError(ValueError):
-    """A weights file cannot be read or does not fit the model; the message names the file."""
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

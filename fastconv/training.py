@@ -15,9 +15,12 @@ state, the epoch, the history and every generator's state, and are written atomi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +29,25 @@ import numpy as np
 
 from . import _device, _jit_notice
 from . import init as _init
-from .nn import Module as Layer
-from .tensor import no_grad
 from .losses import CrossEntropyLoss
+from .nn import Module as Layer
 from .optim import Optimizer
+from .tensor import no_grad
 
 # Per-pixel mean and standard deviation of the training images (after /255).
 STATS = {"digits": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
 
 AUGMENTATIONS = (None, "none", "shift", "expand", "crop-flip")
+
+
+class WeightsError(ValueError):
+    """A weights or checkpoint file cannot be read or does not fit the model; the message
+    names the file."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a non-finite loss (or weights) and stopped; the message names the epoch,
+    the step and the learning rate. The last checkpoint written is the last good one."""
 
 
 # --------------------------------------------------------------------------- data
@@ -203,6 +216,42 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Non
         raise
 
 
+# What a truncated, corrupt or foreign .npz raises from np.load or from reading an entry.
+_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_npz(path: str | os.PathLike, what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays) of a ``.npz`` written by ``_atomic_savez``, every entry read now, so that
+    a truncated or corrupt file fails here with a ``WeightsError`` naming it."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such {what} file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except _NPZ_ERRORS as e:
+        raise WeightsError(
+            f"{path}: cannot be read as a {what} file ({type(e).__name__}: {e}); it is "
+            "truncated, corrupt or not a .npz"
+        ) from None
+    meta_text = arrays.pop("__meta__", None)
+    try:
+        meta = json.loads(str(meta_text)) if meta_text is not None else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"holds a {type(meta).__name__}, not an object")
+    except ValueError as e:
+        raise WeightsError(f"{path}: its __meta__ entry is not valid JSON ({e})") from None
+    return meta, arrays
+
+
+def _first_nonfinite(model: Layer) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or an infinity, or None."""
+    for k, v in model.state_dict().items():
+        a = np.asarray(v)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return k
+    return None
+
+
 def save_model(path: str | os.PathLike, model: Layer, meta: dict | None = None) -> None:
     """Model weights (PyTorch state_dict keys) plus a JSON ``__meta__`` entry, atomically."""
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
@@ -212,10 +261,12 @@ def save_model(path: str | os.PathLike, model: Layer, meta: dict | None = None) 
 
 def load_model(path: str | os.PathLike, model: Layer | None = None) -> tuple[Layer, dict]:
     """Load weights saved by ``save_model`` or ``save_checkpoint`` into ``model`` (built from
-    the saved model name when None). Returns (model, meta)."""
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
-        state = {k[len("model/") :]: f[k] for k in f.files if k.startswith("model/")}
+    the saved model name when None). Returns (model, meta). A missing, truncated or corrupt
+    file raises ``WeightsError`` naming it."""
+    meta, arrays = _read_npz(path, "weights")
+    state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
+    if not state:
+        raise WeightsError(f"{path}: holds no model weights (no model/ entries)")
     if model is None:
         from . import models
 
@@ -238,7 +289,13 @@ def save_checkpoint(
 ) -> None:
     """Everything a resumed run needs, written atomically: model, optimizer state, completed
     epochs, the loop's generator and the model's own generators (Dropout), the history, and
-    the learning-rate scheduler's state when one is given."""
+    the learning-rate scheduler's state when one is given. Weights holding a NaN or an
+    infinity are refused (``NonFiniteLossError``) and ``path`` is left as it was."""
+    bad = _first_nonfinite(model)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"save_checkpoint: {bad} holds non-finite values; {path} not overwritten"
+        )
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -272,15 +329,25 @@ def load_checkpoint(
     scheduler: Any = None,
 ) -> dict:
     """Restore a ``save_checkpoint`` file into model, optimizer, generators and, when given, the
-    learning-rate scheduler (which must be of the saved type); returns meta."""
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"]))
-        model_state = {k[len("model/") :]: f[k] for k in f.files if k.startswith("model/")}
-        opt_state: dict[int, dict[str, Any]] = {}
-        for k in f.files:
+    learning-rate scheduler (which must be of the saved type); returns meta. A missing,
+    truncated or corrupt file raises ``WeightsError`` naming it."""
+    meta, arrays = _read_npz(path, "checkpoint")
+    keys = ("epoch", "rng", "layer_rngs", "optim_hyper", "optim_scalars")
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise WeightsError(
+            f"{path}: not a training checkpoint (no {', '.join(missing)} in its __meta__; "
+            "weights alone load with load_model or --init)"
+        )
+    model_state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
+    opt_state: dict[int, dict[str, Any]] = {}
+    try:
+        for k, v in arrays.items():
             if k.startswith("optim/"):
                 _, i, name = k.split("/", 2)
-                opt_state.setdefault(int(i), {})[name] = f[k]
+                opt_state.setdefault(int(i), {})[name] = v
+    except ValueError:
+        raise WeightsError(f"{path}: bad optimizer entry {k!r}") from None
     if meta.get("optim_type") != type(optimizer).__name__:
         raise ValueError(
             f"{path}: checkpoint holds a {meta.get('optim_type')} optimizer state, "
@@ -493,6 +560,15 @@ def fit(
                 yb = np.ascontiguousarray(y_train[idx], dtype=np.int64)
                 logits = model(_place(model, xb))
                 loss = loss_fn(logits, yb)
+                loss_value = float(loss)
+                if not math.isfinite(loss_value):
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"fit: the training loss is {loss_value} at epoch {epoch + 1}, step "
+                        f"{step + 1} of {steps} (learning rate {optimizer.lr:.6g}); stopped "
+                        "before the update"
+                        + (f"; {checkpoint} holds the last good epoch" if checkpoint else "")
+                    )
                 loss.backward()
             if dp is not None:  # one Allreduce: the gradient of the global batch's mean loss
                 dp.sync_gradients(len(idx), n_global)
@@ -501,7 +577,7 @@ def fit(
                 scheduler.step()
             if len(idx):
                 seen += len(idx)
-                loss_sum += float(loss) * len(idx)
+                loss_sum += loss_value * len(idx)
                 correct += int((logits.numpy().argmax(axis=1) == yb).sum())
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
@@ -535,6 +611,13 @@ def fit(
             )
         if scheduler is not None and not per_batch:
             scheduler.step()
+        bad = _first_nonfinite(model)
+        if bad is not None:  # the loss was finite, the last update was not
+            kept = f"; {checkpoint} not overwritten: it holds the last good epoch"
+            raise NonFiniteLossError(
+                f"fit: {bad} holds non-finite values after epoch {epoch + 1}, step {steps} "
+                f"(learning rate {history['lr'][-1]:.6g})" + (kept if checkpoint else "")
+            )
         if checkpoint is not None and (dp is None or dp.is_root):
             save_checkpoint(
                 checkpoint,
@@ -553,6 +636,8 @@ def fit(
 
 __all__ = [
     "STATS",
+    "NonFiniteLossError",
+    "WeightsError",
     "evaluate",
     "expand_shifted",
     "fit",
