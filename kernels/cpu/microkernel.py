@@ -42,7 +42,34 @@ __all__ = [
     "tile_vectors",
 ]
 
-_AVX512 = bool(llb.get_host_cpu_features().get("avx512f", False))
+# CPUs that LLVM knows by name and that have AVX-512F (for NUMBA_CPU_NAME without a features
+# list); any other named CPU is taken to have AVX2 at most.
+_AVX512_CPUS = (
+    "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+    "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "graniterapids",
+    "emeraldrapids", "znver4", "znver5", "x86-64-v4", "knl", "knm",
+)  # fmt: skip
+
+
+def _target_avx512():
+    """Does the code Numba compiles (and these tiles join) have AVX-512F? The host's
+    features, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target (portable
+    caches; ``NUMBA_CPU_NAME=haswell`` runs the AVX2 tiles on an AVX-512 machine): 512-bit
+    vectors on a target without them would be split in two and spill the 32 registers the
+    tile shapes assume."""
+    from numba.core import config
+
+    features = getattr(config, "CPU_FEATURES", None)
+    if features:
+        flags = {f[1:]: f[0] == "+" for f in features.replace(" ", "").split(",") if f}
+        return bool(flags.get("avx512f", False))
+    name = getattr(config, "CPU_NAME", None)
+    if name and name != "host":
+        return name in _AVX512_CPUS
+    return bool(llb.get_host_cpu_features().get("avx512f", False))
+
+
+_AVX512 = _target_avx512()
 VBYTES = 64 if _AVX512 else 32  # bytes per SIMD register used by the tiles
 _REGISTERS = 32 if _AVX512 else 16
 
