@@ -95,11 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument(
         "--recipe",
-        choices=sorted(RECIPES),
+        choices=sorted(set(RECIPES) | {m for m in models.MODELS if models.defaults(m)}),
         default=None,
         help="preset of model, optimizer, schedule, batch size and epochs (fast99: "
         + ", ".join(f"{k} {v}" for k, v in RECIPES["fast99"].items())
-        + "); other flags override it",
+        + "; a zoo model's name: that model with its defaults); other flags override it. "
+        "Without --recipe, the settings not given are --model's defaults "
+        "(fastconv.models.defaults)",
     )
     t.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="sgd")
     t.add_argument(
@@ -320,16 +322,66 @@ def _schedule_arguments(t: argparse.ArgumentParser) -> None:
     )
 
 
+# Settings that belong together: a flag of one given on the command line sets the whole group
+# aside in the recipe (--optimizer adam drops an SGD recipe's lr and momentum; --schedule or
+# --lr-decay replaces its learning-rate schedule).
+_OPTIMIZER_SETTINGS = ("lr", "momentum", "nesterov", "betas", "max_lr")
+_SCHEDULE_SETTINGS = (
+    *_SCHEDULE_OPTIONS,
+    "schedule",
+    "lr_decay",
+    "warmup_epochs",
+    "warmup_start_factor",
+)
+
+
+def recipe(name: str, dataset: str | None = None) -> dict:
+    """The settings of ``--recipe name``: ``RECIPES[name]``, or zoo model ``name`` with its
+    defaults (``fastconv.models.defaults``, with their CIFAR changes on CIFAR)."""
+    from . import models
+
+    if name in RECIPES:
+        return dict(RECIPES[name])
+    return {"model": name, **models.defaults(name, dataset)}
+
+
+def _model_defaults(model: str, dataset: str | None) -> dict:
+    """A zoo model's defaults; a model without its own uses the named recipe that trains it."""
+    from . import models
+
+    own = models.defaults(model, dataset)
+    if own:
+        return own
+    named = [r for r in RECIPES.values() if r.get("model") == model]
+    return {k: v for k, v in named[0].items() if k != "model"} if named else {}
+
+
 def apply_recipe(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Fill ``args`` with ``RECIPES[args.recipe]``, except the settings given in ``argv``."""
+    """Fill the train settings not given in ``argv``: first from ``--recipe``'s, then from the
+    model's defaults (``fastconv.models.defaults``); argparse's defaults are left for what
+    neither sets. Records what was filled in ``args.defaults``."""
     p = _parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices[args.command]._actions:
         action.default = argparse.SUPPRESS  # parse again: only what argv names is left
     given = set(vars(p.parse_args(argv)))
-    for dest, value in RECIPES[args.recipe].items():
+    named = recipe(args.recipe, args.dataset) if args.recipe else {}
+    model = args.model if "model" in given else named.get("model") or args.model or "lenet5"
+    settings = {**_model_defaults(model, args.dataset), **named, "model": model}
+    if "optimizer" in given and args.optimizer != settings.get("optimizer"):
+        for dest in _OPTIMIZER_SETTINGS:
+            settings.pop(dest, None)
+    if given & {"schedule", "lr_decay", "warmup_epochs"}:
+        for dest in _SCHEDULE_SETTINGS:
+            settings.pop(dest, None)
+    if "lr" in given:  # onecycle then peaks at the given lr
+        settings.pop("max_lr", None)
+    filled = {}
+    for dest, value in settings.items():
         if dest not in given:
             setattr(args, dest, value)
+            filled[dest] = value
+    args.defaults = filled
     return args
 
 
@@ -592,6 +644,11 @@ def cmd_train(args) -> int:
         model.to("cuda")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     opt = _make_optimizer(args, model.parameters(), lr)
+    filled = getattr(args, "defaults", None)
+    if filled:
+        src = f"--recipe {args.recipe}" if args.recipe else f"{args.model}'s defaults"
+        said = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in filled.items() if k != "model")
+        print(f"not given, from {src}: {said}", flush=True)
     print(
         f"fastconv train: {args.model} on {args.dataset} ({len(x_train)} images), "
         f"{args.optimizer} lr={lr}, batch {args.batch_size}, {args.epochs} epochs, "
@@ -670,10 +727,9 @@ def cmd_evaluate(args) -> int:
         if not os.path.isfile(path):
             raise SystemExit(f"fastconv: --load {path}: no such file")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                metas.append(json.loads(str(f["__meta__"])) if "__meta__" in f.files else {})
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"fastconv: --load {path}: not a weights file ({e})") from None
+            metas.append(training._read_npz(path, "weights")[0])
+        except training.WeightsError as e:
+            raise SystemExit(f"fastconv: --load {e}") from None
     first = metas[0]
     args.dataset = args.dataset or first.get("dataset") or "mnist"
     for path, meta in zip(args.load, metas):
@@ -842,8 +898,10 @@ def cmd_export(args) -> int:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise SystemExit(f"fastconv: --input-shape must be C,H,W; got {args.input_shape!r}")
-    with np.load(args.load, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"])) if "__meta__" in f.files else {}
+    try:
+        meta = training._read_npz(args.load, "weights")[0]
+    except training.WeightsError as e:
+        raise SystemExit(f"fastconv: --load {e}") from None
     name = args.model or meta.get("model") or "lenet5"
     kw = {"in_channels": shape[0]} if shape[0] != 1 else {}
     model, _ = training.load_model(args.load, models.get(name, rng=0, **kw))
@@ -869,15 +927,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark runner
         return cmd_bench(argparse.Namespace(args=argv[1:]))
     args = _parser().parse_args(argv)
-    if getattr(args, "recipe", None):
+    if args.command == "train":
         apply_recipe(args, argv)
     from ._jit_notice import arm
     from .datasets import DatasetError
+    from .training import NonFiniteLossError, WeightsError
 
     arm()  # says so on stderr if compiling kernels holds up the first steps
     try:
         return COMMANDS[args.command](args)
-    except DatasetError as e:
+    except (DatasetError, WeightsError, NonFiniteLossError) as e:
         print(f"fastconv: {e}", file=sys.stderr)
         return 1
 

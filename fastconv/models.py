@@ -11,6 +11,9 @@ between them unchanged).
   0; Linear layers from PyTorch's default.
 
 All take ``rng`` (seed or Generator) for the initial weights and Dropout masks, and ``dtype``.
+Each builder carries its default training recipe (``builder.recipe``, set by ``@_recipe`` above
+its definition; ``defaults(name, dataset)``): what ``fastconv train --model NAME`` uses for every
+setting not given on the command line.
 """
 
 from __future__ import annotations
@@ -26,7 +29,32 @@ from . import init as _init
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from .nn import AdaptiveAvgPool2d, BatchNorm2d, Module
 
+# --------------------------------------------------------------------------- default recipes
 
+
+def _recipe(**settings: Any) -> Callable[[Callable[..., Module]], Callable[..., Module]]:
+    """Attach a zoo model's default training recipe to its builder (``builder.recipe``).
+
+    Keys are ``fastconv train``'s settings by their argparse names (optimizer, lr, momentum,
+    weight_decay, lr_decay or schedule, epochs, batch_size, augment, ...); ``cifar`` holds the
+    ones that change on CIFAR-10/100. ``fastconv train --model NAME`` uses them for every
+    setting not given on the command line (``defaults``)."""
+
+    def attach(builder: Callable[..., Module]) -> Callable[..., Module]:
+        builder.recipe = settings  # type: ignore[attr-defined]
+        return builder
+
+    return attach
+
+
+# SGD with momentum and an lr multiplied by lr_decay after every epoch: the one schedule every
+# training path takes (--distributed and --ensemble included).
+_SGD = {"optimizer": "sgd", "momentum": 0.9}
+# The BatchNorm networks on CIFAR: crop-flip augmentation and a longer, slower decay.
+_CIFAR = {"augment": "crop-flip", "epochs": 30, "lr_decay": 0.9}
+
+
+@_recipe(**_SGD, lr=0.05, weight_decay=5e-4, lr_decay=0.8, epochs=10, batch_size=64)
 def lenet5(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential:
     """LeNet-5 with ReLU and max pooling (61,706 parameters).
 
@@ -52,6 +80,9 @@ def lenet5(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential:
     )
 
 
+@_recipe(
+    **_SGD, lr=0.03, weight_decay=0.0, lr_decay=0.85, epochs=20, batch_size=64, augment="shift"
+)
 def nielsen(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential:
     """The final network of Nielsen's "Neural Networks and Deep Learning", chapter 6.
 
@@ -80,6 +111,7 @@ def nielsen(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential
     )
 
 
+@_recipe(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_decay=0.7, epochs=10, batch_size=64)
 def mnist_cnn(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential:
     """The Keras/PyTorch "mnist" example CNN (1.2 M parameters).
 
@@ -228,6 +260,7 @@ class ResNet(Module):
         return self.fc(F.flatten(self.avgpool(x)))
 
 
+@_recipe(**_SGD, lr=0.1, weight_decay=5e-4, lr_decay=0.8, epochs=10, batch_size=128, cifar=_CIFAR)
 def resnet8(
     *,
     in_channels: int = 1,
@@ -246,6 +279,7 @@ def resnet8(
     return ResNet(1, in_channels, num_classes, rng=rng, dtype=dtype)
 
 
+@_recipe(**_SGD, lr=0.1, weight_decay=5e-4, lr_decay=0.8, epochs=10, batch_size=128, cifar=_CIFAR)
 def resnet20(
     *,
     in_channels: int = 1,
@@ -367,6 +401,7 @@ class InceptionMini(Module):
         return self.fc(F.flatten(self.avgpool(x)))
 
 
+@_recipe(**_SGD, lr=0.1, weight_decay=5e-4, lr_decay=0.8, epochs=10, batch_size=128, cifar=_CIFAR)
 def inception_mini(
     *,
     in_channels: int = 1,
@@ -431,6 +466,7 @@ class VGG(Module):
         return self.classifier(F.flatten(self.avgpool(self.features(x))))
 
 
+@_recipe(**_SGD, lr=0.1, weight_decay=5e-4, lr_decay=0.8, epochs=10, batch_size=128, cifar=_CIFAR)
 def vgg_mini(
     *,
     in_channels: int = 1,
@@ -466,6 +502,19 @@ MODELS: dict[str, Callable[..., Module]] = {
 CONFIGURABLE = ("resnet8", "resnet20", "inception_mini", "vgg_mini")
 
 
+def defaults(name: str, dataset: str | None = None) -> dict[str, Any]:
+    """The default training recipe of zoo model ``name`` (``fastconv train --model NAME`` uses
+    it for every setting not given), with its CIFAR changes when ``dataset`` is cifar10 or
+    cifar100; {} for a model without one."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    recipe = dict(getattr(MODELS[name], "recipe", {}))
+    cifar = recipe.pop("cifar", {})
+    if dataset in ("cifar10", "cifar100"):
+        recipe.update(cifar)
+    return recipe
+
+
 def get(name: str, **kwargs: Any) -> Module:
     """Build a zoo model by name (see ``MODELS``); keyword arguments go to its builder."""
     if name not in MODELS:
@@ -483,6 +532,7 @@ __all__ = [
     "InceptionBlock",
     "InceptionMini",
     "ResNet",
+    "defaults",
     "fast99",
     "get",
     "inception_mini",
