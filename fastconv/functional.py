@@ -42,7 +42,10 @@ def _backward(name: str, backend: str, on_device: bool, grad_y, ctx_of, needs, g
     ``ctx_of(m, be)`` builds the context its forward would have kept."""
     be = dispatch.choose(name, geom, backend, "auto", on_device).backend
     m, k = ops.kernel(name, be)
-    return k.backward(m, grad_y, ctx_of(m, be), needs)
+    try:
+        return k.backward(m, grad_y, ctx_of(m, be), needs)
+    except AttributeError as e:
+        raise ops.missing(e, m, be) from None
 
 
 # --------------------------------------------------------------------------- convolution
@@ -636,7 +639,11 @@ def _loss(name: str, args: tuple, params: tuple, backend: str):
     op = ops.OPS[name]
     arrays, a = op.check(*args, *params, False)
     be, a = ops.choose(op, arrays, a, backend, "auto")
-    return ops.LOSS_FORWARD[name](ops.backend_module(name, be), *arrays, a)[0]
+    m = ops.backend_module(name, be)
+    try:
+        return ops.LOSS_FORWARD[name](m, *arrays, a)[0]
+    except AttributeError as e:
+        raise ops.missing(e, m, be) from None
 
 
 def cross_entropy(
@@ -886,7 +893,7 @@ def flatten(x: Input, start_dim: int = 1, end_dim: int = -1) -> Any:
         raise ValueError(f"flatten: start_dim={start_dim} comes after end_dim={end_dim}")
     new = shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :]
     if isinstance(x, Tensor):
-        return reshape(x, new)
+        return ops.view(x, new)
     return xa.reshape(new)
 
 

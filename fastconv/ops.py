@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _device, dispatch, reference, shapes
-from .tensor import Tensor, is_grad_enabled, record
+from .tensor import Node, Tensor, is_grad_enabled
 
 Array = Any
 
@@ -39,6 +39,7 @@ class OpDef(NamedTuple):
     name: str
     check: Callable[..., tuple[tuple, Any]]  # (*arrays, *params) -> (checked arrays, attrs)
     tuned: str | None = None  # the autotune op name of conv ops (algorithm chosen per call)
+    views: bool = False  # reshape-like: the same on every backend, only placement matters
 
 
 class Kernel(NamedTuple):
@@ -49,40 +50,24 @@ class Kernel(NamedTuple):
 OPS: dict[str, OpDef] = {}
 
 
-def declare(name: str, check: Callable, tuned: str | None = None) -> None:
-    OPS[name] = OpDef(name, check, tuned)
-
-
-class _Backend:
-    """A backend module whose missing functions raise NotImplementedError naming the op and
-    the backend (a backend may lack an op; the adapters call its functions by name)."""
-
-    def __init__(self, m: Any, be: str) -> None:
-        self._m, self._be = m, be
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            v = getattr(self._m, name)
-        except AttributeError:
-            raise NotImplementedError(
-                f"{name}: the {self._be!r} backend does not implement {name} yet"
-            ) from None
-        return v  # looked up every time: the module's functions may be replaced (tests)
-
-
-_backends: dict[int, _Backend] = {}
+def declare(name: str, check: Callable, tuned: str | None = None, views: bool = False) -> None:
+    OPS[name] = OpDef(name, check, tuned, views)
 
 
 def backend_module(op: str, be: str) -> Any:
-    m = reference if be == "reference" else dispatch.backend_ops(op, be)
-    w = _backends.get(id(m))
-    if w is None or w._m is not m:
-        w = _backends[id(m)] = _Backend(m, be)
-    return w
+    return reference if be == "reference" else dispatch.backend_ops(op, be)
 
 
 def _is_reference(m: Any) -> bool:
-    return m is reference or getattr(m, "_m", None) is reference
+    return m is reference
+
+
+def missing(e: AttributeError, m: Any, be: str) -> Exception:
+    """A clear error when a backend module lacks a function an adapter calls (the adapters
+    call them by name; a backend may not have every op yet), else ``e`` itself."""
+    if getattr(e, "obj", None) is m:
+        return NotImplementedError(f"{e.name}: the {be!r} backend does not implement {e.name} yet")
+    return e
 
 
 def _on_device(arrays) -> bool:
@@ -92,26 +77,29 @@ def _on_device(arrays) -> bool:
     return False
 
 
-def _unwrap(args) -> tuple[list, bool]:
-    arrays, tensors = [], False
+def _unwrap(args) -> tuple[list, bool, tuple | None]:
+    """(arrays, whether any input is a Tensor, which inputs want a gradient or None when
+    nothing is recorded)."""
+    arrays, needs, tensors = [], [], False
     for a in args:
         if isinstance(a, Tensor):
             tensors = True
+            needs.append(a.requires_grad)
             a = a.data
+        else:
+            needs.append(False)
         arrays.append(a)
-    return arrays, tensors
-
-
-def _wants_grad(args) -> bool:
-    if not is_grad_enabled():
-        return False
-    return any(isinstance(t, Tensor) and t.requires_grad for t in args)
+    if tensors and any(needs) and is_grad_enabled():
+        return arrays, True, tuple(needs)
+    return arrays, tensors, None
 
 
 def choose(op: OpDef, arrays, a, backend: str, algorithm: str, run=None):
     """(backend, attributes with the algorithm filled in) for one call. Conv ops time their
     candidates on this very call when nothing is remembered (``fastconv.autotune``)."""
     on_device = _on_device(arrays)
+    if op.views and backend == "auto":
+        return ("cuda" if on_device else "cpu"), a
     if op.tuned is None:  # conv_transpose2d's heuristic needs its geometry; others have none
         geom = getattr(a, "g", None)
         return dispatch.choose(op.name, geom, backend, "auto", on_device).backend, a
@@ -122,29 +110,40 @@ def choose(op: OpDef, arrays, a, backend: str, algorithm: str, run=None):
     c = dispatch.choose(
         op.tuned, a.g, backend, algorithm, on_device, x.dtype, candidates, variant=a.variant
     )
-    return c.backend, a._replace(algorithm=c.algorithm)
+    return c.backend, a._replace(algorithm=c.algorithm, requested=algorithm, backend=c.backend)
 
 
 def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", algorithm="auto"):
     """Run op ``name`` on ``args`` (arrays or Tensors; None for an absent optional input)."""
     op = OPS[name]
-    arrays, tensors = _unwrap(args)
-    keep = tensors and _wants_grad(args)
-    arrays, a = op.check(*arrays, *params, keep)
+    arrays, tensors, needs = _unwrap(args)
+    arrays, a = op.check(*arrays, *params, needs is not None)
     if op.tuned is None:
         be, a = choose(op, arrays, a, backend, algorithm)
     else:  # the candidates run the very call (fusions included), on the CPU
         cpu = KERNELS[(name, "cpu")]
         run = lambda at: cpu.forward(backend_module(name, "cpu"), *arrays, at)  # noqa: E731
-        be, a = choose(op, arrays, a._replace(requested=algorithm), backend, algorithm, run)
-        a = a._replace(backend=be)
+        be, a = choose(op, arrays, a, backend, algorithm, run)
     m, (fwd, bwd) = kernel(name, be)
-    out, ctx = fwd(m, *arrays, a)
+    try:
+        out, ctx = fwd(m, *arrays, a)
+    except AttributeError as e:
+        raise missing(e, m, be) from None
     if not tensors:
         return out
-    if not keep:
+    if needs is None:
         return Tensor._make(out, None)
-    return record(name, out, functools.partial(bwd, m), ctx, args, RELEASE.get(name))
+    node = Node(name, functools.partial(bwd, m), ctx, args, needs, RELEASE.get(name))
+    return Tensor._make(out, node)
+
+
+def view(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """x reshaped to a shape already known to fit (flatten's own), recorded as "reshape"
+    without the registry's checks."""
+    out = x.data.reshape(shape)
+    if not (x.requires_grad and is_grad_enabled()):
+        return Tensor._make(out, None)
+    return Tensor._make(out, Node("reshape", _reshape_back, x.shape, (x,), (True,)))
 
 
 def kernel(name: str, be: str) -> tuple[Any, Kernel]:
@@ -1038,7 +1037,11 @@ def reshape_backward(m, g, x_shape, needs):
     return (g.reshape(x_shape),)
 
 
-declare("reshape", _check_reshape)
+def _reshape_back(g, x_shape, needs):
+    return (g.reshape(x_shape),)
+
+
+declare("reshape", _check_reshape, views=True)
 
 
 def _check_transpose(x, keep):
@@ -1056,7 +1059,7 @@ def transpose_backward(m, g, ctx, needs):
     return transpose_forward(m, g, None)[0], None
 
 
-declare("transpose", _check_transpose)
+declare("transpose", _check_transpose, views=True)
 
 
 class IndexAttrs(NamedTuple):
@@ -1092,7 +1095,7 @@ def getitem_backward(m, g, ctx, needs):
     return (out,)
 
 
-declare("getitem", _check_getitem)
+declare("getitem", _check_getitem, views=True)
 
 
 class CatAttrs(NamedTuple):

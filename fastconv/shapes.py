@@ -9,6 +9,8 @@ here, which is what makes the unchecked loops in ``fastconv.kernels`` memory-saf
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -213,7 +215,7 @@ def _check_nonempty(op: str, name: str, shape: tuple[int, ...]) -> None:
 # --------------------------------------------------------------------------- convolution
 
 
-def conv2d_geometry(
+def _conv2d_geometry(
     op: str,
     x_shape: tuple[int, ...],
     w_shape: tuple[int, ...],
@@ -281,6 +283,29 @@ def conv2d_geometry(
     return ConvGeom(N, C, H, W, K, KH, KW, OH, OW, G, sh, sw, pt, pl, dh, dw)
 
 
+def _memo(fn):
+    """``fn`` remembered per argument tuple: geometry is pure arithmetic on shapes and
+    arguments, and a training step asks for the same ones every step (~5 us each). Arguments
+    that cannot be hashed (a list for a stride) skip the memo; errors are never remembered."""
+    cached = functools.lru_cache(maxsize=4096)(fn)
+
+    def call(*args, **kwargs):
+        if kwargs:
+            return fn(*args, **kwargs)
+        try:
+            return cached(*args)
+        except TypeError as e:
+            if "unhashable" not in str(e):
+                raise
+            return fn(*args)
+
+    call.__doc__, call.__wrapped__ = fn.__doc__, fn
+    return call
+
+
+conv2d_geometry = _memo(_conv2d_geometry)
+
+
 def check_conv2d(op, x, weight, bias, stride, padding, dilation, groups):
     """Validate a forward convolution call; return (x, weight, bias, geometry)."""
     x = check_array(op, "x", x, 4, "(N, C, H, W)")
@@ -319,7 +344,7 @@ def shape_tuple(op: str, name: str, shape: Any) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------- pooling
 
 
-def pool2d_geometry(
+def _pool2d_geometry(
     op: str,
     x_shape: tuple[int, ...],
     kernel_size: Any,
@@ -360,6 +385,9 @@ def pool2d_geometry(
 
     OH, OW = size(H, KH, sh, ph), size(W, KW, sw, pw)
     return PoolGeom(N, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, bool(count_include_pad))
+
+
+pool2d_geometry = _memo(_pool2d_geometry)
 
 
 def check_pool2d(op, x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True):
@@ -758,15 +786,15 @@ def check_reshape(op: str, shape: tuple[int, ...], new: Any) -> tuple[int, ...]:
     if not isinstance(new, (tuple, list)) or not all(_is_int(s) for s in new):
         raise TypeError(f"{op}: shape must be a tuple of ints; got {new!r}")
     new = [int(s) for s in new]
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)
     if new.count(-1) > 1 or any(s < -1 for s in new):
         raise ValueError(f"{op}: shape {tuple(new)} may hold at most one -1 and no other negative")
     if -1 in new:
-        rest = int(np.prod([s for s in new if s != -1], dtype=np.int64))
+        rest = math.prod(s for s in new if s != -1)
         if rest == 0 or size % rest:
             raise ValueError(f"{op}: cannot reshape {shape} ({size} elements) to {tuple(new)}")
         new[new.index(-1)] = size // rest
-    if int(np.prod(new, dtype=np.int64)) != size:
+    if math.prod(new) != size:
         raise ValueError(f"{op}: cannot reshape {shape} ({size} elements) to {tuple(new)}")
     return tuple(new)
 
