@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # PyTorch recipe variants tried by --torch-search (label, overrides of the fast99 recipe).
 TORCH_VARIANTS: list[tuple[str, dict]] = [
+    ("batch 128, max_lr 0.01", {"batch_size": 128, "max_lr": 0.01}),
     ("batch 256, max_lr 0.02", {"batch_size": 256, "max_lr": 0.02}),
-    ("batch 512, max_lr 0.03", {"batch_size": 512, "max_lr": 0.03}),
     ("batch 256, max_lr 0.02, 0.8 epoch", {"batch_size": 256, "max_lr": 0.02, "steps": 188}),
 ]
 

@@ -140,7 +140,7 @@ def fast99(*, rng: _init.RngLike = None, dtype: Any = np.float32) -> Sequential:
     """The time-to-99 % MNIST network (``fastconv train --recipe fast99``; 24,986 parameters).
 
     conv 24@5x5, ReLU, maxpool 2, conv 32@5x5, ReLU, maxpool 2, flatten, FC 10: two
-    conv + ReLU + max-pool runs, each one fused op. With Adam, a one-cycle schedule, batch 128
+    conv + ReLU + max-pool runs, each one fused op. With Adam, a one-cycle schedule, batch 64
     and label smoothing 0.1 it passes 99 % test accuracy in one epoch
     (benchmarks/time_to_accuracy.py).
 

@@ -15,7 +15,7 @@ FAST99 = {
     "model": "fast99",
     "optimizer": "adam",
     "schedule": "onecycle",
-    "batch_size": 128,
+    "batch_size": 64,
     "epochs": 1,
 }
 
@@ -35,8 +35,8 @@ def test_recipe_sets_its_settings():
 
 
 def test_flags_given_win_over_the_recipe():
-    args = parse(["train", "--recipe", "fast99", "--epochs", "3", "--batch", "64", "--lr", "0.5"])
-    assert (args.epochs, args.batch_size, args.lr) == (3, 64, 0.5)  # --batch: abbreviation
+    args = parse(["train", "--recipe", "fast99", "--epochs", "3", "--batch", "32", "--lr", "0.5"])
+    assert (args.epochs, args.batch_size, args.lr) == (3, 32, 0.5)  # --batch: abbreviation
     assert args.model == "fast99" and args.schedule == "onecycle"
     args = parse(["train", "--label-smoothing", "0.05", "--recipe", "fast99", "--seed", "4"])
     assert args.label_smoothing == 0.05 and args.seed == 4
@@ -61,12 +61,12 @@ def test_recipe_smoke_run(tmp_path, capsys):
     if d is None:
         pytest.skip("real MNIST not found")
     metrics = tmp_path / "m.json"
-    argv = ["train", "--recipe", "fast99", "--train-limit", str(20 * 128), "--data-dir", str(d)]
+    argv = ["train", "--recipe", "fast99", "--train-limit", str(20 * 64), "--data-dir", str(d)]
     argv += ["--no-progress", "--metrics-json", str(metrics), "--seed", "1"]
-    assert cli.main(argv) == 0  # 20 steps of batch 128, one epoch, the whole one cycle
+    assert cli.main(argv) == 0  # 20 steps of batch 64, one epoch, the whole one cycle
     m = json.loads(metrics.read_text())
     assert m["model"] == "fast99" and m["args"]["optimizer"] == "adam"
-    assert m["args"]["schedule"] == "onecycle" and m["args"]["batch_size"] == 128
+    assert m["args"]["schedule"] == "onecycle" and m["args"]["batch_size"] == 64
     assert m["epochs"] == 1
     assert m["test_accuracy"] > 0.5  # it learns: 10 classes, chance is 0.1
     assert "onecycle" in capsys.readouterr().out.lower()
