@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = {s: [] for s in sides}
     for r in range(args.step_rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
-            r = dict(recipe, batch_size=args.step_batch)
-            t = spawn(side, r, mode="steps", steps=args.step_count)["step_s"]
+            rs = dict(recipe, batch_size=args.step_batch)
+            t = spawn(side, rs, mode="steps", steps=args.step_count)["step_s"]
             steps[side].append(t)
             print(f"step round {r} {side}: {1e3 * t:.1f} ms", flush=True)
     loads.append(loadavg())
