@@ -13,8 +13,8 @@ step. Instead (the default, ``FASTCONV_AUTOTUNE=1``):
    this process keeps that choice for the key from then on: the results of a run never depend
    on when a measurement finished, so seeded runs in one process reproduce bit for bit;
 2. the key's second call (a training loop's second step: every kernel of the first step is
-   compiled by then) hands the other candidate to a background thread, which runs it once on
-   that call's inputs, only to compile it (the result is dropped);
+   compiled by then) runs the other candidate once on that call's inputs, only to compile it
+   (the result is dropped; inline, see ``_background_ok`` for why not on another thread);
 3. the first call after that has finished times both candidates in turns, in the calling
    thread (each is compiled by then: milliseconds), and writes the winner to the cache for
    every later process.
@@ -246,14 +246,15 @@ def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None
 
 
 def _background_ok() -> bool:
-    """Parallel kernels may run on two Python threads at once (the OpenMP and TBB layers; the
-    workqueue layer aborts the process on a concurrent launch)."""
-    try:
-        import numba
-
-        return numba.threading_layer() in ("omp", "tbb")
-    except Exception:  # no threading layer loaded yet, or none usable
-        return False
+    """Whether the other candidate may compile on a background thread. Not at present: the
+    candidates' BLAS calls run under threadpoolctl limits, which are process-wide, so a
+    candidate running on another thread changed the BLAS thread count of GEMMs on the
+    training thread, and a seeded run in one process no longer gave the same bits twice
+    (tests/test_training.py). The warm-up then runs inline, at the key's second call: later
+    than the first step, which it no longer delays. (Parallel kernels could run on two Python
+    threads with the OpenMP and TBB layers; the workqueue layer aborts on a concurrent launch.)
+    """
+    return False
 
 
 def _warm_up(calls: list[Callable[[], Any]], done: threading.Event) -> None:

@@ -122,7 +122,11 @@ def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", alg
         be, a = choose(op, arrays, a, backend, algorithm)
     else:  # the candidates run the very call (fusions included), on the CPU
         cpu = KERNELS[(name, "cpu")]
-        run = lambda at: cpu.forward(backend_module(name, "cpu"), *arrays, at)  # noqa: E731
+        # (keep=False: a candidate, maybe timed or compiled on another thread, never takes
+        # the buffers the tape hands from step to step)
+        run = lambda at: cpu.forward(  # noqa: E731
+            backend_module(name, "cpu"), *arrays, at._replace(keep=False)
+        )
         be, a = choose(op, arrays, a, backend, algorithm, run)
     m, (fwd, bwd) = kernel(name, be)
     try:
@@ -282,7 +286,11 @@ def conv2d_pool_backward(m, gy, ctx, needs):
     def run(algo, scratch=ctx.scratch):
         return m.conv2d_pool_backward(gy, ctx.x, ctx.w, a.g, a.pg, True, algo, needs, scratch)
 
-    algo = _bwd_algorithm(m, gy, ctx, needs, a.variant, lambda al: run(al, dict(ctx.scratch)))
+    def candidate(al):  # on private copies of what the forward kept (see apply)
+        y, code = ctx.scratch["pool"]
+        return run(al, {"pool": (y.copy(), code.copy())})
+
+    algo = _bwd_algorithm(m, gy, ctx, needs, a.variant, candidate)
     return run(algo)
 
 
