@@ -1,6 +1,7 @@
 import os
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Autotuning must not read or write the user's cache during tests.
@@ -14,3 +15,16 @@ settings.register_profile(
     "dev", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _numba_threads_restored():
+    """In-process CLI runs (``--threads N``) set Numba's thread count for the whole process;
+    put it back after each test, so that no test sees another's setting (the autotune cache
+    key includes the thread count)."""
+    import numba
+
+    n = numba.get_num_threads()
+    yield
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
