@@ -598,10 +598,10 @@ def child_fastconv(spec: dict) -> dict:
         "threads": numba.get_num_threads(),
         "threading_layer": m["environment"].get("numba_threading_layer"),
         "version": fc.__version__,
-        # convolution keys of the training steps this process ran on the heuristic's
-        # algorithm (nothing tuned in the cache yet: see fastconv/autotune.py)
         "fastconv_path": str(Path(fc.__file__).parent),
         "kernel_digest": autotune.kernel_digest(),
+        # convolution keys of the training steps this process ran on the heuristic's
+        # algorithm (nothing tuned in the cache yet: see fastconv/autotune.py)
         "heuristic_keys": sorted(k for k in autotune._deferred if _key_batch(k) == r["batch_size"]),
     }
 
@@ -661,13 +661,17 @@ def versions() -> dict:
 
 
 def git_state() -> dict:
-    """HEAD of the checkout this script runs from, and what differs from it in the library
+    """HEAD of the checkout fastconv is imported from, and what differs from it in the library
     (tracked files changed; untracked files apart: the ``fastconv/kernels`` link of a worktree
     made as benchmarks/ab_steps.py makes one is not a change)."""
 
+    import fastconv
+
+    src = Path(fastconv.__file__).resolve().parent.parent  # the checkout fastconv comes from
+
     def git(*a):
         try:
-            out = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)
+            out = subprocess.run(["git", *a], cwd=src, capture_output=True, text=True, timeout=30)
             return out.stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
@@ -677,7 +681,7 @@ def git_state() -> dict:
     return {
         "commit": git("rev-parse", "--short=7", "HEAD"),
         "subject": git("log", "-1", "--format=%s")[:120],
-        "checkout": str(ROOT),
+        "checkout": str(src),
         "library_changes": [ln[3:] for ln in lines if not ln.startswith("??")],
         "library_untracked": [ln[3:] for ln in lines if ln.startswith("??")],
     }
@@ -809,11 +813,14 @@ def _ok(side: dict | None) -> bool:
 
 
 def markdown(data: dict) -> str:
-    env, rows = data["environment"], data["rows"]
+    env, rows, runs = data["environment"], data["rows"], data["runs"]
+    commits = sorted({r["environment"]["git"]["commit"] for r in runs})
     cpu = env["cpu"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
     v = env["versions"]
     g = env["git"]
+    if len(commits) > 1:
+        g = dict(g, commit=" and ".join(commits) + " (the runs differ)")
     changes = (
         "uncommitted library changes at run time: " + ", ".join(g["library_changes"])
         if g["library_changes"]
@@ -840,8 +847,11 @@ def markdown(data: dict) -> str:
         "Written by `benchmarks/zoo_table.py` (its docstring says exactly what each side runs "
         "and what is timed); raw per-epoch numbers in `zoo_mnist.json` beside this file.",
         "",
-        f"- Date: {data['started']} to {data['finished']} (UTC); total wall "
-        f"{data['wall_seconds'] / 60:.1f} min.",
+        f"- Date: {runs[0]['started']} to {runs[-1]['finished']} (UTC); wall time "
+        + " + ".join(f"{r['wall_seconds'] / 60:.1f}" for r in runs)
+        + " min"
+        + (f" ({len(runs)} runs, merged)" if len(runs) > 1 else "")
+        + ".",
         f"- Code: commit {g['commit']} ({g['subject']}); {changes}.",
         f"- Machine: {cpu['model']}, {cpu['cores']} cores; ISA flags: {flags}.",
         f"- Versions: Python {v['python']}, NumPy {v['numpy']}, Numba {v['numba']}, "
@@ -865,7 +875,13 @@ def markdown(data: dict) -> str:
         + " / 10,000 test images), seed "
         f"{data['seed']}; test accuracy in eval mode after every epoch on all 10,000 test "
         "images (not part of seconds/epoch).",
-        f"- Command: `{data['command']}`",
+        *[
+            "- Command"
+            + (f" (run {i + 1}: {', '.join(r['models'])})" if len(runs) > 1 else "")
+            + f": `{r['command']}`"
+            + ("" if r.get("complete", True) else " (incomplete: stopped or still running)")
+            for i, r in enumerate(runs)
+        ],
         "",
         "## Results",
         "",
@@ -1092,41 +1108,55 @@ def main(argv: list[str] | None = None) -> int:
         f"zoo table: {', '.join(names)}; threads {args.threads}; load {loadavg()}; "
         f"{env['cpu']['model']}; commit {env['git']['commit']}"
     )
-    rows = []
+    rows: list[dict] = []
+    old = json.loads(out_json.read_text()) if args.merge and out_json.exists() else None
+    this_run = {"models": names, "command": command, "environment": env}
+
+    def write(final: bool) -> dict:
+        """The JSON and markdown of what has run so far (after every model)."""
+        this_run.update(
+            started=started.strftime("%Y-%m-%d %H:%M"),
+            finished=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            wall_seconds=time.time() - t0,
+            complete=final,
+        )
+        data = {
+            "threads": args.threads,
+            "seed": args.seed,
+            "train_limit": args.train_limit,
+            "warmup_steps": args.warmup_steps,
+            "torch_malloc": args.torch_malloc,
+            "fastconv_autotune": args.fastconv_autotune,
+            "environment": env,
+            "runs": [this_run],
+            "rows": list(rows),
+            "notes": args.note,
+            "shortened_note": args.shortened_note,
+        }
+        if old is not None:
+            same = ("threads", "seed", "train_limit", "warmup_steps", "torch_malloc")
+            diff = [k for k in same if old.get(k) != data[k]]
+            if diff:
+                raise SystemExit(f"--merge: {out_json} was run with other {', '.join(diff)}")
+            keep = [r for r in old["rows"] if r["model"] not in names]
+            rank = {m: i for i, m in enumerate(MODELS)}
+            data["rows"] = sorted(keep + rows, key=lambda r: rank[r["model"]])
+            data["runs"] = old.get("runs", []) + [this_run]
+            data["notes"] = args.note or old.get("notes", "")
+            data["shortened_note"] = args.shortened_note or old.get("shortened_note", "")
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(data, indent=1) + "\n")
+        out_md.write_text(markdown(data))
+        return data
+
     sides = ["fastconv", "torch"] if args.first == "fastconv" else ["torch", "fastconv"]
     for i, name in enumerate(names):
         order = sides if i % 2 == 0 else sides[::-1]
         rows.append(run_model(name, order, args, overrides, log))
+        write(final=False)
         log(f"-- {name} done; {(time.time() - t0) / 60:.1f} min so far")
-    data = {
-        "started": started.strftime("%Y-%m-%d %H:%M"),
-        "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "wall_seconds": time.time() - t0,
-        "command": command,
-        "threads": args.threads,
-        "seed": args.seed,
-        "train_limit": args.train_limit,
-        "warmup_steps": args.warmup_steps,
-        "torch_malloc": args.torch_malloc,
-        "fastconv_autotune": args.fastconv_autotune,
-        "environment": env,
-        "rows": rows,
-        "notes": args.note,
-        "shortened_note": args.shortened_note,
-    }
-    if args.merge and out_json.exists():
-        old = json.loads(out_json.read_text())
-        keep = [r for r in old["rows"] if r["model"] not in names]
-        order = {m: i for i, m in enumerate(MODELS)}
-        data["rows"] = sorted(keep + rows, key=lambda r: order[r["model"]])
-        data["merged_from"] = old.get("merged_from", []) + [
-            {k: old.get(k) for k in ("started", "finished", "command")}
-        ]
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(data, indent=1) + "\n")
-    text = markdown(data)
-    out_md.write_text(text)
-    print(text)
+    data = write(final=True)
+    print(markdown(data))
     log(f"wrote {out_md} and {out_json} ({(time.time() - t0) / 60:.1f} min)")
     return 0
 

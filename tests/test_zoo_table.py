@@ -91,32 +91,34 @@ def test_markdown_report():
         "initial_logits_max_abs_diff": 1e-7,
         "recipe_mismatch": [],
     }
-    data = {
+    env = {
+        "cpu": {"model": "CPU", "cores": 2, "flags": {"avx2": True, "avx512f": False}},
+        "versions": {"python": "3", "numpy": "2", "numba": "0", "torch": "2", "fastconv": "0.1"},
+        "git": {"commit": "abc1234", "subject": "s", "library_changes": []},
+    }
+    run = {
+        "models": ["lenet5"],
+        "command": "python benchmarks/zoo_table.py",
+        "environment": env,
         "started": "2026-01-01 00:00",
         "finished": "2026-01-01 00:01",
         "wall_seconds": 60.0,
-        "command": "python benchmarks/zoo_table.py",
+        "complete": True,
+    }
+    data = {
         "threads": 2,
         "seed": 0,
         "train_limit": None,
         "torch_malloc": "system",
-        "environment": {
-            "cpu": {"model": "CPU", "cores": 2, "flags": {"avx2": True, "avx512f": False}},
-            "versions": {
-                "python": "3",
-                "numpy": "2",
-                "numba": "0",
-                "torch": "2",
-                "fastconv": "0.1",
-            },
-            "git": {"commit": "abc1234", "subject": "s", "library_changes": []},
-        },
+        "environment": env,
+        "runs": [run, dict(run, command="python benchmarks/zoo_table.py --merge")],
         "rows": [row],
         "shortened_note": "Time.",
     }
     text = zt.markdown(data)
     assert "| lenet5 | 61,706 | 2 (10) **shortened** | **98.00** | failed |" in text
     assert "97.00, 98.00" in text and "Time." in text and "torch FAILED" in text
+    assert "(run 2: lenet5): `python benchmarks/zoo_table.py --merge`" in text
 
 
 def test_torch_twins_take_the_zoo_state_dicts():
