@@ -186,6 +186,7 @@ def measure(candidates: dict[str, Callable[[], Any]], repeats: int = 7) -> tuple
     """
     for fn in candidates.values():
         fn()  # warm-up: JIT compile or cache load, page faults of fresh workspaces
+    _tiers_wait()  # never time a kernel's serial tier (kernels/cpu/tiers.py)
     times = {name: float("inf") for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
@@ -233,7 +234,7 @@ def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None
         start = d.state == "waiting" and d.calls >= WARM_AT
         if start:
             d.state = "compiling"
-        ready = d.state == "compiling" and d.compiled.is_set()
+        ready = d.state == "compiling" and d.compiled.is_set() and _tiers_idle()
         if ready:
             d.state = "measured"
     if start:
@@ -243,6 +244,23 @@ def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None
         best, _ = measure(candidates)  # both compiled by now: milliseconds
         _write(k, best)  # for later processes; this one keeps d.choice (reproducible runs)
     return d.choice
+
+
+def _tiers_idle() -> bool:
+    """Every parallel kernel compiled so far loaded (not still on its serial tier)?"""
+    try:
+        from .kernels.cpu import tiers
+    except ImportError:  # pragma: no cover
+        return True
+    return tiers.idle()
+
+
+def _tiers_wait() -> None:
+    try:
+        from .kernels.cpu import tiers
+    except ImportError:  # pragma: no cover
+        return
+    tiers.wait()
 
 
 def _background_ok() -> bool:

@@ -42,9 +42,10 @@ from .microkernel import (
     tile_vectors,
 )
 from .pool import grad_plane, max_pool2d_backward_coded
+from .tiers import parallel_njit
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def conv2d_backward_data(gy, w, H, W, sh, sw, ph, pw, dh, dw, G):
     """grad_x (N, C, H, W); one thread per (n, c) input plane, scattering from gy."""
     N, K, OH, OW = gy.shape
@@ -217,7 +218,7 @@ def _segment(s, S, n):
     return s * n // S, (s + 1) * n // S
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def conv2d_tiled(
     x, wp, b, y, code, relu, pool, OH, OW, bounds, ph, pw, form_b, arow, aoff, boff, combo, mr,
     rows, L, step, Hp, Wp, splits=1,
@@ -296,9 +297,9 @@ def conv2d_tiled(
                     for k in range(KG):
                         d = o + U(k * PH * PW + ph0 * PW)
                         pool_planes(
-                            z, k * P + ph0 * PKH * OW, P, OW, b, g * KG + k, 1, yf, d, code, d,
-                            ph1 - ph0, PW, PKH, PKW, relu,
-                        )  # fmt: skip
+                            z, k * P + ph0 * PKH * OW, P, OW, b, g * KG + k, np.int64(1), yf, d,
+                            code, d, ph1 - ph0, PW, PKH, PKW, relu,
+                        )  # fmt: skip  (np.int64(1): a literal 1 compiles pool_planes again)
                 elif form_b:  # (rows, OH*Wp lanes) -> y, columns ow >= OW dropped
                     for k in range(k_lo, k_hi):
                         bk = b[g * KG + k]
@@ -332,7 +333,7 @@ def filter_plan(g, itemsize, nv=None):
     return TiledPlan(False, combo, mr, rows, L, step, Hp, Wp, arow, _pixels(g, Wp), boff)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def conv2d_filter_tiled(
     x, gy, y, code, relu, pool, OH, OW, parts, bounds, ph, pw, arow, aoff, boff, combo, mr,
     rows, L, step, Hp, Wp, splits=1,
@@ -459,7 +460,7 @@ def _check_dot(combo, mr, nk):
         raise RuntimeError("direct convolution: compiled dot tile shapes differ from the plan's")
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def conv2d_filter_dot(
     x, gy, y, code, relu, pool, OH, OW, parts, bad, bounds, ph, pw, arow, combo, mr, nk, S, Hp, Wp,
     splits=1,
@@ -579,7 +580,7 @@ def pack_scatter_weights(w, g, p):
     return out
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def conv2d_data_scatter(
     gy, y, code, relu, pool, OH, OW, wp, gx, bounds, ph, pw, taps, arow, aoff, boff, combo, mr,
     rows, L, step, Hp, Wp, plane, sh=1, sw=1, splits=1,

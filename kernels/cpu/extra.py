@@ -27,6 +27,7 @@ from . import threads
 from ._common import FASTMATH, U
 from .nn import ELEMENTWISE_BLOCK
 from .threads import chunks, for_each
+from .tiers import parallel_njit
 
 __all__ = [
     "adaptive_avg_pool2d",
@@ -241,7 +242,7 @@ def _softmax_range(x, y, t0, t1, log):
             _softmax_block(xf, yf, o, nb, C, B, log, m, s)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _softmax_par(x, y, tasks, log):
     for i in prange(-(-tasks // TASK_GROUP)):
         _softmax_range(x, y, i * TASK_GROUP, min(tasks, (i + 1) * TASK_GROUP), log)
@@ -299,7 +300,7 @@ def _softmax_grad_range(gy, y, gx, t0, t1, log):
             _softmax_grad_block(gyf, yf, gxf, o, nb, C, B, log, s)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _softmax_grad_par(gy, y, gx, tasks, log):
     for i in prange(-(-tasks // TASK_GROUP)):
         _softmax_grad_range(gy, y, gx, i * TASK_GROUP, min(tasks, (i + 1) * TASK_GROUP), log)
@@ -369,7 +370,7 @@ def _adaptive_avg_ser(x, y):
         _adaptive_avg_plane(xf, yf, p, H, W, y.shape[2], y.shape[3])
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _adaptive_avg_par(x, y):
     N, C, H, W = x.shape
     xf, yf = x.ravel(), y.ravel()
@@ -401,7 +402,7 @@ def _adaptive_avg_grad_ser(gy, gx):
         _adaptive_avg_grad_plane(gyf, gxf, p, H, W, gy.shape[2], gy.shape[3])
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _adaptive_avg_grad_par(gy, gx):
     N, C, H, W = gx.shape
     gyf, gxf = gy.ravel(), gx.ravel()
@@ -425,7 +426,7 @@ def _global_avg_ser(x, y):
         y[p] = _plane_mean(x[p])
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def _global_avg_par(x, y):
     for p in prange(x.shape[0]):
         y[p] = _plane_mean(x[p])
@@ -437,7 +438,7 @@ def _global_avg_grad_ser(gy, gx):
         gx[p, :] = gx.dtype.type(gy[p] / np.float64(gx.shape[1]))
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _global_avg_grad_par(gy, gx):
     for p in prange(gx.shape[0]):
         gx[p, :] = gx.dtype.type(gy[p] / np.float64(gx.shape[1]))

@@ -10,6 +10,7 @@ is one BLAS call per group. Padding is never materialised: entries that fall in 
 written as zeros here and skipped in col2im.
 """
 
+import numpy as np
 from numba import njit
 
 from ._common import FASTMATH, U, valid_range
@@ -142,8 +143,9 @@ def kn_to_nk_pool(a, b, ks, ns, out, code, n0, OH, OW, KH, KW, relu):
     for n in range(nb):
         o = n * K * PH * PW
         pool_planes(
-            af, n * ns, ks, OW, b, 0, K, of, o, code, n0 * K * PH * PW + o, PH, PW, KH, KW, relu
-        )
+            af, n * ns, ks, OW, b, np.int64(0), K, of, o, code, n0 * K * PH * PW + o, PH, PW, KH,
+            KW, relu,
+        )  # np.int64: a literal 0 would compile pool_planes once more, for Literal[int](0)
 
 
 @njit(nogil=True, cache=True)

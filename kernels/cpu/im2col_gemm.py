@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from .blas import gemm
 from .im2col import col2im, im2col, kn_to_nk, kn_to_nk_pool, nk_to_kn_sum
+from .tiers import parallel_njit
 
 
 @njit(nogil=True, cache=True)
@@ -34,7 +35,7 @@ def _chunk_cols(x, kept, n0, n1, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, build):
     return cols
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def conv2d(x, w, b, y, kept, code, bounds, OH, OW, sh, sw, ph, pw, dh, dw, G, relu, PKH, PKW):
     """y = conv2d(x, w) + b (ReLU with ``relu``), or, when PKH > 0, its PKH x PKW max pooling
     with argmax codes (im2col.kn_to_nk_pool). ``kept``: where to leave the columns for the
@@ -59,7 +60,7 @@ def conv2d(x, w, b, y, kept, code, bounds, OH, OW, sh, sw, ph, pw, dh, dw, G, re
             kn_to_nk_pool(ym, b, NP, P, y[n0:n1], code, n0, OH, OW, PKH, PKW, relu)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def conv2d_backward(
     gy, x, w, gx, gw_parts, gb_parts, kept, bounds, sh, sw, ph, pw, dh, dw, G, need_x, need_w
 ):

@@ -21,6 +21,7 @@ from . import blas, threads
 from ._common import FASTMATH, U
 from .blas import gemm
 from .threads import chunks, for_each
+from .tiers import parallel_njit
 
 __all__ = [
     "adagrad_update",
@@ -174,7 +175,7 @@ def _few(N, w):
     return N < LINEAR_FEW and w.size >= LINEAR_WIDE and not threads.forked
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def _linear_few(x, w, b, y, relu):
     """y = x @ w.T (+ b) (ReLU) for a few rows: one thread per block of output features, each
     output one dot product over F (vectorised; its order fixed by the compiled loop). Flat
@@ -194,7 +195,7 @@ def _linear_few(x, w, b, y, relu):
             yf[U(n * O + o)] = zero if relu and not (v > 0 or v != v) else v
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def _linear_grads_few(gy, x, w, gx, gw, gb):
     """``linear_backward`` for a few rows: gw and gb one output feature per iteration, then gx
     in LINEAR_FEW blocks of input features, each streaming long runs of every weight row
@@ -250,7 +251,7 @@ def _linear_cols(x, w, b, y, o0, o1, relu):
             y[n, o] = zero if relu and not (v > 0 or v != v) else v  # NaN stays, as np.maximum
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _linear_blocks(x, w, b, y, blocks, relu):
     O = w.shape[0]
     size = -(-O // blocks)
@@ -325,7 +326,7 @@ def _linear_grads_1(gy, x, w, gx, gw, gb):
         _linear_grad(task, gy, x, w, gx, gw, gb)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _linear_grads_2(gy, x, w, gx, gw, gb):
     for task in prange(2):
         _linear_grad(task, gy, x, w, gx, gw, gb)
@@ -436,7 +437,7 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def _bn_stats(x, mean, var):
     """mean[c], var[c] (biased) of channel c over (N, H, W), in float64; one thread a channel
     (each sum in a fixed order: the same bits on any thread count)."""
@@ -460,7 +461,7 @@ def _bn_stats(x, mean, var):
         var[c] = q / (N * HW)
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def _bn_apply(x, scale, shift, y):
     """y = x * scale[c] + shift[c] (rounded after the product and after the sum, as NumPy)."""
     N, C, H, W = x.shape
@@ -499,7 +500,7 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
     )
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_njit(fastmath=FASTMATH)
 def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb):
     """gb[c] = sum gy, gw[c] = sum gy * xhat (float64), and gx unless it has no images; one
     thread a channel (fixed summation order)."""
@@ -543,9 +544,9 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
     """
     t = p.dtype.type
     _sgd_update(
-        p,
-        grad,
-        p if buf is None else buf,
+        _flat(p),
+        _flat(grad),
+        _flat(p if buf is None else buf),
         t(lr),
         t(momentum),
         t(1 - dampening),
@@ -565,7 +566,13 @@ def sgd_update_many(ps, grads, bufs, lr, momentum, dampening, weight_decay, nest
         s = cast.get(t)
         if s is None:
             s = cast[t] = (t(lr), t(momentum), t(1 - dampening), t(weight_decay))
-        _sgd_update(p, g, p if b is None else b, *s, nesterov, first, use_buf)
+        _sgd_update(_flat(p), _flat(g), _flat(p if b is None else b), *s, nesterov, first, use_buf)
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array (one compiled update for every parameter shape:
+    three fewer compiles on a fresh install); other arrays as they are."""
+    return a.reshape(-1) if a.flags.c_contiguous else a
 
 
 @njit(nogil=True, cache=True)

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, U
+from .tiers import parallel_njit
 
 
 @njit(inline="always", cache=True)
@@ -50,7 +51,7 @@ def _argmax(xf, base, W, r0, r1, c0, c1):
     return best, bi
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
     """y (N, C, OH, OW); when ``idx`` has y's size, each window's argmax (flat index into x)
     is written there too, for a backward pass that then need not search again."""
@@ -96,7 +97,7 @@ def _zero_past_windows(gxf, nc, H, W, OH, OW):
             gxf[U(base + r * W + q)] = 0
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_forward_2x2(x, idx):
     """The common 2x2 / stride 2 / no padding case (floor mode), unrolled: the general loop's
     window bookkeeping cost 6x this on LeNet-5's pool1. Same results, same first-maximum rule;
@@ -120,7 +121,7 @@ def max_pool2d_forward_2x2(x, idx):
     return y
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_backward_2x2(gy, x):
     """grad_x of the 2x2 / stride 2 / no padding case (floor mode) from x alone: the windows do
     not overlap, so each window writes its own four elements (zeros, then its gradient at its
@@ -149,7 +150,7 @@ def max_pool2d_backward_2x2(gy, x):
     return gx
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def avg_pool2d_forward_2x2(x):
     """Average pooling, 2x2 / stride 2 / no padding (floor mode): the general loop's sum and
     divisor in the same order and precision, without its window bookkeeping (5x slower)."""
@@ -173,7 +174,7 @@ def avg_pool2d_forward_2x2(x):
     return y
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def avg_pool2d_backward_2x2(gy, H, W):
     """grad_x of ``avg_pool2d_forward_2x2``: each element written once (a quarter of its
     window's gradient, zeros past the last window), no zeroing pass."""
@@ -196,7 +197,7 @@ def avg_pool2d_backward_2x2(gy, H, W):
     return gx
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_backward_indexed(gy, idx, N, C, H, W):
     """grad_x from the argmax indices the forward pass kept; one thread per (n, c) plane, whose
     windows' indices all point into that plane (race-free, fixed order)."""
@@ -259,7 +260,7 @@ def grad_plane(gyf, yf, code, off, relu, PKH, PKW, plane, OH, OW, dst, d0, rp):
             dst[d + U(pw * PKW) + off[code[o0 + U(pw)]]] = v
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_backward_coded(gy, y, code, OH, OW, KH, KW, relu):
     """grad (N, C, OH, OW) of max pooling over non-overlapping KH x KW windows (stride = window,
     floor mode), from each window's argmax ``code`` (row-major position in the window, as
@@ -279,7 +280,7 @@ def max_pool2d_backward_coded(gy, y, code, OH, OW, KH, KW, relu):
     return gx
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def max_pool2d_backward(gy, x, KH, KW, sh, sw, ph, pw):
     N, C, H, W = x.shape
     OH, OW = gy.shape[2], gy.shape[3]
@@ -298,7 +299,7 @@ def max_pool2d_backward(gy, x, KH, KW, sh, sw, ph, pw):
     return gx
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def avg_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw, count_include_pad):
     N, C, H, W = x.shape
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
@@ -320,7 +321,7 @@ def avg_pool2d_forward(x, KH, KW, OH, OW, sh, sw, ph, pw, count_include_pad):
     return y
 
 
-@njit(parallel=True, cache=True)
+@parallel_njit()
 def avg_pool2d_backward(gy, H, W, KH, KW, sh, sw, ph, pw, count_include_pad):
     N, C, OH, OW = gy.shape
     gx = np.zeros((N, C, H, W), dtype=gy.dtype)
