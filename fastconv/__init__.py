@@ -209,12 +209,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastconv' has no attribute {name!r}")
 
 
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Block until every parallel CPU kernel compiled so far runs its parallel build (with an
+    empty Numba cache, calls run a kernel's serial twin while the parallel one compiles in a
+    background process: ``kernels/cpu/tiers.py``). Benchmarks call it after their warm-up, so
+    they never time a serial build. False on timeout."""
+    from .kernels.cpu import tiers
+
+    return tiers.wait(timeout)
+
+
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
     """A Tensor from data (``torch.tensor``'s habit)."""
     return Tensor(data, requires_grad=requires_grad, dtype=dtype)
 
 
 __all__ += [
+    "wait_for_kernels",
     "AdaptiveAvgPool2d",
     "BatchNorm1d",
     "ELU",
