@@ -183,3 +183,36 @@ def test_the_manifest_names_kernels_that_exist():
         assert hasattr(kernel, "compile") and isinstance(sig, tuple), (module, name, tier)
     names = {(m, n) for m, n, *_ in listed}
     assert ("fastconv.kernels.cpu.direct", "conv2d_tiled") in names
+
+
+def test_a_forked_child_forgets_the_parents_worker():
+    """After fork() the child has the parent's pipes but no reader thread: it must not wait on
+    them (its kernels look themselves up again at their next call). The child runs no
+    parallel kernel: the OpenMP runtime aborts a forked child that does."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() here")
+    from fastconv.kernels.cpu import pool
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    pool.avg_pool2d_forward_2x2(x)
+    k, sig = pool.avg_pool2d_forward_2x2, (numba.typeof(x),)
+    with k._lock:  # the parent: a worker, and a build it waits for
+        k._pending.add(sig)
+        assert tiers._submit(k, sig)
+    assert tiers._worker is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its tiers state is fresh, and waiting returns at once
+        code = 1
+        try:
+            fresh = tiers._worker is None and tiers._current is None
+            fresh = fresh and not any(k._pending for k in tiers.REGISTRY.values())
+            code = 0 if fresh and tiers.idle() and tiers.wait(5) else 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(code)
+    os.close(w)
+    status = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert status == b"\x00"
+    assert fc.wait_for_kernels(120)

@@ -281,6 +281,22 @@ def _submit(kernel: Tiered, sig) -> bool:
 _current = None  # (key, tier, sig) the worker is compiling now, from its "start" message
 
 
+def _after_fork_in_child() -> None:
+    """A fork()ed child shares its parent's pipes but not the reader thread: it forgets the
+    worker (its kernels still waiting are looked up again, and a worker of its own started,
+    at their next call)."""
+    global _worker, _worker_dead, _current, _worker_lock
+    _worker, _worker_dead, _current = None, False, None
+    _worker_lock = threading.Lock()
+    for k in REGISTRY.values():
+        k._pending.clear()
+        k._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _handle(msg) -> None:
     global _worker_dead, _current
     if msg is None:  # the worker is gone: compile what it still owed here
