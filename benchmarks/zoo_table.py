@@ -433,7 +433,7 @@ def torch_fit(torch, model, r: dict, train, test, *, epochs: int, log=None) -> d
             yb = np.ascontiguousarray(y_train[idx], dtype=np.int64)
             logits = model(torch.from_numpy(xb))
             loss = loss_fn(logits, torch.from_numpy(yb))
-            loss_value = float(loss)
+            loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"torch: the training loss is {loss_value} at epoch {epoch + 1}, step "
@@ -808,6 +808,12 @@ def _acc(side: dict, i: int = -1) -> str:
     return f"{100 * side['history']['test_accuracy'][i]:.2f}"
 
 
+def _secs(v: list[float]) -> str:
+    if len(v) == 1:
+        return f"{v[0]:.1f}"
+    return f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+
 def _ok(side: dict | None) -> bool:
     return bool(side) and "error" not in side and bool(side.get("history"))
 
@@ -886,7 +892,8 @@ def markdown(data: dict) -> str:
         "## Results",
         "",
         "| model | params | epochs (default) | fastconv test acc % | PyTorch test acc % | "
-        "fastconv s/epoch | PyTorch s/epoch | PyTorch / fastconv time |",
+        "fastconv s/epoch median (min-max) | PyTorch s/epoch median (min-max) | "
+        "PyTorch / fastconv median time |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -905,17 +912,19 @@ def markdown(data: dict) -> str:
             else:
                 cells.append("failed")
         for s in (f, t):
-            cells.append(f"{np.mean(s['history']['seconds']):.1f}" if _ok(s) else "-")
+            cells.append(_secs(s["history"]["seconds"]) if _ok(s) else "-")
         if _ok(f) and _ok(t):
-            ratio = np.mean(t["history"]["seconds"]) / np.mean(f["history"]["seconds"])
+            ratio = np.median(t["history"]["seconds"]) / np.median(f["history"]["seconds"])
             cells.append(f"{ratio:.2f}x")
         else:
             cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "s/epoch: mean over the epochs run, training only (warm-up and evaluation apart). "
-        "PyTorch / fastconv time above 1 means fastconv trained faster.",
+        "s/epoch: training only (warm-up and evaluation apart); the median over the epochs "
+        "run (other work on a shared machine only ever adds time, and now and then it did: "
+        "see the per-epoch figures and load averages below), min-max in brackets. "
+        "PyTorch / fastconv above 1 means fastconv trained faster.",
         "",
     ]
     short = [r for r in rows if r["shortened"]]
@@ -998,6 +1007,31 @@ def markdown(data: dict) -> str:
                     + " / ".join(s.get("output_tail", [])[-5:])
                 )
         lines.append(f"- {row['model']}: " + "; ".join(notes) + ".")
+    if data.get("superseded_rows"):
+        lines += [
+            "",
+            "## Superseded runs",
+            "",
+            "Rows that were run again later (`--merge`); not in the tables above.",
+            "",
+            "| model | side | epochs | test accuracy % per epoch | seconds per epoch | "
+            "load avg before -> after |",
+            "|---|---|---:|---|---|---|",
+        ]
+        for row in data["superseded_rows"]:
+            for side in row["order"]:
+                s = row.get(side) or {}
+                if not _ok(s):
+                    continue
+                h = s["history"]
+                lines.append(
+                    f"| {row['model']} | {'PyTorch' if side == 'torch' else side} | "
+                    f"{row['epochs']} | "
+                    + ", ".join(f"{100 * a:.2f}" for a in h["test_accuracy"])
+                    + " | "
+                    + ", ".join(f"{x:.1f}" for x in h["seconds"])
+                    + f" | {s['load_before']} -> {s['load_after']} |"
+                )
     if data.get("notes"):
         lines += ["", "## Notes", "", data["notes"].strip()]
     return "\n".join(lines) + "\n"
@@ -1139,6 +1173,12 @@ def main(argv: list[str] | None = None) -> int:
             if diff:
                 raise SystemExit(f"--merge: {out_json} was run with other {', '.join(diff)}")
             keep = [r for r in old["rows"] if r["model"] not in names]
+            # rows run again: kept apart, with the run they came from
+            data["superseded_rows"] = old.get("superseded_rows", []) + [
+                dict(r, superseded_at=this_run["started"])
+                for r in old["rows"]
+                if r["model"] in names
+            ]
             rank = {m: i for i, m in enumerate(MODELS)}
             data["rows"] = sorted(keep + rows, key=lambda r: rank[r["model"]])
             data["runs"] = old.get("runs", []) + [this_run]

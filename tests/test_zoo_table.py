@@ -114,11 +114,13 @@ def test_markdown_report():
         "runs": [run, dict(run, command="python benchmarks/zoo_table.py --merge")],
         "rows": [row],
         "shortened_note": "Time.",
+        "superseded_rows": [dict(row, torch=_side([0.5, 0.6], [9.0, 9.5]))],
     }
     text = zt.markdown(data)
     assert "| lenet5 | 61,706 | 2 (10) **shortened** | **98.00** | failed |" in text
     assert "97.00, 98.00" in text and "Time." in text and "torch FAILED" in text
     assert "(run 2: lenet5): `python benchmarks/zoo_table.py --merge`" in text
+    assert "| lenet5 | PyTorch | 2 | 50.00, 60.00 | 9.0, 9.5 |" in text
 
 
 def test_torch_twins_take_the_zoo_state_dicts():
