@@ -29,7 +29,8 @@ per-step loss/accuracy bookkeeping. Not timed: process start, imports, loading M
 untimed warm-up on a throw-away copy of the model (``--warmup-steps`` full batches, an
 evaluation of 3000 test images, three batches of the run's short last-batch size:
 ``warmup_plan``; fastconv: Numba compile or cache load and autotuning, PyTorch: its first-call
-costs), and the test evaluation after every epoch
+costs; fastconv then waits for its parallel kernel builds, ``fc.wait_for_kernels``, where the
+library has it), and the test evaluation after every epoch
 (eval mode, batch 1000, all 10,000 test images), which is reported apart as the rest of the
 wall time.
 
@@ -573,6 +574,9 @@ def child_fastconv(spec: dict) -> dict:
             progress=False,
             log=None,
         )
+    wait = getattr(fc, "wait_for_kernels", None)  # parallel builds done: no serial twin timed
+    if wait is not None:
+        wait()
     warm = time.perf_counter() - t
     del junk
     print(f"fastconv warm-up: {warm:.1f} s", flush=True)
