@@ -95,6 +95,9 @@ _CHILD = textwrap.dedent(
     x = np.random.default_rng(0).standard_normal((3, 4, 8, 6)).astype(np.float32)
     k = pool.avg_pool2d_forward_2x2
     y1 = k(x)
+    if len(sys.argv) > 1 and sys.argv[1] == "no-wait":  # exit while the worker compiles
+        print(json.dumps({"worker": tiers._worker.proc.pid, "par": len(k.par.signatures)}))
+        sys.exit(0)
     after_first = {"par": len(k.par.signatures), "ser": len(k.ser.signatures)}
     ok = tiers.wait(120)
     y2 = k(x)
@@ -129,6 +132,31 @@ def test_cold_cache_runs_serial_first_and_takes_in_the_workers_parallel_build(tm
     assert "avg_pool2d_forward_2x2__serial" in r["compiles"]
     assert "avg_pool2d_forward_2x2" not in r["compiles"]
     # a second process finds the parallel build in the cache: no serial tier at all
+    r2 = _child(tmp_path)
+    assert r2["after_first"] == {"par": 1, "ser": 0} and r2["compiles"] == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
+def test_the_worker_finishes_the_builds_asked_for_after_its_parent_exits(tmp_path):
+    """A short first process leaves the parallel build it asked for in the cache: the next
+    process starts on it (no serial tier), though nobody waited for it."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc to watch the worker")
+    import time
+
+    r = _child(tmp_path, "no-wait")
+    assert r["par"] == 0
+    end = time.monotonic() + 300
+    while _running(r["worker"]) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not _running(r["worker"]), "the worker did not exit after its last build"
     r2 = _child(tmp_path)
     assert r2["after_first"] == {"par": 1, "ser": 0} and r2["compiles"] == []
 

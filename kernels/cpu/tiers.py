@@ -12,7 +12,9 @@ A call whose signature ``par`` has (compiled, or found in Numba's disk cache) ru
 Otherwise the call runs ``ser`` (compiled now, cheaply) and ``par`` is compiled for that
 signature by a background process (``python -m fastconv.kernels.cpu.tiers``, one per
 process that needs it, on another core), which writes it to Numba's disk cache; the first
-call after it reports back loads it from there and runs ``par`` from then on.
+call after it reports back loads it from there and runs ``par`` from then on. A parent that
+exits first leaves the worker to finish the builds it asked for (then it exits too), so the
+next process finds them cached.
 
 Results do not depend on the tier: every parallel kernel here splits its work by its
 arguments (chunks of images, segments of tiles), never by the thread count, and adds partial
@@ -485,7 +487,9 @@ def _record(out: str) -> None:
 def _serve() -> None:
     """The worker: first the manifest's serial tiers and plain kernels, from its end (skipped
     quickly where already cached), then every (kernel, signature) the parent sends: replies
-    ("start", key, tier, sig) and ("done", key, tier, sig, ok)."""
+    ("start", key, tier, sig) and ("done", key, tier, sig, ok). When the parent has gone, it
+    still finishes the parallel builds it was asked for (no guesses ahead any more): the next
+    process finds them in the cache instead of starting on serial kernels again."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     from . import blas
 
@@ -496,7 +500,9 @@ def _serve() -> None:
         try:
             while True:
                 inbox.put(pickle.load(inp))
-        except Exception:  # noqa: BLE001 - EOF: the parent is gone
+        except Exception as e:  # noqa: BLE001 - EOF: the parent is gone
+            if not isinstance(e, EOFError) and os.environ.get("FASTCONV_JIT_TIERS_DEBUG"):
+                print("tiers worker: reading failed:", repr(e), file=sys.stderr, flush=True)
             inbox.put(None)
 
     threading.Thread(target=read, daemon=True).start()
@@ -508,38 +514,45 @@ def _serve() -> None:
     if os.environ.get("FASTCONV_TIERS_RECORDING"):
         ahead = []  # recording: the parent must compile (and list) everything itself
     asked: list = []
+    parent = [True]  # still there to read replies
 
-    def say(*msg) -> bool:
-        try:
-            pickle.dump(msg, out)
-            out.flush()
-            return True
-        except OSError:  # the parent is gone
-            return False
+    def say(*msg) -> None:
+        if parent[0]:
+            try:
+                pickle.dump(msg, out)
+                out.flush()
+            except OSError:  # the parent is gone
+                parent[0] = False
 
+    eof = False  # the parent's end of the pipe closed: nothing more will be asked
     while True:
-        while True:  # take in what the parent sent, without waiting
+        while not eof:  # take in what the parent sent, without waiting
             try:
                 m = inbox.get_nowait()
             except queue.Empty:
                 break
             if m is None:
-                return
-            asked.append(m)
+                eof = True
+            else:
+                asked.append(m)
+        if eof or not parent[0]:
+            ahead.clear()  # nobody to guess for; finish what was asked, then stop
         if ahead:
             module, name, tier, sig = ahead.pop(0)
         elif asked:
             (module, name), sig = asked.pop(0)
             tier = "par"
+        elif eof:
+            return
         else:
             m = inbox.get()
             if m is None:
-                return
-            asked.append(m)
+                eof = True
+            else:
+                asked.append(m)
             continue
         key = (module, name)
-        if not say("start", key, tier, sig):
-            return
+        say("start", key, tier, sig)
         ok = False
         try:
             _resolve(module, name, tier).compile(sig)
@@ -549,8 +562,7 @@ def _serve() -> None:
                 import traceback
 
                 traceback.print_exc()
-        if not say("done", key, tier, sig, ok):
-            return
+        say("done", key, tier, sig, ok)
 
 
 if __name__ == "__main__":
