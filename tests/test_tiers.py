@@ -88,7 +88,7 @@ _CHILD = textwrap.dedent(
                 self.proc = subprocess.Popen(
                     [sys.executable, "-c", "pass"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE)
-                self.replies, self.sent = queue.Queue(), 0
+                self.replies = queue.Queue()
                 self.reader = threading.Thread(target=self._read, daemon=True)
                 self.reader.start()
         tiers._Worker = Dead

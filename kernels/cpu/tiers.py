@@ -171,14 +171,6 @@ class Tiered:
             finally:  # compiled, or its error raised here: either way no longer pending
                 self._pending.discard(sig)
 
-    def pending(self) -> int:
-        return len(self._pending)
-
-    # Dispatcher-like attributes some callers read
-    @property
-    def signatures(self):
-        return list(self.par.signatures) + list(self.ser.signatures)
-
     def __repr__(self) -> str:
         return f"<Tiered kernel {self.__module__}.{self.__qualname__}>"
 
@@ -230,7 +222,6 @@ class _Worker:
             env=env,
         )
         self.replies: queue.Queue = queue.Queue()
-        self.sent = 0
         self.reader = threading.Thread(target=self._read, name="fastconv-jit-tiers", daemon=True)
         self.reader.start()
 
@@ -249,7 +240,6 @@ class _Worker:
             self.proc.stdin.flush()
         except (OSError, ValueError, pickle.PicklingError):
             return False
-        self.sent += 1
         return True
 
     def close(self) -> None:
