@@ -727,6 +727,40 @@ def batch_norm2d(
     return ops.batch_norm_forward(ops.backend_module(op.name, be), *arrays, a)[0]
 
 
+def batch_norm2d_relu(
+    x: Input,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Input | None = None,
+    bias: Input | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Input | None = None,
+    backend: str = "auto",
+) -> Any:
+    """relu(batch_norm2d(...) + residual) as one op (no residual: relu(batch_norm2d(...))):
+    the add and the ReLU applied in the normalising pass, the ReLU's gradient mask read by the
+    backward's passes. What ``Sequential`` runs for BatchNorm2d followed by ReLU, and what the
+    zoo's ResNet blocks (their bn2 + shortcut + ReLU), VGG and Inception units call.
+
+    Arrays in: ``(y, save_mean, save_invstd)``; the gradients are
+    ``batch_norm2d_backward(..., relu_output=y)`` (the residual's: ``relu_backward(grad_y,
+    y)``). Tensors in: y as a Tensor, recorded (gradients for x, weight, bias and residual).
+
+    Shape: as ``batch_norm2d``; residual as x.
+    """
+    params = (running_mean, running_var, training, momentum, eps)
+    if _has_tensor(x, weight, bias, residual):
+        return ops.apply("batch_norm2d_relu", (x, weight, bias, residual), params, backend)
+    op = ops.OPS["batch_norm2d_relu"]
+    arrays, a = op.check(x, weight, bias, residual, *params, False)
+    be, a = ops.choose(op, arrays, a, backend, "auto")
+    y, ctx = ops.batch_norm_relu_forward(ops.backend_module(op.name, be), *arrays, a)
+    return y, ctx.mean, ctx.invstd
+
+
 def batch_norm2d_backward(
     grad_y: Array,
     x: Array,
@@ -736,12 +770,14 @@ def batch_norm2d_backward(
     training: bool = True,
     *,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
+    relu_output: Array | None = None,
     backend: str = "auto",
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients of ``batch_norm2d``: (grad_x, grad_weight, grad_bias); None where masked.
 
     ``training`` must match the forward call: in training the batch statistics depend on x,
-    which adds two terms to grad_x.
+    which adds two terms to grad_x. ``relu_output``: the y of ``batch_norm2d_relu``, whose
+    gradients these then are (grad_y counts only where y > 0).
 
     Shape: grad_y, x (N, C, H, W); weight/save_mean/save_invstd (C,) -> (N, C, H, W), (C,), (C,).
     """
@@ -756,10 +792,23 @@ def batch_norm2d_backward(
     if save_mean is None or save_invstd is None:
         raise ValueError(f"{op}: save_mean and save_invstd (from batch_norm2d) are required")
     mask = tuple(bool(m) for m in output_mask)
-    ctx = ops.BNCtx(x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training))
-    return _backward(
-        "batch_norm2d", backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask
+    name = "batch_norm2d"
+    y = None
+    if relu_output is not None:
+        name = "batch_norm2d_relu"
+        y = shapes.check_array(op, "relu_output", relu_output, 4, "(N, C, H, W)")
+        if shapes._shape_of(y) != shapes._shape_of(x):
+            raise ValueError(
+                f"{op}: relu_output must have x's shape {shapes._shape_of(x)}; "
+                f"got relu_output.shape={shapes._shape_of(y)}"
+            )
+        shapes.check_same_dtype(op, relu_output=y, x=x)
+        shapes.check_same_place(op, relu_output=y, x=x)
+    ctx = ops.BNCtx(
+        x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training), None, y
     )
+    out = _backward(name, backend, _on_device(grad_y, x), grad_y, lambda m, be: ctx, mask)
+    return tuple(out[:3])
 
 
 def batch_norm1d(

@@ -27,7 +27,7 @@ from . import _device
 from . import functional as F
 from . import init as _init
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
-from .nn import AdaptiveAvgPool2d, BatchNorm2d, Module
+from .nn import AdaptiveAvgPool2d, BatchNorm2d, Module, bn_relu
 
 # --------------------------------------------------------------------------- default recipes
 
@@ -212,9 +212,9 @@ class BasicBlock(Module):
             )
 
     def forward(self, x: Any) -> Any:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+        y = bn_relu(self.bn1, self.conv1(x))  # relu(bn1(...)) as one fused op
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return bn_relu(self.bn2, self.conv2(y), shortcut)  # relu(bn2(...) + shortcut), fused
 
 
 class ResNet(Module):
@@ -254,7 +254,7 @@ class ResNet(Module):
         self.fc = Linear(cin, num_classes, rng=g, dtype=dtype)
 
     def forward(self, x: Any) -> Any:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = bn_relu(self.bn1, self.conv1(x))
         for stage in range(1, self.stages + 1):
             x = getattr(self, f"layer{stage}")(x)
         return self.fc(F.flatten(self.avgpool(x)))
@@ -320,7 +320,7 @@ class BasicConv2d(Module):
         self.bn = BatchNorm2d(out_channels, dtype=dtype)
 
     def forward(self, x: Any) -> Any:
-        return F.relu(self.bn(self.conv(x)))
+        return bn_relu(self.bn, self.conv(x))
 
 
 class InceptionBlock(Module):

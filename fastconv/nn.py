@@ -19,11 +19,13 @@ PyTorch's default initialisation (``reset_parameters``).
 Fusion is planned in the open: ``Sequential`` maps runs of layer kinds to fused ops (table
 ``FUSIONS``) when it is built or changed, and calls the fused op with the first layer's own
 parameters; no layer touches another's state. A user Module fuses by calling the fused op
-(``fc.conv2d_relu_maxpool``, ``fc.conv2d_relu``, ``fc.linear_relu``) itself.
+(``fc.conv2d_relu_maxpool``, ``fc.conv2d_relu``, ``fc.linear_relu``, ``fc.batch_norm2d_relu``;
+``bn_relu(bn, x)`` for a BatchNorm2d module) itself.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -1059,6 +1061,15 @@ class BatchNorm2d(_BatchNorm):
         out = self._normalize(F.batch_norm2d, x)
         return out[0] if isinstance(out, tuple) else out
 
+    def forward_fused(self, x: Any, residual: Any = None) -> Any:
+        """relu(self(x) + residual) (no residual: relu(self(x))) as one op
+        (``F.batch_norm2d_relu``: what ``Sequential`` and the ResNet blocks call)."""
+        fn = F.batch_norm2d_relu
+        if residual is not None:
+            fn = functools.partial(F.batch_norm2d_relu, residual=residual)
+        out = self._normalize(fn, x)
+        return out[0] if isinstance(out, tuple) else out
+
 
 class BatchNorm1d(_BatchNorm):
     """Batch normalisation of (N, C) or (N, C, L) inputs per channel (``torch.nn.BatchNorm1d``).
@@ -1102,7 +1113,18 @@ FUSIONS: tuple[tuple[tuple[type, ...], Callable, Callable], ...] = (
     ),
     ((Conv2d, ReLU), lambda run: True, lambda run, x: run[0].forward_fused(x)),
     ((Linear, ReLU), lambda run: True, lambda run, x: run[0].forward_fused(x)),
+    ((BatchNorm2d, ReLU), lambda run: True, lambda run, x: run[0].forward_fused(x)),
 )
+
+
+def bn_relu(bn: Module, x: Any, residual: Any = None) -> Any:
+    """relu(bn(x) + residual) (no residual: relu(bn(x))): one fused op where ``bn`` is a plain
+    BatchNorm2d (no forward hooks, forward not overridden), else the separate ops. For
+    Modules whose forward writes BN (+ a shortcut) then ReLU."""
+    if _plain(bn, BatchNorm2d):
+        return bn.forward_fused(x, residual)
+    y = bn(x)
+    return F.relu(y if residual is None else y + residual)
 
 
 def plan_fusions(layers: list[Module]) -> list[tuple[int, int, Callable | None]]:
@@ -1243,5 +1265,6 @@ __all__ = [
     "Sigmoid",
     "Softmax",
     "Tanh",
+    "bn_relu",
     "plan_fusions",
 ]

@@ -321,7 +321,8 @@ def _ex_linear(ex: _Exporter, n, t) -> None:
 
 
 def _ex_batch_norm(ex: _Exporter, n, t) -> None:
-    x, w, b = n.inputs
+    x, w, b = n.inputs[:3]
+    residual = n.inputs[3] if len(n.inputs) > 3 else None  # batch_norm2d_relu's shortcut
     ctx = n.ctx
     a = ctx.a
     if ctx.training or a is None or a.running_mean is None:
@@ -336,13 +337,18 @@ def _ex_batch_norm(ex: _Exporter, n, t) -> None:
     scale = ex.value(w) if w is not None else ex.const(np.ones(C, dt), "bn_scale")
     bias = ex.value(b) if b is not None else ex.const(np.zeros(C, dt), "bn_bias")
     ins = [ex.value(x), scale, bias, ex.value(a.running_mean), ex.value(a.running_var)]
-    ex.node(
+    fused = n.name == "batch_norm2d_relu"
+    y = ex.node(
         "BatchNormalization",
         ins,
-        ex.out(t, "BatchNormalization"),
+        None if fused else ex.out(t, "BatchNormalization"),
         epsilon=float(a.eps),
         momentum=float(1.0 - a.momentum),
     )
+    if fused and residual is not None:
+        y = ex.node("Add", [y, ex.value(residual)])
+    if fused:
+        ex.node("Relu", [y], ex.out(t, "Relu"))
 
 
 def _ex_binary(op: str):
@@ -473,6 +479,7 @@ EXPORTERS: dict[str, Callable] = {
     "linear": _ex_linear,
     "linear_relu": _ex_linear,
     "batch_norm2d": _ex_batch_norm,
+    "batch_norm2d_relu": _ex_batch_norm,
     "add": _ex_binary("Add"),
     "sub": _ex_binary("Sub"),
     "mul": _ex_binary("Mul"),

@@ -698,10 +698,12 @@ class BNCtx(NamedTuple):
     invstd: Array
     training: bool
     a: BNAttrs | None = None  # running statistics and eps, for an exporter reading the tape
+    y: Array = None  # batch_norm2d_relu's output: its ReLU's gradient mask
 
 
-def _check_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps, keep):
-    op = "batch_norm2d"
+def _check_batch_norm(
+    x, w, b, running_mean, running_var, training, momentum, eps, keep, op="batch_norm2d"
+):
     x = shapes.check_batch_norm2d(op, x, training, running_mean, running_var)
     vec = shapes.check_channel_vectors(
         op, x, running_mean=running_mean, running_var=running_var, weight=w, bias=b
@@ -749,6 +751,64 @@ def ref_batch_norm_backward(m, gy, ctx, needs):
 
 
 declare("batch_norm2d", _check_batch_norm)
+
+
+# relu(batch_norm2d(x)) as one op: the ReLU in the normalising pass, its gradient mask read
+# by the backward's passes (two passes over memory fewer each way than the pair of ops)
+
+
+def _check_batch_norm_relu(
+    x, w, b, residual, running_mean, running_var, training, momentum, eps, keep
+):
+    op = "batch_norm2d_relu"
+    args = (x, w, b, running_mean, running_var, training, momentum, eps, keep)
+    (x, w, b), a = _check_batch_norm(*args, op=op)
+    if residual is not None:
+        residual = shapes.check_array(op, "residual", residual, 4, "(N, C, H, W)")
+        if shapes._shape_of(residual) != shapes._shape_of(x):
+            raise ValueError(
+                f"{op}: residual must have x's shape {shapes._shape_of(x)}; "
+                f"got residual.shape={shapes._shape_of(residual)}"
+            )
+        shapes.check_same_dtype(op, x=x, residual=residual)
+        shapes.check_same_place(op, x=x, residual=residual)
+    return (x, w, b, residual), a
+
+
+def batch_norm_relu_forward(m, x, w, b, r, a):
+    y, mean, invstd = m.batch_norm2d(
+        x, w, b, a.running_mean, a.running_var, a.training, a.momentum, a.eps, True, r
+    )
+    return y, BNCtx(x, w, mean, invstd, a.training, a, y)
+
+
+def batch_norm_relu_backward(m, gy, ctx, needs):
+    """(gx, gw, gb, g_residual): the residual's gradient is grad_y through the ReLU."""
+    res = len(needs) > 3 and bool(needs[3])
+    out = m.batch_norm2d_backward(
+        gy, ctx.x, ctx.w, ctx.mean, ctx.invstd, ctx.training, tuple(needs[:3]), ctx.y, res
+    )
+    return tuple(out) if res else (*out, None)
+
+
+def ref_batch_norm_relu_forward(m, x, w, b, r, a):
+    """The oracle's ops one after the other: batch_norm2d, + residual, relu."""
+    z, mean, invstd = m.batch_norm2d(
+        x, w, b, a.running_mean, a.running_var, a.training, a.momentum, a.eps
+    )
+    if r is not None:
+        z = (z.astype(np.float64) + r).astype(x.dtype)
+    y = m.relu(z)
+    return y, BNCtx(x, w, mean, invstd, a.training, a, y)
+
+
+def ref_batch_norm_relu_backward(m, gy, ctx, needs):
+    gz = m.relu_backward(gy, ctx.y)  # y > 0 exactly where z > 0
+    res = len(needs) > 3 and bool(needs[3])
+    return (*ref_batch_norm_backward(m, gz, ctx, tuple(needs[:3])), gz if res else None)
+
+
+declare("batch_norm2d_relu", _check_batch_norm_relu)
 
 
 # =========================================================================== losses
@@ -1260,6 +1320,12 @@ KERNELS: dict[tuple[str, str], Kernel] = {
         _bn_tensor_forward(batch_norm_forward),
         batch_norm_backward,
         (_bn_tensor_forward(batch_norm_forward), ref_batch_norm_backward),
+    ),
+    **_both(
+        "batch_norm2d_relu",
+        batch_norm_relu_forward,
+        batch_norm_relu_backward,
+        (ref_batch_norm_relu_forward, ref_batch_norm_relu_backward),
     ),
     **_both("cross_entropy", _loss_tensor_forward(cross_entropy_forward), loss_backward),
     **_both("nll_loss", _loss_tensor_forward(nll_forward), loss_backward),

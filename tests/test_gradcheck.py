@@ -791,6 +791,46 @@ def test_random_batch_norm2d(shape, training, affine, seed) -> None:
 
 @RANDOM
 @given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+    training=st.booleans(),
+    affine=st.booleans(),
+    residual=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_batch_norm2d_relu(shape, training, affine, residual, seed) -> None:
+    """The fused op (with and without its residual input) on every backend by finite
+    differences, inputs kept clear of ReLU's kink (training with one value a channel
+    normalises it to exactly 0: the ReLU's gradient is 0 on both sides there, as is the
+    oracle's)."""
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        shape = (2, *shape[1:])
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    mean, var = normal(rng, C), rng.random(C) + 0.5
+
+    def split(a):  # (x, residual, weight, bias) from the positional arrays
+        x, rest = a[0], list(a[1:])
+        r = rest.pop(0) if residual else None
+        return x, r, *(rest or (None, None))
+
+    def fn(*a):
+        x, r, w, b = split(a)
+        return F.batch_norm2d_relu(x, cast(mean, x), cast(var, x), w, b, training, residual=r)
+
+    def draw(rng):
+        out = [normal(rng, *shape)] + ([normal(rng, *shape)] if residual else [])
+        return out + ([normal(rng, C), normal(rng, C)] if affine else [])
+
+    def ok(a):
+        x, r, w, b = split(a)
+        z = R.batch_norm2d(x, w, b, mean.copy(), var.copy(), training)[0]
+        return clear_of_relu(z if r is None else z + r)
+
+    check_all(fn, redraw(rng, draw, ok))
+
+
+@RANDOM
+@given(
     n=st.integers(1, 4),
     classes=st.integers(1, 5),
     kind=st.sampled_from(["ce", "ce-smooth", "nll", "mse"]),

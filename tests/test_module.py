@@ -489,6 +489,54 @@ def test_a_hook_on_relu_stops_fusion_and_sees_the_relu_output() -> None:
     assert seq(x).grad_fn == "max_pool2d"
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_sequential_fuses_batch_norm_relu_bit_for_bit(training) -> None:
+    """BatchNorm2d + ReLU run as batch_norm2d_relu, with the same output, running statistics
+    and gradients (bits) as the two layers called one by one; a hook on either stops it."""
+    x = rnd(3, 2, 5, 5)
+    seq = fc.Sequential(fc.Conv2d(2, 4, 3, padding=1, rng=0), fc.BatchNorm2d(4), fc.ReLU())
+    seq[1].weight.data = rnd(4, seed=2)
+    seq[1].bias.data = rnd(4, seed=3)
+    seq.train(training)
+    assert planned(seq) == [(1, False), (2, True)]
+    before = {k: v.copy() for k, v in seq.state_dict().items()}
+    a = seq(x)
+    assert a.grad_fn == "batch_norm2d_relu"
+    after_fused = {k: v.copy() for k, v in seq.state_dict().items()}
+    seq.load_state_dict(before)
+    b = seq[2](seq[1](seq[0](x)))
+    assert b.grad_fn == "relu"
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for k, v in seq.state_dict().items():
+        np.testing.assert_array_equal(v, after_fused[k], err_msg=k)
+    v = rnd(*a.shape, seed=1)
+    a.backward(v)
+    g = [p.grad.copy() for p in seq.parameters()]
+    seq.zero_grad()
+    b.backward(v)
+    for ga, gb in zip(g, [p.grad for p in seq.parameters()], strict=True):
+        np.testing.assert_array_equal(ga, gb)
+    seen = []
+    seq[1].register_forward_hook(lambda m, i, o: seen.append(o.numpy().copy()))
+    assert seq(x).grad_fn == "relu" and len(seen) == 1 and (seen[0] < 0).any()
+
+
+def test_bn_relu_helper_fuses_plain_batch_norm_only() -> None:
+    from fastconv.nn import bn_relu
+
+    x = rnd(2, 3, 4, 4)
+    bn = fc.BatchNorm2d(3)
+    assert bn_relu(bn, x).grad_fn == "batch_norm2d_relu"
+    bn.register_forward_hook(lambda m, i, o: None)
+    assert bn_relu(bn, x).grad_fn == "relu"
+
+    class Twice(fc.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    assert bn_relu(Twice(3), x).grad_fn == "relu"
+
+
 def test_a_conv_subclass_overriding_forward_is_not_fused() -> None:
     calls = []
 

@@ -251,6 +251,127 @@ def test_batch_norm2d_matches_oracle(dtype, training, affine, shape):
         assert_close(a, e, dtype, f"gradient {i}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 1, 3), (5, 1, 2, 2), (3, 4, 7, 1)])
+def test_batch_norm2d_relu_matches_oracle(dtype, training, affine, shape):
+    """The fused op against the oracle's two ops: output, statistics, running statistics
+    updated in place, and every gradient of the pair."""
+    C = shape[1]
+    x = rnd(shape, dtype, scale=2.0) + 0.5
+    w = rnd((C,), dtype, 1) if affine else None
+    b = rnd((C,), dtype, 2) if affine else None
+    rm, rv = rnd((C,), dtype, 3), np.abs(rnd((C,), dtype, 4)) + 0.5
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, mean, invstd = F.batch_norm2d_relu(x, rm, rv, w, b, training, 0.1, 1e-5)
+    z_ref, mean_ref, invstd_ref = R.batch_norm2d(x, w, b, rm2, rv2, training, 0.1, 1e-5)
+    y_ref = R.relu(z_ref)
+    assert (y_ref == 0).any() and (y_ref > 0).any()  # both sides of the ReLU are exercised
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(mean, mean_ref, dtype, "save_mean")
+    assert_close(invstd, invstd_ref, dtype, "save_invstd")
+    assert_close(rm, rm2, dtype, "running_mean")
+    assert_close(rv, rv2, dtype, "running_var")
+    g = rnd(shape, dtype, 5)
+    got = F.batch_norm2d_backward(g, x, w, mean, invstd, training, relu_output=y)
+    gz = R.relu_backward(g, y_ref)
+    ref = R.batch_norm2d_backward(gz, x, w, mean_ref, invstd_ref, training)
+    for i, (a, e) in enumerate(zip(got, ref, strict=True)):
+        assert_close(a, e, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm2d_relu_is_the_pair_bit_for_bit(dtype):
+    """On the CPU the fused op gives the very bits of batch_norm2d then relu (forward) and of
+    relu_backward then batch_norm2d_backward (backward): fusing changes no result."""
+    x = rnd((4, 3, 6, 5), dtype, 7, scale=2.0)
+    w, b = rnd((3,), dtype, 8), rnd((3,), dtype, 9)
+    for training in (True, False):
+        rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+        y, mean, invstd = F.batch_norm2d_relu(x, rm.copy(), rv.copy(), w, b, training)
+        z, mean2, invstd2 = F.batch_norm2d(x, rm.copy(), rv.copy(), w, b, training)
+        np.testing.assert_array_equal(y, F.relu(z))
+        g = rnd(x.shape, dtype, 10)
+        fused = F.batch_norm2d_backward(g, x, w, mean, invstd, training, relu_output=y)
+        pair = F.batch_norm2d_backward(F.relu_backward(g, z), x, w, mean2, invstd2, training)
+        for a, e in zip(fused, pair, strict=True):
+            np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm2d_relu_with_residual_is_the_ops_bit_for_bit(dtype, training):
+    """relu(bn(x) + residual) as one op: on the CPU the very bits of batch_norm2d, add, relu
+    (output, and every gradient on the tape, the residual's included), and the oracle's."""
+    C = 3
+    x0, r0 = rnd((4, C, 5, 6), dtype, 11, scale=2.0), rnd((4, C, 5, 6), dtype, 12)
+    w0, b0 = rnd((C,), dtype, 13), rnd((C,), dtype, 14)
+    g = rnd(x0.shape, dtype, 15)
+    outs = []
+    for fused in (True, False):
+        x, r, w, b = (fc.Tensor(a.copy(), requires_grad=True) for a in (x0, r0, w0, b0))
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        if fused:
+            y = F.batch_norm2d_relu(x, rm, rv, w, b, training, residual=r)
+            assert y.grad_fn == "batch_norm2d_relu"
+        else:
+            y = F.relu(F.batch_norm2d(x, rm, rv, w, b, training) + r)
+        y.backward(g)
+        outs.append([y.numpy(), rm, rv, x.grad, r.grad, w.grad, b.grad])
+    for a, e in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, e)
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    z, mean, invstd = R.batch_norm2d(x0, w0, b0, rm, rv, training)
+    y_ref = R.relu((z.astype(np.float64) + r0).astype(dtype))
+    assert (y_ref == 0).any() and (y_ref > 0).any()
+    assert_close(outs[0][0], y_ref, dtype, "y")
+    gz = R.relu_backward(g, y_ref)
+    gx, gw, gb = R.batch_norm2d_backward(gz, x0, w0, mean, invstd, training)
+    for got, exp, what in zip(outs[0][3:], (gx, gz, gw, gb), ("gx", "g_residual", "gw", "gb")):
+        assert_close(got, exp, dtype, what)
+
+
+def test_batch_norm2d_relu_residual_errors():
+    x = rnd((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"batch_norm2d_relu: residual must have x's shape"):
+        F.batch_norm2d_relu(x, None, None, training=True, residual=x[:, :2])
+    with pytest.raises(TypeError, match=r"batch_norm2d_relu: .*residual"):
+        F.batch_norm2d_relu(x, None, None, training=True, residual=x.astype(np.float32))
+
+
+def test_batch_norm2d_relu_edge_values():
+    """A channel of one repeated value normalises to exactly 0 in training: ReLU gives 0 and
+    no gradient passes there (derivative 0 at 0, as PyTorch); NaN stays NaN."""
+    x = rnd((2, 2, 3, 3))
+    x[:, 0] = 4.0  # constant channel: xhat = 0, y = relu(b) = 0 with b = 0
+    y, mean, invstd = F.batch_norm2d_relu(x, None, None, None, None, training=True)
+    assert np.all(y[:, 0] == 0)
+    g = rnd(x.shape, seed=3)
+    gx, gw, gb = F.batch_norm2d_backward(g, x, None, mean, invstd, True, relu_output=y)
+    assert gb[0] == 0 and gw[0] == 0 and np.all(gx[:, 0] == 0)
+    ref = R.batch_norm2d_backward(R.relu_backward(g, y), x, None, mean, invstd, True)
+    assert_close(gx, ref[0], np.float64, "gx")
+    xn = x.copy()
+    xn[0, 1, 0, 0] = np.nan
+    rm, rv = np.zeros(2), np.ones(2)
+    y, _, _ = F.batch_norm2d_relu(xn, rm, rv, None, None, training=False)
+    assert np.isnan(y[0, 1, 0, 0]) and np.isfinite(np.delete(y.ravel(), 1 * 9)).all()
+
+
+def test_batch_norm2d_relu_errors():
+    x = rnd((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"batch_norm2d_relu: .*weight"):
+        F.batch_norm2d_relu(x, None, None, np.ones(4), None, training=True)
+    with pytest.raises(ValueError, match=r"batch_norm2d_relu: .*momentum"):
+        F.batch_norm2d_relu(x, None, None, None, None, True, momentum=2.0)
+    _, m, s = F.batch_norm2d_relu(x, None, None, None, None, training=True)
+    with pytest.raises(ValueError, match=r"batch_norm2d_backward: relu_output must have x's shape"):
+        F.batch_norm2d_backward(x, x, None, m, s, True, relu_output=x[:1])
+    with pytest.raises(TypeError, match=r"batch_norm2d_backward: .*relu_output"):
+        F.batch_norm2d_backward(x, x, None, m, s, True, relu_output=x.astype(np.float32))
+
+
 def test_batch_norm2d_updates_running_stats_like_torch():
     torch = pytest.importorskip("torch")
     x = rnd((4, 3, 5, 5), scale=2.0)

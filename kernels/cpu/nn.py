@@ -402,8 +402,12 @@ def dropout(x, keep_mask, scale):
 # --------------------------------------------------------------------------- batch norm
 
 
-def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
-    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd).
+def batch_norm2d(
+    x, w, b, running_mean, running_var, training, momentum, eps, relu=False, residual=None
+):
+    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd); with
+    ``relu``, y = max(batch_norm(x) (+ ``residual``), 0) from the same pass (each sum rounded
+    to x's dtype as the separate ops round it; NaN stays NaN, as np.maximum).
 
     Training: normalise with the batch statistics (biased variance) and update the running
     statistics IN PLACE with the unbiased variance, as PyTorch does:
@@ -433,7 +437,8 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     shift = -mean * scale if b is None else b - mean * scale
     y = np.empty_like(x)
     with threads.threads_for(x.size):
-        _bn_apply(x, scale.astype(x.dtype), shift.astype(x.dtype), y)
+        r = x[:0] if residual is None else np.ascontiguousarray(residual)  # no images: none
+        _bn_apply(x, scale.astype(x.dtype), shift.astype(x.dtype), y, bool(relu), r)
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
@@ -462,20 +467,38 @@ def _bn_stats(x, mean, var):
 
 
 @parallel_njit()
-def _bn_apply(x, scale, shift, y):
-    """y = x * scale[c] + shift[c] (rounded after the product and after the sum, as NumPy)."""
+def _bn_apply(x, scale, shift, y, relu, r):
+    """y = x * scale[c] + shift[c] (rounded after the product and after the sum, as NumPy),
+    + r where r has images, then max(y, 0) with ``relu`` (NaN stays NaN)."""
     N, C, H, W = x.shape
     HW = H * W
-    xf, yf = x.ravel(), y.ravel()
+    xf, yf, rf = x.ravel(), y.ravel(), r.ravel()
+    add = r.shape[0] > 0
     for nc in prange(N * C):
         a, b = scale[nc % C], shift[nc % C]
         o = U(nc * HW)
-        for i in range(HW):
-            yf[o + U(i)] = xf[o + U(i)] * a + b
+        if add:
+            for i in range(HW):
+                v = xf[o + U(i)] * a + b
+                v = v + rf[o + U(i)]
+                yf[o + U(i)] = 0 if relu and v < 0 else v
+        elif relu:
+            for i in range(HW):
+                v = xf[o + U(i)] * a + b
+                yf[o + U(i)] = 0 if v < 0 else v
+        else:
+            for i in range(HW):
+                yf[o + U(i)] = xf[o + U(i)] * a + b
 
 
-def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
+def batch_norm2d_backward(
+    gy, x, w, save_mean, save_invstd, training, mask, y=None, residual_grad=False
+):
     """(gx, gw, gb) of ``batch_norm2d``; entries are None where ``mask`` says not needed.
+    With ``y`` (the output of ``batch_norm2d(..., relu=True)``) the gradients are those of
+    the fused op: grad_y reaches the normalisation only where y > 0 (ReLU's derivative, 0 at
+    0 as in PyTorch), in the same passes; with ``residual_grad`` as well, a fourth result,
+    the residual's gradient (grad_y where y > 0, else 0), is written by the same pass.
 
     With xhat = (x - mean) * invstd and y = w * xhat + b, per channel over its M values:
     gb = sum gy, gw = sum gy * xhat, and in training (mean and invstd depend on x)
@@ -491,32 +514,51 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
     wk = invstd if w is None else invstd * w.astype(np.float64)
     gx = np.empty_like(x) if need_x else np.empty((0, C, H, W), x.dtype)
     gw, gb = np.empty(C), np.empty(C)
+    mask_y = x[:0] if y is None else np.ascontiguousarray(y)  # no images: no ReLU mask
+    gr = np.empty_like(x) if y is not None and residual_grad else x[:0]
     with threads.threads_for(4 * x.size):
-        _bn_backward(gy, x, mean, invstd, wk, bool(training), gx, gw, gb)
-    return (
+        _bn_backward(gy, x, mean, invstd, wk, bool(training), gx, gw, gb, mask_y, gr)
+    out = (
         gx if need_x else None,
         gw.astype(x.dtype) if need_w else None,
         gb.astype(x.dtype) if need_b else None,
     )
+    return out + (gr if gr.shape[0] else None,) if residual_grad else out
 
 
 @parallel_njit(fastmath=FASTMATH)
-def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb):
+def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb, y, gr):
     """gb[c] = sum gy, gw[c] = sum gy * xhat (float64), and gx unless it has no images; one
-    thread a channel (fixed summation order)."""
+    thread a channel (fixed summation order). With a y of images (the fused ReLU's output),
+    gy counts only where y > 0, and a gr of images gets that masked gy (the residual's
+    gradient)."""
     N, C, H, W = x.shape
     HW, M = H * W, N * H * W
-    xf, gf, of = x.ravel(), gy.ravel(), gx.ravel()
+    xf, gf, of, yf, rf = x.ravel(), gy.ravel(), gx.ravel(), y.ravel(), gr.ravel()
+    relu, res = y.shape[0] > 0, gr.shape[0] > 0
     for c in prange(C):
         mu, iv = mean[c], invstd[c]
         sb = 0.0
         sw = 0.0
         for n in range(N):
             o = U((n * C + c) * HW)
-            for i in range(HW):
-                g = np.float64(gf[o + U(i)])
-                sb += g
-                sw += g * (np.float64(xf[o + U(i)]) - mu)
+            if res:
+                for i in range(HW):
+                    gi = gf[o + U(i)] if yf[o + U(i)] > 0 else 0
+                    rf[o + U(i)] = gi
+                    g = np.float64(gi)
+                    sb += g
+                    sw += g * (np.float64(xf[o + U(i)]) - mu)
+            elif relu:
+                for i in range(HW):
+                    g = np.float64(gf[o + U(i)]) if yf[o + U(i)] > 0 else 0.0
+                    sb += g
+                    sw += g * (np.float64(xf[o + U(i)]) - mu)
+            else:
+                for i in range(HW):
+                    g = np.float64(gf[o + U(i)])
+                    sb += g
+                    sw += g * (np.float64(xf[o + U(i)]) - mu)
         sw *= iv
         gb[c], gw[c] = sb, sw
         if gx.shape[0] == 0:
@@ -526,9 +568,15 @@ def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb):
         q = sw / M * iv if training else 0.0  # xhat * gw / M = (x - mu) * q
         for n in range(N):
             o = U((n * C + c) * HW)
-            for i in range(HW):
-                d = np.float64(xf[o + U(i)]) - mu
-                of[o + U(i)] = k * (np.float64(gf[o + U(i)]) - a - d * q)
+            if relu:
+                for i in range(HW):
+                    d = np.float64(xf[o + U(i)]) - mu
+                    g = np.float64(gf[o + U(i)]) if yf[o + U(i)] > 0 else 0.0
+                    of[o + U(i)] = k * (g - a - d * q)
+            else:
+                for i in range(HW):
+                    d = np.float64(xf[o + U(i)]) - mu
+                    of[o + U(i)] = k * (np.float64(gf[o + U(i)]) - a - d * q)
 
 
 # --------------------------------------------------------------------------- optimizer updates

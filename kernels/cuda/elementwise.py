@@ -296,8 +296,9 @@ def batch_norm_running_stats(rmean, rvar, st, eps):
 
 
 @cuda.jit(cache=True)
-def batch_norm_apply(x, st, w, b, has_w, has_b, y):
-    """One thread: y[n, c, p] = (x - mean[c]) * invstd[c] * w[c] + b[c] (float64 inside)."""
+def batch_norm_apply(x, st, w, b, has_w, has_b, r, has_r, relu, y):
+    """One thread: y[n, c, p] = (x - mean[c]) * invstd[c] * w[c] + b[c] (float64 inside),
+    + r[n, c, p] with ``has_r``, then max(y, 0) with ``relu`` (NaN stays NaN)."""
     N, C, P = x.shape
     e = cuda.grid(1)
     if e < N * C * P:
@@ -309,13 +310,18 @@ def batch_norm_apply(x, st, w, b, has_w, has_b, y):
             v *= w[c]
         if has_b:
             v += b[c]
+        if has_r:
+            v += r[n, c, p]
+        if relu and v < 0:
+            v = 0.0
         y[n, c, p] = v
 
 
 @cuda.jit(cache=True)
-def batch_norm_grad_sums(gy, x, mean, invstd, sums):
+def batch_norm_grad_sums(gy, x, mean, invstd, y, relu, sums):
     """One block per channel c: sums[0, c] = sum gy, sums[1, c] = sum gy * xhat with
-    xhat = (x - mean[c]) * invstd[c], both in float64 and in a fixed order."""
+    xhat = (x - mean[c]) * invstd[c], both in float64 and in a fixed order. With ``relu``,
+    gy counts only where the fused op's output y > 0."""
     N, C, P = x.shape
     buf = cuda.shared.array(REDUCE_THREADS, sums.dtype)
     c = cuda.blockIdx.x
@@ -326,6 +332,8 @@ def batch_norm_grad_sums(gy, x, mean, invstd, sums):
     a1 = 0.0
     for e in range(t, N * P, REDUCE_THREADS):
         g = float(gy[e // P, c, e % P])
+        if relu and not y[e // P, c, e % P] > 0:
+            g = 0.0
         a0 += g
         a1 += g * (float(x[e // P, c, e % P]) - m) * s
     t0 = _block_sum(buf, t, a0)
@@ -336,9 +344,9 @@ def batch_norm_grad_sums(gy, x, mean, invstd, sums):
 
 
 @cuda.jit(cache=True)
-def batch_norm_grad_x(gy, x, mean, invstd, w, has_w, sums, training, gx):
+def batch_norm_grad_x(gy, x, mean, invstd, w, has_w, y, relu, sums, training, gx):
     """One thread: gx = w invstd (gy - sum(gy)/M - xhat sum(gy xhat)/M) in training,
-    w invstd gy in evaluation (float64 inside)."""
+    w invstd gy in evaluation (float64 inside); with ``relu``, gy is 0 where y <= 0."""
     N, C, P = x.shape
     e = cuda.grid(1)
     if e < N * C * P:
@@ -349,6 +357,8 @@ def batch_norm_grad_x(gy, x, mean, invstd, w, has_w, sums, training, gx):
         if has_w:
             k *= w[c]
         g = float(gy[n, c, p])
+        if relu and not y[n, c, p] > 0:
+            g = 0.0
         if training:
             M = N * P
             xhat = (float(x[n, c, p]) - float(mean[c])) * float(invstd[c])

@@ -676,15 +676,18 @@ def mse_loss(pred, target):
 # --------------------------------------------------------------------------- batch norm
 
 
-def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
-    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd).
+def batch_norm2d(
+    x, w, b, running_mean, running_var, training, momentum, eps, relu=False, residual=None
+):
+    """Batch normalisation over (N, H, W) per channel: (y, save_mean, save_invstd); with
+    ``relu``, y = max(batch_norm(x) (+ ``residual``), 0) from the same kernel.
 
     Training normalises with the batch statistics (biased variance) and updates the running
     statistics IN PLACE (unbiased variance, PyTorch's momentum rule); evaluation uses them.
     Statistics in float64 with fixed-order block sums. w, b may be None.
     Shape: x (N, C, H, W), w/b/running_* (C,) -> y (N, C, H, W), save_mean/save_invstd (C,).
     """
-    host, (xd, wd, bd, rm, rv) = _inputs(x, w, b, running_mean, running_var)
+    host, (xd, wd, bd, rm, rv, rd) = _inputs(x, w, b, running_mean, running_var, residual)
     N, C = int(xd.shape[0]), int(xd.shape[1])
     P = int(np.prod(xd.shape[2:]))
     x3 = xd.reshape(N, C, P)
@@ -718,6 +721,9 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
         dummy if bd is None else bd,
         wd is not None,
         bd is not None,
+        x3 if rd is None else rd.reshape(N, C, P),  # x3 stands in, never read
+        rd is not None,
+        bool(relu),
         y.reshape(N, C, P),
     )
     save = _empty((2, C), xd.dtype)
@@ -725,20 +731,27 @@ def batch_norm2d(x, w, b, running_mean, running_var, training, momentum, eps):
     return _out(host, y, save[0], save[1])
 
 
-def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
+def batch_norm2d_backward(
+    gy, x, w, save_mean, save_invstd, training, mask, y=None, residual_grad=False
+):
     """(gx, gw, gb) of ``batch_norm2d``; entries are None where ``mask`` says not needed.
+    With ``y`` (the output of ``batch_norm2d(..., relu=True)``) those of the fused op: grad_y
+    counts only where y > 0; with ``residual_grad`` a fourth result, the residual's gradient
+    (grad_y where y > 0; ``relu_backward``'s kernel).
 
     With xhat = (x - mean) * invstd, per channel over its M values: gb = sum gy,
     gw = sum gy * xhat, and gx = w invstd (gy - gb/M - xhat gw/M) in training (the batch
     statistics depend on x), w invstd gy in evaluation.
     """
     need_x, need_w, need_b = mask
-    host, (gyd, xd, wd, md, sd) = _inputs(gy, x, w, save_mean, save_invstd)
+    host, (gyd, xd, wd, md, sd, yd) = _inputs(gy, x, w, save_mean, save_invstd, y)
     N, C = int(xd.shape[0]), int(xd.shape[1])
     P = int(np.prod(xd.shape[2:]))
     gy3, x3 = gyd.reshape(N, C, P), xd.reshape(N, C, P)
+    relu = yd is not None
+    y3 = yd.reshape(N, C, P) if relu else x3  # x3 stands in, never read, without the ReLU
     sums = _empty((2, C), np.float64)
-    L.launch(ew.batch_norm_grad_sums, C, L.REDUCE_THREADS, gy3, x3, md, sd, sums)
+    L.launch(ew.batch_norm_grad_sums, C, L.REDUCE_THREADS, gy3, x3, md, sd, y3, relu, sums)
     gx = gw = gb = None
     if need_x:
         gx = _empty(xd.shape, xd.dtype)
@@ -751,6 +764,8 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
             sd,
             _dummy(xd.dtype) if wd is None else wd,
             wd is not None,
+            y3,
+            relu,
             sums,
             bool(training),
             gx.reshape(N, C, P),
@@ -760,6 +775,9 @@ def batch_norm2d_backward(gy, x, w, save_mean, save_invstd, training, mask):
         L.launch(ew.copy2, *L.grid_1d(2 * C), sums, out)
         gb = out[0] if need_b else None
         gw = out[1] if need_w else None
+    if residual_grad:
+        gr = relu_backward(gyd, yd) if relu else None
+        return _out(host, gx, gw, gb, gr)
     return _out(host, gx, gw, gb)
 
 

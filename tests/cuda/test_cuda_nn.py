@@ -388,6 +388,62 @@ def test_batch_norm2d(dtype, training, affine):
         assert_close(a, e, what=what)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_batch_norm2d_relu(dtype, training, affine, residual):
+    """The fused op on the device against the oracle's batch_norm2d (+ residual) then relu,
+    its gradients (relu_output) against relu_backward then batch_norm2d_backward, and the
+    residual's gradient on the tape against relu_backward."""
+    rng = _rng(32)
+    x = (rng.standard_normal((3, 2, 3, 2)) * 2 + 0.3).astype(dtype)
+    w = rng.standard_normal(2).astype(dtype) if affine else None
+    b = rng.standard_normal(2).astype(dtype) if affine else None
+    r = rng.standard_normal(x.shape).astype(dtype) if residual else None
+    rm, rv = rng.standard_normal(2).astype(dtype), (rng.random(2) + 0.5).astype(dtype)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    z_ref, mean_ref, invstd_ref = reference.batch_norm2d(
+        x, w, b, rm_ref, rv_ref, training, 0.1, 1e-5
+    )
+    y_ref = reference.relu(z_ref if r is None else (z_ref.astype(np.float64) + r).astype(dtype))
+    assert (y_ref == 0).any() and (y_ref > 0).any()
+    xd, rmd, rvd = to_device(x, rm, rv)
+    wd, bd = to_device(w, b)
+    rd = None if r is None else to_device(r)[0]
+    y, mean, invstd = F.batch_norm2d_relu(
+        xd, rmd, rvd, wd, bd, training, 0.1, 1e-5, residual=rd
+    )
+    assert is_numba_device(y)
+    for got, exp, what in (
+        (y, y_ref, "y"),
+        (mean, mean_ref, "mean"),
+        (invstd, invstd_ref, "invstd"),
+        (rmd, rm_ref, "running_mean"),
+        (rvd, rv_ref, "running_var"),
+    ):
+        assert_close(got, exp, what=what)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    got = F.batch_norm2d_backward(
+        gy, x, w, to_host(mean), to_host(invstd), training, relu_output=to_host(y),
+        backend="cuda",
+    )  # fmt: skip
+    exp = reference.batch_norm2d_backward(
+        reference.relu_backward(gy, y_ref), x, w, to_host(mean), to_host(invstd), training
+    )
+    for a, e, what in zip(got, exp, ("gx", "gw", "gb")):
+        assert_close(a, e, what=what)
+    if residual:  # the residual's gradient, through the tape on the device
+        from fastconv import Tensor
+
+        rt = Tensor(to_device(r)[0], requires_grad=True)
+        out = F.batch_norm2d_relu(
+            Tensor(xd), None, None, None, None, True, residual=rt, backend="cuda"
+        )
+        out.backward(to_device(gy)[0])
+        assert_close(rt.grad, reference.relu_backward(gy, to_host(out.data)), what="g_residual")
+
+
 def test_batch_norm2d_host_running_stats_update_in_place():
     x = _rng(31).standard_normal((2, 3, 2, 2))
     rm, rv = np.zeros(3), np.ones(3)
