@@ -796,14 +796,7 @@ def batch_norm2d_backward(
     y = None
     if relu_output is not None:
         name = "batch_norm2d_relu"
-        y = shapes.check_array(op, "relu_output", relu_output, 4, "(N, C, H, W)")
-        if shapes._shape_of(y) != shapes._shape_of(x):
-            raise ValueError(
-                f"{op}: relu_output must have x's shape {shapes._shape_of(x)}; "
-                f"got relu_output.shape={shapes._shape_of(y)}"
-            )
-        shapes.check_same_dtype(op, relu_output=y, x=x)
-        shapes.check_same_place(op, relu_output=y, x=x)
+        y = shapes.check_like_x(op, "relu_output", relu_output, x)
     ctx = ops.BNCtx(
         x, vec["weight"], vec["save_mean"], vec["save_invstd"], bool(training), None, y
     )

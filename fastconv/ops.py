@@ -764,14 +764,7 @@ def _check_batch_norm_relu(
     args = (x, w, b, running_mean, running_var, training, momentum, eps, keep)
     (x, w, b), a = _check_batch_norm(*args, op=op)
     if residual is not None:
-        residual = shapes.check_array(op, "residual", residual, 4, "(N, C, H, W)")
-        if shapes._shape_of(residual) != shapes._shape_of(x):
-            raise ValueError(
-                f"{op}: residual must have x's shape {shapes._shape_of(x)}; "
-                f"got residual.shape={shapes._shape_of(residual)}"
-            )
-        shapes.check_same_dtype(op, x=x, residual=residual)
-        shapes.check_same_place(op, x=x, residual=residual)
+        residual = shapes.check_like_x(op, "residual", residual, x)
     return (x, w, b, residual), a
 
 

@@ -205,6 +205,18 @@ def check_same_place(op: str, **arrays: Any) -> None:
         raise TypeError(f"{op}: inputs must all be host (NumPy) or all device arrays; got {desc}")
 
 
+def check_like_x(op: str, name: str, a: Any, x: Any) -> Any:
+    """``a``, a 4-D array of x's shape, dtype and place (an op's second activation input)."""
+    a = check_array(op, name, a, 4, "(N, C, H, W)")
+    if _shape_of(a) != _shape_of(x):
+        raise ValueError(
+            f"{op}: {name} must have x's shape {_shape_of(x)}; got {name}.shape={_shape_of(a)}"
+        )
+    check_same_dtype(op, x=x, **{name: a})
+    check_same_place(op, x=x, **{name: a})
+    return a
+
+
 def _check_nonempty(op: str, name: str, shape: tuple[int, ...]) -> None:
     if shape[0] == 0:
         raise ValueError(f"{op}: empty batch (N=0) is not supported; {name}.shape={shape}")
