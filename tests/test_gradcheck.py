@@ -403,6 +403,28 @@ def _(rng):
     ]
 
 
+for _training, _residual in ((True, True), (False, False)):
+
+    @case(f"batch_norm2d_relu-{'train' if _training else 'eval'}-residual={_residual}")
+    def _(rng, training=_training, residual=_residual):
+        shape, C = (2, 3, 2, 3), 3
+        mean, var = normal(rng, C), rng.random(C) + 0.5
+
+        def fn(x, w, b, r=None):
+            rm, rv = cast(mean, x), cast(var, x)
+            return F.batch_norm2d_relu(x, rm, rv, w, b, training, residual=r)
+
+        def draw(rng):
+            out = [normal(rng, *shape), normal(rng, C), normal(rng, C)]
+            return out + ([normal(rng, *shape)] if residual else [])
+
+        def ok(a):
+            z = R.batch_norm2d(a[0], a[1], a[2], mean.copy(), var.copy(), training)[0]
+            return clear_of_relu(z + a[3] if residual else z)
+
+        return fn, redraw(rng, draw, ok)
+
+
 # losses
 for _ls in (0.0, 0.1):
 
