@@ -60,6 +60,9 @@ NETWORK_BATCHES = {"resnet8": (128,), "vgg_mini": (128,)}  # default batches whe
 # --------------------------------------------------------------------------- timing
 
 
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
+
+
 def threads() -> int:
     """Threads every library gets: FASTCONV_THREADS, else NUMBA_NUM_THREADS, else all cores."""
     env = os.environ.get("FASTCONV_THREADS") or os.environ.get("NUMBA_NUM_THREADS")

@@ -5,12 +5,17 @@ its first train step (batch 64, random data): interpreter start, imports, model 
 whatever compiling the step needs. Three kinds, in alternating rounds:
 
 - fastconv, cold: empty caches, as on a fresh install: a new temporary ``NUMBA_CACHE_DIR``
-  (Numba's compiled kernels) and ``FASTCONV_CACHE_DIR`` (the autotuner's choices);
+  (Numba's compiled kernels) and ``FASTCONV_CACHE_DIR`` (the autotuner's choices); with
+  warm start (the default: the first steps on the NumPy oracle while the kernels compile in
+  the background) and without it (``FASTCONV_WARM_START=0``: the first step waits for them);
 - fastconv, warm: a second process on the caches the cold one left behind;
 - PyTorch (when installed): the equal model, loss and optimizer, in a process of its own.
 
     python benchmarks/first_run.py                  # 3 rounds, table on stdout
     python benchmarks/first_run.py --rounds 5 --out benchmarks/results/first_run.md
+
+Each process runs ``--steps`` steps (default 200) and reports the end of step 1 and of the
+last step: how much a fast first step costs (or saves) later.
 
 Never asserts; prints medians and the spread (min - max) of the rounds.
 """
@@ -90,8 +95,9 @@ def _torch_step():
     return step
 
 
-def child(kind: str) -> None:
+def child(kind: str, steps: int) -> None:
     t0 = time.perf_counter()
+    warm = None
     if kind == "torch":
         step = _torch_step()
     else:
@@ -102,31 +108,63 @@ def child(kind: str) -> None:
             _jit_notice.arm()
         except ImportError:
             pass
+        try:
+            from fastconv import _warm as warm
+        except ImportError:  # a version without warm start
+            pass
     t1 = time.perf_counter()
     step()
     t2 = time.perf_counter()
+    end1 = time.time()
     step()  # the second step, for scale
     t3 = time.perf_counter()
+    kernels = None  # seconds from t0 to the end of the first step run on the kernels
+    if warm is None or warm.state() != "warming":
+        kernels = t2 - t0
+    for _ in range(2, steps):
+        was = warm is not None and warm.state() == "warming"
+        step()
+        if kernels is None and not was:
+            kernels = time.perf_counter() - t0
+    endn = time.time()
     print(
         json.dumps(
-            {"end": time.time() - (t3 - t2), "setup": t1 - t0, "step1": t2 - t1, "step2": t3 - t2}
+            {
+                "end": end1,
+                "endn": endn,
+                "setup": t1 - t0,
+                "step1": t2 - t1,
+                "step2": t3 - t2,
+                "kernels": kernels,
+                "t0_offset": time.time() - (time.perf_counter() - t0),
+            }
         ),
         flush=True,
     )
+    if kind != "torch":  # the next process must not compete with this one's compilers
+        import fastconv as fc
+
+        fc.wait_for_kernels(timeout=600)
 
 
 # --------------------------------------------------------------------------- the parent
 
 
-def run_child(kind: str, env: dict) -> dict:
+def run_child(kind: str, env: dict, steps: int) -> dict:
     start = time.time()
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind], env=env, capture_output=True, text=True
+        [sys.executable, __file__, "--child", kind, "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["total"] = r["end"] - start
+    r["total_n"] = r["endn"] - start
+    if r.get("kernels") is not None:  # from the child's t0 to the parent's start
+        r["kernels"] += r["t0_offset"] - start
     r["notice"] = "compiling kernels for this CPU" in out.stderr
     return r
 
@@ -183,48 +221,67 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} | {min(values):.2f} - {max(values):.2f}"
 
 
-def table(results: dict[str, list[dict]], rounds: int, torch_ok: bool) -> str:
+def _med(rs: list[dict], key: str, scale: float = 1.0) -> str:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return f"{scale * statistics.median(vals):.2f}" if vals else "-"
+
+
+ROWS = (
+    ("fastconv, cold, warm start (the default)", "cold"),
+    ("fastconv, cold, `FASTCONV_WARM_START=0`", "cold_off"),
+    ("fastconv, warm caches (a second process)", "warm"),
+    ("PyTorch (its own process)", "torch"),
+)
+
+
+def table(results: dict[str, list[dict]], rounds: int, steps: int, torch_ok: bool) -> str:
     model, isa = cpu_info()
-    rows = [
-        ("fastconv, cold (empty Numba and autotune caches)", "cold"),
-        ("fastconv, warm caches (a second process)", "warm"),
-    ]
-    if torch_ok:
-        rows.append(("PyTorch (its own process)", "torch"))
     lines = [
         "# First run: a fresh process to the end of its first LeNet-5 train step",
         "",
-        f"`python benchmarks/first_run.py --rounds {rounds}` at {git_commit()}, "
+        f"`python benchmarks/first_run.py --rounds {rounds} --steps {steps}` at {git_commit()}, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Batch {BATCH}, random data, "
-        "SGD with momentum; each run a new process, timed from its start to the end of its "
-        "first step; kinds alternate within each round. Median and spread (min - max) of "
-        f"{rounds} rounds, in seconds.",
+        "SGD with momentum; each run a new process, timed from its start; kinds alternate "
+        f"within each round. Median and spread (min - max) of {rounds} rounds, in seconds. "
+        "Cold: empty Numba and autotune caches. With warm start, a cold process runs its "
+        "first steps on the NumPy oracle while a background process compiles the kernels "
+        "(fastconv/_warm.py); 'kernels from' is when its first step on the compiled kernels "
+        f"ended. 'step {steps}': the end of the {steps}th step, for what the first seconds "
+        "cost later.",
         "",
         f"- CPU: {model} ({os.cpu_count()} logical cores), ISA: {isa}",
         f"- Versions: {versions(torch_ok)}",
         "",
-        "| process | to end of step 1 (median) | spread | import + model | step 1 | step 2 (ms) "
-        "| compile notice |",
-        "|---|---:|---:|---:|---:|---:|:---:|",
+        f"| process | to end of step 1 (median) | spread | import + model | step 1 | step 2 (ms) "
+        f"| kernels from | to end of step {steps} | compile notice |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
-    for label, kind in rows:
-        rs = results[kind]
-        total = [r["total"] for r in rs]
-        med, spread = _fmt(total).split(" | ")
+    for label, kind in ROWS:
+        rs = results.get(kind) or []
+        if not rs:
+            continue
+        med, spread = _fmt([r["total"] for r in rs]).split(" | ")
         notice = sum(r["notice"] for r in rs)
         lines.append(
-            f"| {label} | {med} | {spread} | {statistics.median(r['setup'] for r in rs):.2f} "
-            f"| {statistics.median(r['step1'] for r in rs):.2f} "
-            f"| {1e3 * statistics.median(r['step2'] for r in rs):.1f} "
-            f"| {notice}/{len(rs)} |"
+            f"| {label} | {med} | {spread} | {_med(rs, 'setup')} | {_med(rs, 'step1')} "
+            f"| {_med(rs, 'step2', 1e3)} | {_med(rs, 'kernels') if kind != 'torch' else '-'} "
+            f"| {_med(rs, 'total_n')} | {notice}/{len(rs)} |"
         )
     if torch_ok:
-        cold = statistics.median(r["total"] for r in results["cold"])
-        warm = statistics.median(r["total"] for r in results["warm"])
         tt = statistics.median(r["total"] for r in results["torch"])
+        tn = statistics.median(r["total_n"] for r in results["torch"])
+        parts = [
+            f"{kind} {statistics.median(r['total'] for r in results[kind]) / tt:.2f}x"
+            for _, kind in ROWS[:3]
+        ]
+        parts_n = [
+            f"{kind} {statistics.median(r['total_n'] for r in results[kind]) / tn:.2f}x"
+            for _, kind in ROWS[:3]
+        ]
         lines += [
             "",
-            f"Ratios to PyTorch's first step: cold {cold / tt:.2f}x, warm caches {warm / tt:.2f}x.",
+            f"Ratios to PyTorch, to the end of step 1: {', '.join(parts)}; to the end of step "
+            f"{steps}: {', '.join(parts_n)}.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -232,37 +289,55 @@ def table(results: dict[str, list[dict]], rounds: int, torch_ok: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200, help="steps per process (default 200)")
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error(f"--steps must be >= 2; got {args.steps}")
     if args.child:
-        child(args.child)
+        child(args.child, args.steps)
         return 0
     import importlib.util
 
     torch_ok = not args.no_torch and importlib.util.find_spec("torch") is not None
-    results: dict[str, list[dict]] = {"cold": [], "warm": [], "torch": []}
+    results: dict[str, list[dict]] = {kind: [] for _, kind in ROWS}
     for i in range(args.rounds):
-        with tempfile.TemporaryDirectory() as numba_dir, tempfile.TemporaryDirectory() as fc_dir:
+        with (
+            tempfile.TemporaryDirectory() as numba_dir,
+            tempfile.TemporaryDirectory() as fc_dir,
+            tempfile.TemporaryDirectory() as numba_off,
+            tempfile.TemporaryDirectory() as fc_off,
+        ):
             env = dict(os.environ, NUMBA_CACHE_DIR=numba_dir, FASTCONV_CACHE_DIR=fc_dir)
-            kinds = ["cold", "torch", "warm"] if torch_ok else ["cold", "warm"]
-            if i % 2 and torch_ok:
-                kinds = ["torch", "cold", "warm"]  # the warm run needs the cold one's caches
+            env.pop("FASTCONV_WARM_START", None)  # the default
+            env_off = dict(
+                env, NUMBA_CACHE_DIR=numba_off, FASTCONV_CACHE_DIR=fc_off, FASTCONV_WARM_START="0"
+            )
+            kinds = ["cold", "cold_off", "torch"] if torch_ok else ["cold", "cold_off"]
+            kinds = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
+            kinds.append("warm")  # the warm run needs the cold one's caches
             for kind in kinds:
-                r = run_child("torch" if kind == "torch" else "fastconv", env)
+                r = run_child(
+                    "torch" if kind == "torch" else "fastconv",
+                    env_off if kind == "cold_off" else env,
+                    args.steps,
+                )
                 results[kind].append(r)
                 print(
-                    f"round {i + 1}/{args.rounds} {kind:5s}: {r['total']:6.2f} s to the end of "
-                    f"step 1 (step 1 {r['step1']:.2f} s)",
+                    f"round {i + 1}/{args.rounds} {kind:8s}: {r['total']:6.2f} s to the end of "
+                    f"step 1, {r['total_n']:6.2f} s to step {args.steps}",
                     file=sys.stderr,
                     flush=True,
                 )
-    md = table(results, args.rounds, torch_ok)
+    md = table(results, args.rounds, args.steps, torch_ok)
     print(md)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(md)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(md)
+        os.replace(tmp, args.out)
     return 0
 
 

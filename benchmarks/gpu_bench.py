@@ -61,6 +61,9 @@ ALGORITHMS = ("direct", "im2col")
 # --------------------------------------------------------------------------- environment
 
 
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
+
+
 def gpu_status() -> tuple[bool, str]:
     """(real GPU usable, why not). Imports numba.cuda."""
     try:

@@ -7,6 +7,7 @@ Each case records GFLOP/s, threads and versions in ``extra_info``; the first cal
 Benchmarks never assert.
 """
 
+import os
 import time
 
 import pytest
@@ -16,6 +17,9 @@ from benchmarks.compare import CONV_LAYERS, conv_case, machine_info
 
 IMPLS = ["reference", "cpu-im2col", "cpu-direct", "torch"]
 INFO = machine_info()
+
+
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
 
 
 def _fns(impl, x, w, b, gy, padding):

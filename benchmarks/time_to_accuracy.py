@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------- recipes
 
 
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
+
+
 def base_recipe() -> dict:
     """fastconv's fast99 recipe (the defaults of ``fastconv train --recipe fast99``)."""
     from fastconv.cli import RECIPES

@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.compare import torch_model  # noqa: E402
 
 
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
+
+
 def epoch_torch(x, y, order, batch_size, warmup):
     import torch
 

@@ -109,6 +109,9 @@ RECIPE_KEYS = (
 # --------------------------------------------------------------------------- recipes
 
 
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
+
+
 def parse_overrides(items: list[str]) -> dict[str, int]:
     """``["nielsen=3", "resnet8=1"]`` -> {"nielsen": 3, "resnet8": 1} (zoo names only)."""
     out: dict[str, int] = {}

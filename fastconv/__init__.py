@@ -211,13 +211,21 @@ def __getattr__(name: str):
 
 
 def wait_for_kernels(timeout: float | None = None) -> bool:
-    """Block until every parallel CPU kernel compiled so far runs its parallel build (with an
-    empty Numba cache, calls run a kernel's serial twin while the parallel one compiles in a
-    background process: ``kernels/cpu/tiers.py``). Benchmarks call it after their warm-up, so
-    they never time a serial build. False on timeout."""
+    """Block until the CPU calls made so far run their compiled kernels at full speed. With an
+    empty Numba cache, calls first run on the NumPy oracle while a background process
+    compiles their kernels (warm start: ``fastconv/_warm.py``), then on a kernel's serial
+    twin while its parallel build compiles in another (``kernels/cpu/tiers.py``); this waits
+    for both. Benchmarks call it after their warm-up, so they never time either. False on
+    timeout."""
+    import time
+
+    from . import _warm
     from .kernels.cpu import tiers
 
-    return tiers.wait(timeout)
+    end = None if timeout is None else time.monotonic() + timeout
+    if not _warm.wait(timeout, idle=True):
+        return False
+    return tiers.wait(None if end is None else max(0.0, end - time.monotonic()))
 
 
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:

@@ -21,16 +21,24 @@ MESSAGE = (
 
 _armed = False
 _said = False
+_stream = None  # where arm() asked notices to go
 _lock = threading.Lock()
 
 
 def arm(stream=None) -> None:
     """Watch the calling thread's compiles from now on (idempotent; never raises)."""
-    global _armed
+    global _armed, _stream
     with _lock:
         if _armed or _said:
             return
-        _armed = True
+        _armed, _stream = True, stream
+    try:
+        from . import _warm
+
+        if _warm.state() == "warming":  # compiling in the background already: say so now
+            say(_warm.NOTICE)
+    except Exception:  # noqa: BLE001
+        pass
     try:
         from numba.core import event
 
@@ -39,16 +47,27 @@ def arm(stream=None) -> None:
         pass
 
 
-def _say(stream) -> None:
+def is_armed() -> bool:
+    """Has the CLI or ``fit`` asked for notices in this process?"""
+    return _armed
+
+
+def say(message: str, stream=None, once: bool = True) -> None:
+    """Print ``message`` on stderr (or the armed stream); with ``once``, only if no notice was
+    printed yet in this process. Never raises."""
     global _said
     with _lock:
-        if _said:
+        if once and _said:
             return
         _said = True
     try:
-        print(MESSAGE, file=stream or sys.stderr, flush=True)
+        print(message, file=stream or _stream or sys.stderr, flush=True)
     except (OSError, ValueError):  # a closed stream
         pass
+
+
+def _say(stream) -> None:
+    say(MESSAGE, stream)
 
 
 def _listener(event):

@@ -231,7 +231,7 @@ def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None
             _deferred[k] = _Deferred(default)
             return default
         d.calls += 1
-        start = d.state == "waiting" and d.calls >= WARM_AT
+        start = d.state == "waiting" and d.calls >= WARM_AT and not _warm_busy()
         if start:
             d.state = "compiling"
         ready = d.state == "compiling" and d.compiled.is_set() and _tiers_idle()
@@ -244,6 +244,14 @@ def choose(k: str, candidates: dict[str, Callable[[], Any]], default: str | None
         best, _ = measure(candidates)  # both compiled by now: milliseconds
         _write(k, best)  # for later processes; this one keeps d.choice (reproducible runs)
     return d.choice
+
+
+def _warm_busy() -> bool:
+    """Is the warm-start worker still compiling (the other candidates among its calls)? Then
+    compiling them here would only do its work twice (``fastconv/_warm.py``)."""
+    from . import _warm
+
+    return _warm.busy()
 
 
 def _tiers_idle() -> bool:

@@ -158,6 +158,11 @@ class DataParallel:
                 "DataParallel: host (CPU) models only for now; got a model on "
                 f"{model.device!r} (CUDA-aware MPI or NCCL would reduce device buffers)"
             )
+        # every rank updates its replica with the same kernels, never one on the oracle
+        # while another has switched to the compiled kernels (warm start: fastconv/_warm.py)
+        from . import _warm
+
+        _warm.disable()
         self.params = [p for p in model.parameters() if p.requires_grad]
         dtypes = {np.dtype(p.dtype) for p in self.params}
         if len(dtypes) > 1:

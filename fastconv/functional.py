@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dispatch, ops, shapes
+from . import _warm, dispatch, ops, shapes
 from .tensor import Tensor
 
 Array = Any  # np.ndarray or a CUDA device array
@@ -946,6 +946,14 @@ def flatten(x: Input, start_dim: int = 1, end_dim: int = -1) -> Any:
 def _run(op: str, backend: str, fn: str, *arrays: Any):
     """The callable implementing ``fn`` for these arrays: the backend module's op (the oracle
     through its in-place adapter in ``ops.UPDATES``)."""
+    if _warm.route(backend, arrays):  # warm start: the oracle, the worker compiles the kernel
+        ref = ops.update_kernel(fn, "reference")
+
+        def update(*args):
+            _warm.offer("update", fn, args)
+            return ref(*args)
+
+        return update
     be = dispatch.choose(op, None, backend, "auto", _on_device(*arrays)).backend
     return ops.update_kernel(fn, be)
 
@@ -1033,7 +1041,12 @@ def sgd_update_many(
     if n == 0:
         return None
     used = bufs if momentum != 0 else [None] * n
-    be = dispatch.choose(op, None, backend, "auto", _on_device(*params, *grads)).backend
+    if _warm.route(backend, params):  # warm start: the oracle, the worker compiles the kernel
+        args = (params, grads, used, lr, momentum, dampening, weight_decay, bool(nesterov), firsts)
+        _warm.offer("update", op, args)
+        be = "reference"
+    else:
+        be = dispatch.choose(op, None, backend, "auto", _on_device(*params, *grads)).backend
     impl = ops.update_kernel(op, be)
     if impl is None:  # the oracle, or a backend without the fused loop: one call per triple
         for p, g, b, f in zip(params, grads, used, firsts, strict=True):

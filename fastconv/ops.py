@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _device, dispatch, reference, shapes
+from . import _device, _warm, dispatch, reference, shapes
 from .tensor import Node, Tensor, is_grad_enabled
 
 Array = Any
@@ -118,7 +118,13 @@ def apply(name: str, args: tuple, params: tuple = (), backend: str = "auto", alg
     op = OPS[name]
     arrays, tensors, needs = _unwrap(args)
     arrays, a = op.check(*arrays, *params, needs is not None)
-    if op.tuned is None:
+    if not op.views and (name, "reference") in KERNELS and _warm.route(backend, arrays):
+        # warm start: the oracle runs this call while a worker compiles its kernels
+        _warm.offer("op", name, arrays, (a._replace(requested=algorithm) if op.tuned else a, needs))
+        be = "reference"
+        if op.tuned is not None:
+            a = a._replace(algorithm="reference", requested=algorithm, backend="reference")
+    elif op.tuned is None:
         be, a = choose(op, arrays, a, backend, algorithm)
     else:  # the candidates run the very call (fusions included), on the CPU
         cpu = KERNELS[(name, "cpu")]

@@ -4,6 +4,11 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Warm start (fastconv/_warm.py) would run a fresh process's first CPU calls on the oracle:
+# every test comparing a CPU kernel to the oracle would then compare the oracle to itself.
+# Off for the whole suite; tests/test_warm.py turns it on in processes of its own.
+os.environ.setdefault("FASTCONV_WARM_START", "0")
+
 # Autotuning must not read or write the user's cache during tests.
 os.environ.setdefault("FASTCONV_CACHE_DIR", tempfile.mkdtemp(prefix="fastconv-test-cache-"))
 

@@ -38,6 +38,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import types as pytypes
 
 from numba import njit
@@ -88,6 +89,7 @@ class Tiered:
         self._nargs = fn.__code__.co_argcount
         self._defaults = fn.__defaults__ or ()
         self._pending: set = set()  # signatures the worker is compiling par for
+        self._looked: dict = {}  # signature -> when the cache was last looked in (warm start)
         self._lock = threading.RLock()
         self._tiered = enabled() and _can_cache(self.par)
         if self._tiered:
@@ -116,6 +118,15 @@ class Tiered:
     def _slow(self, args):
         sig = tuple(self.par.typeof_pyval(a) for a in args)
         with self._lock:
+            if sig not in self._pending and _warm_busy():
+                # the warm-start worker compiles this par (fastconv/_warm.py): load it once
+                # it is in the cache (looked for at most twice a second), ser until then
+                now = time.monotonic()
+                if now - self._looked.get(sig, -1.0) >= 0.5:
+                    self._looked[sig] = now
+                    if self._load(sig):
+                        return self.par(*args)
+                return self.ser(*args)
             if sig not in self._pending:
                 if self._load(sig):
                     return self.par(*args)
@@ -335,9 +346,16 @@ def poll() -> None:
 
 
 def idle() -> bool:
-    """No parallel tier still compiling (after taking in the worker's replies)."""
+    """No parallel tier still compiling (after taking in the worker's replies), here or in
+    the warm-start worker."""
     poll()
-    return not any(k._pending for k in REGISTRY.values())
+    return not any(k._pending for k in REGISTRY.values()) and not _warm_busy()
+
+
+def _warm_busy() -> bool:
+    from ... import _warm
+
+    return _warm.busy()
 
 
 def wait(timeout: float | None = None) -> bool:
