@@ -163,11 +163,15 @@ def _begin() -> None:
 
 def offer(kind: str, name: str, args: tuple, extra: Any = None) -> None:
     """Send one call (``kind`` "op" or "update") to the worker, once per specification. Never
-    raises: a call that cannot be described is simply compiled later, where it runs."""
+    raises: a call that cannot be described ends warming (it and every later call then run
+    the kernels, compiled here where the worker has not compiled them), so that no call stays
+    on the oracle for want of a worker that knows about it."""
     try:
         spec = (kind, name, _describe(args), extra)
         key = pickle.dumps(spec, protocol=4)
     except Exception:  # noqa: BLE001 - an argument that does not pickle
+        with _lock:
+            _finish()
         return
     with _lock:
         if key in _sent or _state != "warming":
@@ -313,12 +317,16 @@ class _Worker:
 
 
 def _after_fork_in_child() -> None:
+    """A fork()ed child shares its parent's pipes but not the reader thread: it forgets the
+    worker, and decides again at its next CPU call (a worker of its own, if still cold)."""
     global _state, _worker, _lock
     if _state == "warming":
-        _state = None  # decided again (and a worker of its own started) at its next call
+        _state = None
     _worker, _lock = None, threading.RLock()
     _sent.clear()
     _pending.clear()
+    _heard[0], _gone[0] = 0, False
+    _blas(False)
 
 
 if hasattr(os, "register_at_fork"):

@@ -335,3 +335,8 @@ def test_cached_sees_the_disk_cache_of_a_fresh_dispatcher(tmp_path, monkeypatch)
     assert not d2.overloads
     assert _warm._cached(d2, sig)
     assert not _warm._cached(d2, (numba.types.int8,))
+
+
+def test_a_call_the_worker_cannot_be_told_about_ends_warming(warming):
+    _warm.offer("update", "sgd_update", (np.ones(2, np.float32), lambda: None))
+    assert _warm.state() == "done" and warming.sent == []
