@@ -41,17 +41,17 @@ BATCH = 64
 # --------------------------------------------------------------------------- the child process
 
 
-def _fastconv_step():
-    """One LeNet-5 SGD step in fastconv; returns a callable running it (kept small: the only
-    place that knows fastconv's training API)."""
+def _fastconv_step(name: str = "lenet5", batch: int = BATCH):
+    """One SGD step of zoo model ``name`` in fastconv; returns a callable running it (kept
+    small: the only place that knows fastconv's training API)."""
     import numpy as np
 
     import fastconv as fc
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH, 1, 28, 28)).astype(np.float32)
-    labels = rng.integers(0, 10, BATCH)
-    model = fc.models.lenet5(rng=0)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, batch)
+    model = fc.models.MODELS[name](rng=0)
     loss_fn = fc.CrossEntropyLoss()
     opt = fc.optim.SGD(model.parameters(), 0.05, momentum=0.9)
 
@@ -95,13 +95,13 @@ def _torch_step():
     return step
 
 
-def child(kind: str, steps: int) -> None:
+def child(kind: str, steps: int, name: str = "lenet5", batch: int = BATCH) -> None:
     t0 = time.perf_counter()
     warm = None
     if kind == "torch":
         step = _torch_step()
     else:
-        step = _fastconv_step()
+        step = _fastconv_step(name, batch)
         try:  # as ``fit`` and the CLI do: a notice on stderr when compiling takes a while
             from fastconv import _jit_notice
 
@@ -116,11 +116,11 @@ def child(kind: str, steps: int) -> None:
     step()
     t2 = time.perf_counter()
     end1 = time.time()
-    step()  # the second step, for scale
-    t3 = time.perf_counter()
     kernels = None  # seconds from t0 to the end of the first step run on the kernels
     if warm is None or warm.state() != "warming":
         kernels = t2 - t0
+    step()  # the second step, for scale
+    t3 = time.perf_counter()
     for _ in range(2, steps):
         was = warm is not None and warm.state() == "warming"
         step()
@@ -150,10 +150,11 @@ def child(kind: str, steps: int) -> None:
 # --------------------------------------------------------------------------- the parent
 
 
-def run_child(kind: str, env: dict, steps: int) -> dict:
+def run_child(kind: str, env: dict, steps: int, name: str = "lenet5", batch: int = BATCH) -> dict:
     start = time.time()
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--steps", str(steps)],
+        [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--model", name,
+         "--batch", str(batch)],  # fmt: skip
         env=env,
         capture_output=True,
         text=True,
@@ -234,13 +235,17 @@ ROWS = (
 )
 
 
-def table(results: dict[str, list[dict]], rounds: int, steps: int, torch_ok: bool) -> str:
+def table(
+    results: dict[str, list[dict]], rounds: int, steps: int, torch_ok: bool,
+    name: str = "lenet5", batch: int = BATCH,
+) -> str:  # fmt: skip
     model, isa = cpu_info()
+    extra = "" if (name, batch) == ("lenet5", BATCH) else f" --model {name} --batch {batch}"
     lines = [
-        "# First run: a fresh process to the end of its first LeNet-5 train step",
+        f"# First run: a fresh process to the end of its first {name} train step",
         "",
-        f"`python benchmarks/first_run.py --rounds {rounds} --steps {steps}` at {git_commit()}, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Batch {BATCH}, random data, "
+        f"`python benchmarks/first_run.py --rounds {rounds} --steps {steps}{extra}` at "
+        f"{git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Batch {batch}, random data, "
         "SGD with momentum; each run a new process, timed from its start; kinds alternate "
         f"within each round. Median and spread (min - max) of {rounds} rounds, in seconds. "
         "Cold: empty Numba and autotune caches. With warm start, a cold process runs its "
@@ -290,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=200, help="steps per process (default 200)")
+    ap.add_argument("--model", default="lenet5", help="zoo model (default lenet5; PyTorch's "
+                    "twin runs for lenet5 only)")
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -297,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2:
         ap.error(f"--steps must be >= 2; got {args.steps}")
     if args.child:
-        child(args.child, args.steps)
+        child(args.child, args.steps, args.model, args.batch)
         return 0
+    from fastconv import models  # the parent only checks the name (no kernel runs here)
+
+    if args.model not in models.MODELS:
+        ap.error(f"--model: one of {sorted(models.MODELS)}; got {args.model!r}")
     import importlib.util
 
     torch_ok = not args.no_torch and importlib.util.find_spec("torch") is not None
+    torch_ok = torch_ok and (args.model, args.batch) == ("lenet5", BATCH)  # its twin is LeNet-5's
     results: dict[str, list[dict]] = {kind: [] for _, kind in ROWS}
     for i in range(args.rounds):
         with (
@@ -323,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch" if kind == "torch" else "fastconv",
                     env_off if kind == "cold_off" else env,
                     args.steps,
+                    args.model,
+                    args.batch,
                 )
                 results[kind].append(r)
                 print(
@@ -331,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    md = table(results, args.rounds, args.steps, torch_ok)
+    md = table(results, args.rounds, args.steps, torch_ok, args.model, args.batch)
     print(md)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ that: Numba's cache beside the sources or in ``NUMBA_CACHE_DIR``). Without a wor
 training step that takes many seconds looks like a hang. ``arm()`` is called once before the
 first step (``fastconv train``, ``training.fit``); if a compile started on that thread is still
 running ``DELAY`` seconds after the first one began, the notice is printed, once per process.
-Compiles on other threads (the autotuner's background warm-up) do not count.
+Compiles on other threads (the autotuner's background warm-up) do not count. With warm start
+(``_warm.py``: the first steps on the oracle while a background process compiles), the line
+says that instead, when warming begins, and a second line says when the kernels take over.
 """
 
 from __future__ import annotations

@@ -48,13 +48,14 @@ class _FakeWorker:
 def warming(monkeypatch):
     """This process warming, with a stand-in worker; everything put back afterwards."""
     saved = (_warm._state, _warm._worker, set(_warm._sent), set(_warm._pending))
-    saved += (list(_warm._heard), list(_warm._gone))
+    saved += (list(_warm._heard), list(_warm._gone), list(_warm._first))
     w = _FakeWorker()
     monkeypatch.delenv("FASTCONV_BACKEND", raising=False)
     _warm._state, _warm._worker = "warming", w
     _warm._sent.clear()
     _warm._pending.clear()
     _warm._heard[0], _warm._gone[0] = 0, False
+    _warm._first[:] = [None, None, 0]
     try:
         yield w
     finally:
@@ -63,7 +64,7 @@ def warming(monkeypatch):
         _warm._sent.update(saved[2])
         _warm._pending.clear()
         _warm._pending.update(saved[3])
-        _warm._heard[:], _warm._gone[:] = saved[4], saved[5]
+        _warm._heard[:], _warm._gone[:], _warm._first[:] = saved[4], saved[5], saved[6]
 
 
 def _backend_module(t: fc.Tensor):
@@ -71,7 +72,7 @@ def _backend_module(t: fc.Tensor):
 
 
 def _specs(w: _FakeWorker) -> list[tuple]:
-    return [pickle.loads(k) for k in w.sent]
+    return [pickle.loads(k) for k in w.sent if isinstance(k, bytes)]
 
 
 # --------------------------------------------------------------------------- specifications
@@ -340,3 +341,19 @@ def test_cached_sees_the_disk_cache_of_a_fresh_dispatcher(tmp_path, monkeypatch)
 def test_a_call_the_worker_cannot_be_told_about_ends_warming(warming):
     _warm.offer("update", "sgd_update", (np.ones(2, np.float32), lambda: None))
     assert _warm.state() == "done" and warming.sent == []
+
+
+def test_a_slow_oracle_step_makes_the_process_compile_too(warming, monkeypatch):
+    x = fc.Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    monkeypatch.setattr(_warm, "ORACLE_STEP_MAX", 1e9)
+    for _ in range(4):  # quick enough steps: still warming
+        fc.relu(x)
+    assert _warm.state() == "warming" and warming.sent[-1] != "reverse"
+    assert _warm._first[1] is None and _warm._first[2] == 2  # judged by its second step
+    _warm._first[:] = [None, None, 0]
+    _warm._sent.clear()
+    monkeypatch.setattr(_warm, "ORACLE_STEP_MAX", 0.0)
+    fc.relu(x)
+    assert _backend_module(fc.relu(x)) is reference  # this call was routed already
+    assert _warm.state() == "done" and warming.sent[-1] == "reverse"
+    assert _backend_module(fc.relu(x)) is fc.dispatch.backend_ops("relu", "cpu")
