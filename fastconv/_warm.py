@@ -490,19 +490,23 @@ def _serve() -> None:
                 parent = False
 
     first: list = []  # calls to run as the parent would, before any of ``later``
+
+    def take(m) -> None:
+        nonlocal eof, reverse, received
+        if m is None:
+            eof = True
+        elif m == "reverse":
+            reverse = True
+        else:
+            first.append(m)
+            received += 1
+
     while True:
         while True:  # take in what the parent sent, without waiting
             try:
-                m = inbox.get_nowait()
+                take(inbox.get_nowait())
             except queue.Empty:
                 break
-            if m is None:
-                eof = True
-            elif m == "reverse":
-                reverse = True
-            else:
-                first.append(m)
-                received += 1
         if first:
             key = first.pop() if reverse else first.pop(0)
             try:
@@ -524,14 +528,7 @@ def _serve() -> None:
             if received != said_idle:
                 say("idle", received)
                 said_idle = received
-            m = inbox.get()
-            if m is None:
-                eof = True
-            elif m == "reverse":
-                reverse = True
-            else:
-                first.append(m)
-                received += 1
+            take(inbox.get())
 
 
 def _debug() -> None:
