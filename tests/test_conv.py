@@ -182,6 +182,35 @@ def test_conv2d_fused_pool_ties_and_nan(algorithm):
     np.testing.assert_array_equal(bt.grad, [1.0])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf * 0 in grad_w, as NumPy
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_fused_pool_special_values(algorithm, dtype):
+    """2x2 windows of every mix of NaN, +-inf, signed zeros, ties and numbers (an identity 1x1
+    convolution, so the pooled values are the input's): the fused op's output equals the
+    oracle's relu + max_pool2d bit for bit (which NaN, which zero), and its gradient goes to
+    the window's first maximum where that maximum is > 0."""
+    rng = np.random.default_rng(11)
+    special = np.array([np.nan, -np.inf, -1.5, -0.0, 0.0, 2.0, 2.0, np.inf])
+    x = rng.choice(special, size=(2, 1, 6, 40)).astype(dtype)
+    w = np.ones((1, 1, 1, 1), dtype)
+    b = np.zeros(1, dtype)
+    xt, wt, bt = (fc.Tensor(a, requires_grad=True) for a in (x, w, b))
+    y = fc.conv2d_relu_maxpool(xt, wt, bt, pool=2, backend="cpu", algorithm=algorithm)
+    z = reference.relu(x.astype(np.float64))
+    want = reference.max_pool2d(z, 2)
+    assert y.numpy().dtype == dtype
+    np.testing.assert_array_equal(np.isnan(y.numpy()), np.isnan(want))
+    same = ~np.isnan(want)
+    np.testing.assert_array_equal(y.numpy()[same], want[same].astype(dtype))
+    np.testing.assert_array_equal(np.signbit(y.numpy()[same]), np.signbit(want[same]))
+    gy = rng.standard_normal(y.shape)
+    y.backward(gy.astype(dtype))
+    gz = reference.max_pool2d_backward(gy, z, 2)
+    expected = np.where(z > 0, gz, 0.0)
+    np.testing.assert_array_equal(xt.grad, expected.astype(dtype))
+
+
 def test_conv2d_fused_pool_reference_backend():
     """The oracle backend runs the fused op as its three ops, its backward from the op's
     context included."""

@@ -187,3 +187,32 @@ def test_max_pool_saved_argmax_matches_oracle(name, dtype):
     x2 = rng.standard_normal(x.shape).astype(dtype)
     (gx2,) = node.backward(gy, node.ctx._replace(x=x2), node.needs)
     assert_close(gx2, reference.max_pool2d_backward(gy, x2, **p), dtype)
+
+
+SPECIAL = [np.nan, -np.inf, -1.5, -0.0, 0.0, 2.0, np.inf]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_first_max_and_pick_follow_the_scan_rule(dtype):
+    """The jump-free first-maximum step (kernels' ``first_max`` + ``pick``) against the rule
+    written out in Python, on every pair of special values: v is taken when v > best, or v is
+    NaN and best is not; the kept value is bit for bit the one taken (signed zeros, which NaN)."""
+    from numba import njit, uint64
+
+    from fastconv.kernels.cpu._common import first_max, pick
+
+    @njit
+    def step(v, best, i, bi):
+        m, t = first_max(v, best)
+        i32 = pick(t, np.int32(i), np.int32(bi))
+        return m, t, pick(t, i, bi), pick(t, uint64(i), uint64(bi)), i32
+
+    for v in SPECIAL:
+        for best in SPECIAL:
+            v_, b_ = dtype(v), dtype(best)
+            taken = bool(v_ > b_ or (np.isnan(v_) and not np.isnan(b_)))
+            m, t, i64, u64, i32 = step(v_, b_, 7, 3)
+            want = v_ if taken else b_
+            assert t == taken, (v, best)
+            assert np.array(m, dtype).tobytes() == np.array(want, dtype).tobytes(), (v, best)
+            assert (i64, u64, i32) == ((7, 7, 7) if taken else (3, 3, 3)), (v, best)
