@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent.parent
 CONFIGS = [(m, b) for m in ("lenet5", "mnist_cnn", "nielsen") for b in (1, 64, 256)]
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
+os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
 import numpy as np
 import fastconv as fc
 name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -39,7 +40,6 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
 y = rng.integers(0, 10, batch)
 new = hasattr(fc, "Tensor")
-os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
 
 
 def step():

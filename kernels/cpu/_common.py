@@ -77,9 +77,11 @@ def first_max(v, best):
 
 @njit(inline="always", cache=True)
 def pick(t, a, b):
-    """``a if t else b`` for integers by arithmetic (t a bool; a, b one integer type): no jump
-    and no cmov the compiler may turn back into one. Unsigned wrap-around cancels exactly."""
-    return b + (a - b) * type(b)(t)
+    """``a if t else b`` for integers by bit masks (t a bool; a, b one integer type): no jump,
+    no cmov the compiler may turn back into one, and no 64-bit multiply (AVX2 has none, so it
+    would keep a loop from being vectorised)."""
+    mask = type(b)(0) - type(b)(t)  # all ones when t
+    return b ^ ((a ^ b) & mask)
 
 
 def sum_parts(parts):

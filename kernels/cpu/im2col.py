@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from ._common import FASTMATH, U, first_max, pick, select, valid_range
-from .pool import _take
+from .pool import _take_jumpless
 
 
 @njit(nogil=True, cache=True)
@@ -198,6 +198,6 @@ def pool_planes(af, a0, ks, rs, b, k0, nk, of, o0, code, c0, PH, PW, KH, KW, rel
                         v = af[r + U(i * rs + j)] + bk
                         if relu:
                             v = select(v < 0, zero, v)
-                        best, bi = _take(v, i * KW + j, best, bi)
+                        best, bi = _take_jumpless(v, i * KW + j, best, bi)
                 of[dst + orow + U(pw)] = best
                 code[cdst + orow + U(pw)] = bi
