@@ -216,3 +216,36 @@ def test_first_max_and_pick_follow_the_scan_rule(dtype):
             assert t == taken, (v, best)
             assert np.array(m, dtype).tobytes() == np.array(want, dtype).tobytes(), (v, best)
             assert (i64, u64, i32) == ((7, 7, 7) if taken else (3, 3, 3)), (v, best)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, k, s, p, ceil",
+    [
+        ((2, 3, 14, 14), 3, 1, 1, False),  # inception_mini's pool branch
+        ((1, 2, 9, 11), 3, 2, 1, True),  # clipped windows on every edge
+        ((2, 1, 7, 5), (2, 3), (1, 2), (1, 0), False),
+        ((1, 2, 4, 4), 4, 1, 2, True),  # windows wider than the interior
+    ],
+)
+def test_max_pool_general_windows_on_the_tape(dtype, shape, k, s, p, ceil):
+    """The separable general-window kernel through the tape (the forward pass keeps each
+    window's argmax, the backward pass scatters to it): values bit for bit the oracle's on
+    inputs full of NaN, +-inf, signed zeros and ties, gradients at the first maximum."""
+    rng = np.random.default_rng(5)
+    special = np.array([np.nan, -np.inf, -1.0, -0.0, 0.0, 0.5, 0.5, 2.0, np.inf])
+    x = rng.choice(special, size=shape).astype(dtype)
+    x[0, 0] = rng.standard_normal(shape[2:])  # one plane of plain numbers
+    xt = fc.Tensor(x, requires_grad=True)
+    y = fc.max_pool2d(xt, k, s, p, ceil_mode=ceil, backend="cpu")
+    want = reference.max_pool2d(x.astype(np.float64), k, s, p, ceil_mode=ceil)
+    got = y.numpy()
+    assert got.shape == want.shape and got.dtype == dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    same = ~np.isnan(want)
+    np.testing.assert_array_equal(got[same], want[same].astype(dtype))
+    np.testing.assert_array_equal(np.signbit(got[same]), np.signbit(want[same]))
+    gy = rng.standard_normal(want.shape)
+    y.backward(gy.astype(dtype))
+    expected = reference.max_pool2d_backward(gy, x.astype(np.float64), k, s, p, ceil_mode=ceil)
+    np.testing.assert_allclose(xt.grad, expected, rtol=1e-6, atol=1e-6)

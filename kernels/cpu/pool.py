@@ -64,26 +64,76 @@ def _argmax(xf, base, W, r0, r1, c0, c1):
     return best, bi
 
 
+# Planes per work item of the general max pooling (one scratch allocation each).
+POOL_PLANES_PER_ITEM = 16
+
+
 @parallel_njit()
 def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
     """y (N, C, OH, OW); when ``idx`` has y's size, each window's argmax (flat index into x)
-    is written there too, for a backward pass that then need not search again."""
+    is written there too, for a backward pass that then need not search again.
+
+    Separable: first each input row's first maximum over every window's columns (value and
+    column), then each window's first maximum over its rows of those. The row-major first
+    maximum of a window is the first maximum of the first row holding the window's maximum
+    (a NaN beats numbers; ties keep the earlier), so this is the direct scan's result, bit for
+    bit, with KH + KW comparisons an output instead of KH * KW, in loops over outputs without
+    jumps (``_take_jumpless``). 3x3 stride-1 pooling, AVX2, 2 threads, random data: (128, 32,
+    14, 14) 16.5 -> 9.5 ms, (128, 112, 7, 7) 14.3 -> 11.0 ms against one jumpless scan per
+    window; 3x3 stride 2 of (128, 64, 24, 24) level (11 ms)."""
     N, C, H, W = x.shape
     y = np.empty((N, C, OH, OW), dtype=x.dtype)
     keep = idx.size == y.size
     xf = x.ravel()
     yf = y.ravel()
-    for nc in prange(N * C):
-        base = U(nc * H * W)
-        for oh in range(OH):
-            r0, r1, _ = _window(oh, sh, ph, KH, H)
-            for ow in range(OW):
-                c0, c1, _ = _window(ow, sw, pw, KW, W)
-                best, bi = _argmax(xf, base, W, r0, r1, c0, c1)
-                o = U((nc * OH + oh) * OW + ow)
-                yf[o] = best
+    planes = N * C
+    items = -(-planes // POOL_PLANES_PER_ITEM)
+    # the output columns whose windows lie inside the row: ow*sw - pw >= 0, ow*sw - pw + KW <= W
+    q0 = min(OW, -(-pw // sw))
+    q1 = max(q0, min(OW, (W - KW + pw) // sw + 1))
+    for item in prange(items):
+        hv = np.empty(H * OW, x.dtype)  # row r's maximum over window ow's columns
+        hc = np.empty(H * OW, np.int64)  # ... and its column
+        vi = np.empty(OW, np.int64)  # a row of windows' argmax (row * W + column)
+        p0 = item * POOL_PLANES_PER_ITEM
+        for nc in range(p0, min(planes, p0 + POOL_PLANES_PER_ITEM)):
+            base = U(nc * H * W)
+            for r in range(H):
+                row, o = base + U(r * W), U(r * OW)
+                for ow in range(OW):  # edge windows, clipped (and the interior's first column)
+                    if ow >= q0 and ow < q1:
+                        c = ow * sw - pw
+                        hv[o + U(ow)] = xf[row + U(c)]
+                        hc[o + U(ow)] = c
+                        continue
+                    c0, c1, _ = _window(ow, sw, pw, KW, W)
+                    best, bc = xf[row + U(c0)], c0
+                    for c in range(c0 + 1, c1):
+                        best, bc = _take_jumpless(xf[row + U(c)], c, best, bc)
+                    hv[o + U(ow)] = best
+                    hc[o + U(ow)] = bc
+                for j in range(1, KW):  # interior windows: column j of every window at once
+                    for ow in range(q0, q1):
+                        c = ow * sw - pw + j
+                        best, bc = _take_jumpless(xf[row + U(c)], c, hv[o + U(ow)], hc[o + U(ow)])
+                        hv[o + U(ow)] = best
+                        hc[o + U(ow)] = bc
+            for oh in range(OH):  # each window's first maximum over its rows' maxima
+                r0, r1, _ = _window(oh, sh, ph, KH, H)
+                d, a = U((nc * OH + oh) * OW), U(r0 * OW)
+                for ow in range(OW):
+                    yf[d + U(ow)] = hv[a + U(ow)]
+                    vi[ow] = r0 * W + hc[a + U(ow)]
+                for r in range(r0 + 1, r1):
+                    a = U(r * OW)
+                    for ow in range(OW):
+                        v, i = hv[a + U(ow)], r * W + hc[a + U(ow)]
+                        best, bi = _take_jumpless(v, i, yf[d + U(ow)], vi[ow])
+                        yf[d + U(ow)] = best
+                        vi[ow] = bi
                 if keep:
-                    idx[o] = bi
+                    for ow in range(OW):
+                        idx[d + U(ow)] = base + U(vi[ow])
     return y
 
 
