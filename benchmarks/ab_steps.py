@@ -9,6 +9,9 @@ Never asserts.
 
     python benchmarks/ab_steps.py --base /tmp/base --rounds 5 [--out benchmarks/results/ab.md]
 
+``--configs``: comma-separated NAME:BATCH or NAME:BATCH:OPTIMIZER (sgd, the default: SGD with
+momentum 0.9; adam: Adam at lr 1e-3).
+
 ``--base``: a checkout of the other commit (``git worktree add /tmp/base d570b64``), importable
 with ``PYTHONPATH=<base>`` (a ``fastconv/kernels`` link to ``kernels`` is made if missing).
 """
@@ -34,7 +37,10 @@ import numpy as np
 import fastconv as fc
 name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = fc.models.get(name, rng=0)
-opt = fc.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+if sys.argv[4] == "adam":
+    opt = fc.optim.Adam(model.parameters(), lr=1e-3)
+else:
+    opt = fc.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 loss_fn = fc.CrossEntropyLoss()
 rng = np.random.default_rng(0)
 x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
@@ -131,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     link = a.base / "fastconv" / "kernels"
     if not link.exists():
         link.symlink_to(a.base / "kernels")
-    configs = [(c.split(":")[0], c.split(":")[1]) for c in a.configs.split(",")]
+    configs = [tuple((c + ":sgd").split(":")[:3]) for c in a.configs.split(",")]
     sides = {"this": HERE, "base": a.base}
     res: dict = {(c, s): [] for c in configs for s in sides}
     for r in range(a.rounds):
         for c in configs:
             order = list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]
             for s, path in order:
-                res[(c, s)].append(run(path, CHILD, [c[0], c[1], str(a.steps)])["median_ms"])
+                res[(c, s)].append(run(path, CHILD, [c[0], c[1], str(a.steps), c[2]])["median_ms"])
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     tape = run(HERE, TAPE, [])
     lines = [
@@ -147,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         f" {a.rounds} alternating rounds x {a.steps} steps (median of each process; the table"
         " gives the median over rounds and the range).",
         "",
-        "| network | batch | this (ms) | base (ms) | this / base |",
-        "|---|---:|---:|---:|---:|",
+        "| network | batch | optimizer | this (ms) | base (ms) | this / base |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     for c in configs:
         t, b = res[(c, "this")], res[(c, "base")]
         ratios = [x / y for x, y in zip(t, b)]
         lines.append(
-            f"| {c[0]} | {c[1]} | {statistics.median(t):.3f} ({min(t):.3f}-{max(t):.3f}) | "
+            f"| {c[0]} | {c[1]} | {c[2]} | {statistics.median(t):.3f} "
+            f"({min(t):.3f}-{max(t):.3f}) | "
             f"{statistics.median(b):.3f} ({min(b):.3f}-{max(b):.3f}) | "
             f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
         )

@@ -1,9 +1,10 @@
 """Measured algorithm choice for ``algorithm="auto"``, cached on disk.
 
-A CPU convolution of a given (op, geometry, dtype, threads) has two candidate algorithms. The
-fastest, timed on the call's own inputs, is remembered: in a JSON file in the user cache
-directory, so later processes use it at once. ``dispatch.select`` stays pure: it is handed the
-remembered choice as a value.
+A CPU convolution of a given (op, geometry, dtype, threads) has two candidate algorithms (a
+backward pass asked for grad_x and grad_w has four: either algorithm, or grad_x by one and
+grad_w by the other, ``dispatch.PAIRS``). The fastest, timed on the call's own inputs, is
+remembered: in a JSON file in the user cache directory, so later processes use it at once.
+``dispatch.select`` stays pure: it is handed the remembered choice as a value.
 
 When nothing is remembered yet, the first call does not wait for the measurement: timing both
 candidates means compiling both first, which took ~20 s of a fresh install's first LeNet-5

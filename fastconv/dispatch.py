@@ -38,6 +38,8 @@ from . import autotune
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 ALGORITHMS = ("auto", "im2col", "direct")
+# A backward pass's tuned choice may also be a pair: grad_x by the first, grad_w by the second.
+PAIRS = ("im2col+direct", "direct+im2col")
 CONV_OPS = (
     "conv2d",
     "conv2d_backward",
@@ -56,7 +58,8 @@ _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 
 class Choice(NamedTuple):
     backend: str  # "reference" | "cpu" | "cuda"
-    algorithm: str  # "im2col" | "direct" for conv ops; "direct" for pooling; "reference";
+    algorithm: str  # "im2col" | "direct" for conv ops (or one of PAIRS, tuned backward
+    # passes); "direct" for pooling; "reference";
     # "auto" only when tuning is on and nothing is remembered: the caller measures the candidates
 
 
@@ -167,13 +170,16 @@ def choose(
     dtype: Any = None,
     candidates: Callable[[str], Callable[[], Any]] | None = None,
     variant: str = "",
+    pairs: bool = False,
 ) -> Choice:
     """``select`` with the live environment, context and autotune cache filled in.
 
     For CPU convolutions with ``algorithm="auto"`` and nothing remembered, ``candidates(algo)``
     gives a zero-argument call running that algorithm on this call's inputs; they are timed once
     and the winner is remembered (``fastconv.autotune``) under the op, ``variant`` (e.g. which
-    gradients are asked for), geometry, dtype and thread count.
+    gradients are asked for), geometry, dtype and thread count. With ``pairs`` (a backward
+    pass asked for grad_x and grad_w) the candidates include ``PAIRS``: grad_x by one
+    algorithm, grad_w and grad_b by the other (``kernels/cpu/ops.py``).
     """
     tune = candidates is not None and op in CONV_OPS and autotune.enabled()
     k = autotune.key(op + variant, geom, dtype) if tune else None
@@ -189,7 +195,7 @@ def choose(
         autotune=tune,
     )
     if c.algorithm == "auto":
-        cands = {a: candidates(a) for a in ("im2col", "direct")}
+        cands = {a: candidates(a) for a in ("im2col", "direct") + (PAIRS if pairs else ())}
         best = autotune.choose(k, cands, default=cpu_conv_algorithm(geom, op))
         return Choice(c.backend, best)
     return c

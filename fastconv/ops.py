@@ -229,6 +229,7 @@ def _bwd_algorithm(m, gy, ctx, needs, variant, run):
         gy.dtype,
         lambda algo: lambda: run(algo),
         variant=f"{tuple(bool(n) for n in needs)}{variant}",
+        pairs=bool(needs[0]) and (bool(needs[1]) or bool(needs[2])),
     )
     return c.algorithm
 

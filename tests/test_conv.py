@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
-from fastconv import reference, shapes
+from fastconv import dispatch, reference, shapes
 from tests.helpers import DTYPES, assert_close, check_op
 from tests.strategies import arrays, conv_configs
 
@@ -160,6 +160,58 @@ def test_conv2d_fused_pool_lenet_shapes(algorithm, dtype):
     for xs, ws, pad in [((5, 1, 28, 28), (6, 1, 5, 5), 2), ((5, 6, 14, 14), (16, 6, 5, 5), 0)]:
         x, w, b = arrays(rng, dtype, xs, ws, (ws[0],))
         _check_pool(x, w, b, {"padding": pad}, 2, algorithm)
+
+
+def _remember_pair(mp, pair, tmp):
+    """Make the autotuner remember ``pair`` (grad_x by one algorithm, grad_w and grad_b by
+    the other) for every backward pass asked for grad_x and grad_w, as a cache entry would:
+    the tape's ``algorithm="auto"`` then runs the pair."""
+    from fastconv import autotune
+
+    mp.setenv("FASTCONV_CACHE_DIR", str(tmp))
+    mp.setenv("FASTCONV_AUTOTUNE", "1")
+    real = autotune.lookup
+    mp.setattr(autotune, "lookup", lambda k: pair if "conv2d_backward(True, True" in k else real(k))
+
+
+@pytest.mark.parametrize("pair", dispatch.PAIRS)
+@given(
+    cfg=conv_configs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+)
+def test_backward_pairs_on_the_tape(pair, cfg, dtype, seed, k, tmp_path_factory):
+    """A tuned pair of algorithms (dispatch.PAIRS) on the tape: conv2d's and the fused
+    conv + ReLU + max-pool's gradients the oracle's, with grad_x from one algorithm and
+    grad_w, grad_b from the other."""
+    from fastconv.kernels.cpu import ops as cpu_ops
+
+    rng = np.random.default_rng(seed)
+    x, w, b = arrays(rng, dtype, cfg["x_shape"], cfg["w_shape"], (cfg["w_shape"][0],))
+    p = _params(cfg)
+    g = shapes.conv2d_geometry("test", x.shape, w.shape, **p)
+    k = (min(k[0], g.OH), min(k[1], g.OW))
+    ran = []
+    real_split = cpu_ops._split_backward
+
+    def spy(backward, algorithm, *args):
+        ran.append(algorithm)
+        return real_split(backward, algorithm, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        _remember_pair(mp, pair, tmp_path_factory.mktemp("tune"))
+        mp.setattr(cpu_ops, "_split_backward", spy)
+        kw = dict(**p, backend="cpu", algorithm="auto")
+        check_op(
+            lambda x, w, b: fc.conv2d(x, w, b, **kw),
+            lambda x, w, b: reference.conv2d(x, w, b, **p),
+            (x, w, b),
+            grads=lambda gy, x, w, b: tape_grads(fc.conv2d, gy, x, w, b, **kw),
+            expected_grads=lambda gy, x, w, b: reference.conv2d_backward(gy, x, w, **p),
+        )
+        _check_pool(x, w, b, p, k, "auto")
+    assert ran == [pair, pair]  # each backward ran the pair
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)

@@ -176,7 +176,7 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     """A fused conv + ReLU + max-pool is tuned as such, forward and backward: its own keys
     (the fusion in them), candidates that run the fused op, and the timed backward
     candidates leave the op's context alone; the candidates are called in turns."""
-    from fastconv import autotune
+    from fastconv import autotune, dispatch
 
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "eager")
     order, rounds = [], []
@@ -202,10 +202,11 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
     y.backward(gy, retain_graph=True)  # keep the context to look at below
     keys = sorted(autotune._read(autotune.cache_path()))
     assert len(keys) == 2 and all("+relu+pool2x2" in k for k in keys), keys
-    assert rounds == [["direct", "im2col"]] * 2
-    # warm-up calls first, then the two candidates alternate
-    per_op = len(order) // 2
-    assert order[:per_op] == ["im2col", "direct"] * (per_op // 2)
+    pairs = sorted(dispatch.PAIRS)  # the backward of grad_x and grad_w: the pairs as well
+    assert rounds == [["direct", "im2col"], sorted(["direct", "im2col", *pairs])]
+    # warm-up calls first, then the candidates in turns: 1 + 7 calls each
+    assert order[:16] == ["im2col", "direct"] * 8
+    assert order[16:] == ["im2col", "direct", *dispatch.PAIRS] * 8
     assert y._node.ctx.scratch["pool"][0] is y.data  # the op's context holds its own call
 
 

@@ -184,6 +184,92 @@ def test_sgd_update_one_pass_matches_the_oracle():
             assert_close(bb, eb, dtype)
 
 
+def _update_cases(dtype, n, seed):
+    """(name, run(arrays, backend), oracle(arrays), arrays) for each optimizer update, on flat
+    arrays of n elements (one of them a second, later step)."""
+    rng = np.random.default_rng(seed)
+
+    def arrays(k):
+        a = [rng.standard_normal(n).astype(dtype) for _ in range(k)]
+        a[2] = np.abs(a[2]) + dtype(0.5)  # square averages / sums: positive
+        if k == 5:  # RMSprop's grad_avg: its square well below square_avg (no cancellation)
+            a[3] *= dtype(0.1)
+        return a
+
+    F = fc.functional
+    return [
+        (
+            "sgd",
+            lambda a, be: F.sgd_update(a[0], a[1], a[2], 0.05, 0.9, 0.1, 1e-2, False, False,
+                                       backend=be),
+            lambda a: reference.sgd_update(a[0], a[1], a[2], 0.05, 0.9, 0.1, 1e-2, False, False),
+            arrays(3),
+        ),
+        (
+            "sgd nesterov",
+            lambda a, be: F.sgd_update(a[0], a[1], a[2], 0.05, 0.9, 0.0, 0.0, True, False,
+                                       backend=be),
+            lambda a: reference.sgd_update(a[0], a[1], a[2], 0.05, 0.9, 0.0, 0.0, True, False),
+            arrays(3),
+        ),
+        (
+            "adam",
+            lambda a, be: F.adam_update(*a, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 3, backend=be),
+            lambda a: reference.adam_update(*a, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 3),
+            arrays(4),
+        ),
+        (
+            "rmsprop centered momentum",
+            lambda a, be: F.rmsprop_update(*a, 1e-2, 0.99, 1e-8, 1e-2, 0.9, True, backend=be),
+            lambda a: reference.rmsprop_update(*a, 1e-2, 0.99, 1e-8, 1e-2, 0.9, True),
+            arrays(5),
+        ),
+        (
+            "rmsprop",
+            lambda a, be: F.rmsprop_update(*a[:3], None, None, 1e-2, 0.99, 1e-8, 0.0, 0.0, False,
+                                           backend=be),
+            lambda a: reference.rmsprop_update(*a[:3], None, None, 1e-2, 0.99, 1e-8, 0.0, 0.0,
+                                               False),
+            arrays(3),
+        ),
+        (
+            "adagrad",
+            lambda a, be: F.adagrad_update(*a, 0.1, 0.01, 1e-2, 1e-10, 4, backend=be),
+            lambda a: reference.adagrad_update(*a, 0.1, 0.01, 1e-2, 1e-10, 4),
+            arrays(3),
+        ),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_updates_in_parallel_spans_match_the_oracle(dtype, monkeypatch):
+    """Parameters of OPT_PARALLEL_MIN elements or more update span by span on Numba's threads
+    (a size no span count divides): each array the oracle's, and bit for bit what one serial
+    pass over the whole array gives (the split never changes a value)."""
+    from fastconv.kernels.cpu import nn
+
+    n = 2 * nn.OPT_SPAN + 1237
+    assert n >= nn.OPT_PARALLEL_MIN
+    serial_bits = {}
+    for parallel in (True, False):
+        if not parallel:  # the same updates as one serial call each
+            monkeypatch.setattr(nn, "OPT_PARALLEL_MIN", 1 << 62)
+        for name, run, oracle, arrays in _update_cases(dtype, n, seed=8):
+            expect = oracle(arrays)
+            got = [a.copy() for a in arrays]
+            run(got, "cpu")
+            updated = [got[0]] + got[2:]  # p and the state; grad is read only
+            for i, (a, e) in enumerate(zip(updated, expect)):
+                if e is not None:
+                    assert_close(a, e, dtype, f"{name}: array {i}")
+            np.testing.assert_array_equal(got[1], arrays[1])
+            if parallel:
+                serial_bits[name] = got
+            else:
+                for a, b in zip(got, serial_bits[name]):
+                    np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_malloc_tuning_can_be_switched_off():
     """The import-time malloc thresholds (fastconv/__init__.py) change speed, never results."""
     import subprocess

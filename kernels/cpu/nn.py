@@ -5,8 +5,8 @@ Same contract as ``ops.py``: inputs are validated by ``fastconv.functional`` (C-
 native float32/float64, same dtype, shapes checked); results come back in the input dtype. The
 CUDA backend (``kernels/cuda/ops.py``) implements the same names with the same signatures.
 
-These ops are memory-bound one-pass loops, so NumPy's vectorised ufuncs already run them at
-memory speed; only the GEMMs in ``linear`` do real arithmetic, and those go to BLAS.
+These ops are memory-bound one-pass loops, NumPy ufuncs or fused compiled loops; only the
+GEMMs in ``linear`` do real arithmetic, and those go to BLAS.
 
 Notation: x / y (any shape) for elementwise ops; linear x (N, F), w (O, F), b (O,), y (N, O);
 batch norm x (N, C, H, W) with per-channel statistics over M = N*H*W values.
@@ -580,6 +580,26 @@ def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb, y, gr):
 
 
 # --------------------------------------------------------------------------- optimizer updates
+# One fused pass over each parameter and its state (NumPy's spelling of Adam made ten passes
+# and five temporaries), in the parameter's dtype, each operation rounded as NumPy rounds it
+# (the scalars are cast to the dtype first, as PyTorch does). Parameters of OPT_PARALLEL_MIN
+# elements or more are cut into spans of OPT_SPAN elements, updated by a ``prange`` over the
+# spans: an update is a few streams through memory, which one core does not saturate, and
+# Numba's threads are the ones the step's other kernels ran on (fastconv's Python threads
+# measured slower here: they competed with those threads still spinning after the backward
+# pass). Each span runs the serial kernel, so the split never changes a bit.
+
+OPT_SPAN = 1 << 16  # elements per work item of a parallel update
+OPT_PARALLEL_MIN = 1 << 17  # elements: smaller parameters update on the calling thread
+
+
+def _update(serial, spans, arrays, scalars) -> None:
+    """``serial(*arrays, *scalars)`` over the flat, equally long ``arrays``, or its ``prange``
+    twin ``spans`` (the same call span by span) when they are long."""
+    if arrays[0].size < OPT_PARALLEL_MIN:
+        serial(*arrays, *scalars)
+    else:
+        spans(*arrays, *scalars)
 
 
 def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
@@ -590,19 +610,7 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
     then p -= lr * g. ``buf`` may be None when momentum == 0. Returns None.
     One pass over the arrays, in p's dtype (the scalars are cast to it first, as PyTorch does).
     """
-    t = p.dtype.type
-    _sgd_update(
-        _flat(p),
-        _flat(grad),
-        _flat(p if buf is None else buf),
-        t(lr),
-        t(momentum),
-        t(1 - dampening),
-        t(weight_decay),
-        bool(nesterov),
-        bool(first),
-        momentum != 0,
-    )
+    sgd_update_many([p], [grad], [buf], lr, momentum, dampening, weight_decay, nesterov, [first])
 
 
 def sgd_update_many(ps, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, firsts):
@@ -614,7 +622,8 @@ def sgd_update_many(ps, grads, bufs, lr, momentum, dampening, weight_decay, nest
         s = cast.get(t)
         if s is None:
             s = cast[t] = (t(lr), t(momentum), t(1 - dampening), t(weight_decay))
-        _sgd_update(_flat(p), _flat(g), _flat(p if b is None else b), *s, nesterov, first, use_buf)
+        arrays = (_flat(p), _flat(g), _flat(p if b is None else b))
+        _update(_sgd_update, _sgd_update_spans, arrays, (*s, bool(nesterov), bool(first), use_buf))
 
 
 def _flat(a):
@@ -637,6 +646,16 @@ def _sgd_update(p, grad, buf, lr, momentum, keep, weight_decay, nesterov, first,
         pf[i] = pf[i] - lr * g
 
 
+@parallel_njit(nogil=True)
+def _sgd_update_spans(p, grad, buf, lr, momentum, keep, weight_decay, nesterov, first, use_buf):
+    n = p.size
+    for i in prange((n + OPT_SPAN - 1) // OPT_SPAN):
+        a, b = i * OPT_SPAN, min(n, (i + 1) * OPT_SPAN)
+        _sgd_update(
+            p[a:b], grad[a:b], buf[a:b], lr, momentum, keep, weight_decay, nesterov, first, use_buf
+        )
+
+
 def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """One PyTorch Adam step (L2 weight decay, bias correction), IN PLACE on p, m and v.
 
@@ -645,18 +664,36 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     Returns None.
     """
     t = p.dtype.type
-    g = grad
-    if weight_decay != 0:
-        g = grad + t(weight_decay) * p
-    m *= t(beta1)
-    m += t(1 - beta1) * g
-    v *= t(beta2)
-    v += t(1 - beta2) * (g * g)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
-    denom = np.sqrt(v) / t(np.sqrt(bc2))
-    denom += t(eps)
-    p -= t(lr / bc1) * (m / denom)
+    scalars = (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(np.sqrt(bc2)), t(eps))
+    scalars += (t(lr / bc1), t(weight_decay))
+    _update(_adam_update, _adam_update_spans, (_flat(p), _flat(grad), _flat(m), _flat(v)), scalars)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: vectorised
+def _adam_update(p, grad, m, v, b1, c1, b2, c2, root_bc2, eps, step_size, weight_decay):
+    # m = m b1 + c1 g; v = v b2 + c2 (g g); p -= step_size (m / (sqrt(v) / root_bc2 + eps))
+    for i in range(p.size):
+        g = grad[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p[i]
+        mi = m[i] * b1 + c1 * g
+        vi = v[i] * b2 + c2 * (g * g)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - step_size * (mi / (np.sqrt(vi) / root_bc2 + eps))
+
+
+@parallel_njit(nogil=True)
+def _adam_update_spans(p, grad, m, v, b1, c1, b2, c2, root_bc2, eps, step_size, weight_decay):
+    n = p.size
+    for i in prange((n + OPT_SPAN - 1) // OPT_SPAN):
+        a, b = i * OPT_SPAN, min(n, (i + 1) * OPT_SPAN)
+        _adam_update(
+            p[a:b], grad[a:b], m[a:b], v[a:b], b1, c1, b2, c2, root_bc2, eps, step_size,
+            weight_decay,
+        )  # fmt: skip
 
 
 def rmsprop_update(
@@ -670,21 +707,52 @@ def rmsprop_update(
     and p -= lr buf, else p -= lr g / avg. Returns None.
     """
     t = p.dtype.type
-    g = grad if weight_decay == 0 else grad + t(weight_decay) * p
-    square_avg *= t(alpha)
-    square_avg += t(1 - alpha) * g * g
-    if centered:
-        grad_avg *= t(alpha)
-        grad_avg += t(1 - alpha) * g
-        avg = np.sqrt(square_avg - grad_avg * grad_avg) + t(eps)
-    else:
-        avg = np.sqrt(square_avg) + t(eps)
-    if momentum > 0:
-        buf *= t(momentum)
-        buf += g / avg
-        p -= t(lr) * buf
-    else:
-        p -= t(lr) * (g / avg)
+    pf = _flat(p)
+    arrays = (pf, _flat(grad), _flat(square_avg))
+    arrays += (pf if grad_avg is None else _flat(grad_avg), pf if buf is None else _flat(buf))
+    scalars = (t(alpha), t(1 - alpha), t(eps), t(lr), t(weight_decay), t(momentum))
+    scalars += (bool(centered), momentum > 0)
+    _update(_rmsprop_update, _rmsprop_update_spans, arrays, scalars)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: vectorised
+def _rmsprop_update(
+    p, grad, s, gbar, buf, alpha, c, eps, lr, weight_decay, momentum, centered, use_buf
+):
+    # s = s alpha + (c g) g; avg = sqrt(s - gbar gbar) + eps (gbar = gbar alpha + c g) when
+    # centered, else sqrt(s) + eps; buf = buf momentum + g / avg, p -= lr buf; or
+    # p -= lr (g / avg)
+    for i in range(p.size):
+        g = grad[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p[i]
+        si = s[i] * alpha + c * g * g
+        s[i] = si
+        if centered:
+            ga = gbar[i] * alpha + c * g
+            gbar[i] = ga
+            avg = np.sqrt(si - ga * ga) + eps
+        else:
+            avg = np.sqrt(si) + eps
+        if use_buf:
+            b = buf[i] * momentum + g / avg
+            buf[i] = b
+            p[i] = p[i] - lr * b
+        else:
+            p[i] = p[i] - lr * (g / avg)
+
+
+@parallel_njit(nogil=True)
+def _rmsprop_update_spans(
+    p, grad, s, gbar, buf, alpha, c, eps, lr, weight_decay, momentum, centered, use_buf
+):
+    n = p.size
+    for i in prange((n + OPT_SPAN - 1) // OPT_SPAN):
+        a, b = i * OPT_SPAN, min(n, (i + 1) * OPT_SPAN)
+        _rmsprop_update(
+            p[a:b], grad[a:b], s[a:b], gbar[a:b], buf[a:b], alpha, c, eps, lr, weight_decay,
+            momentum, centered, use_buf,
+        )  # fmt: skip
 
 
 def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
@@ -694,7 +762,25 @@ def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
     Returns None.
     """
     t = p.dtype.type
-    g = grad if weight_decay == 0 else grad + t(weight_decay) * p
     clr = lr / (1 + (step - 1) * lr_decay)
-    state_sum += g * g
-    p -= t(clr) * (g / (np.sqrt(state_sum) + t(eps)))
+    arrays = (_flat(p), _flat(grad), _flat(state_sum))
+    _update(_adagrad_update, _adagrad_update_spans, arrays, (t(clr), t(weight_decay), t(eps)))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: vectorised
+def _adagrad_update(p, grad, state_sum, clr, weight_decay, eps):
+    for i in range(p.size):
+        g = grad[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p[i]
+        si = state_sum[i] + g * g
+        state_sum[i] = si
+        p[i] = p[i] - clr * (g / (np.sqrt(si) + eps))
+
+
+@parallel_njit(nogil=True)
+def _adagrad_update_spans(p, grad, state_sum, clr, weight_decay, eps):
+    n = p.size
+    for i in prange((n + OPT_SPAN - 1) // OPT_SPAN):
+        a, b = i * OPT_SPAN, min(n, (i + 1) * OPT_SPAN)
+        _adagrad_update(p[a:b], grad[a:b], state_sum[a:b], clr, weight_decay, eps)
