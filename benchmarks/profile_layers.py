@@ -29,15 +29,14 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, batch)
     loss_fn = losses.CrossEntropyLoss()
-    spent: dict[tuple, list[float]] = {}
-    counter = {"n": 0}
+    spent: dict[tuple, float] = {}  # this step's time per (op, phase), all its calls
+    per_steps: list[dict[tuple, float]] = []
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            counter["n"] += 1
-            spent.setdefault(key, []).append(time.perf_counter() - t0)
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
             return out
 
         return wrapper
@@ -59,17 +58,21 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
         for _ in range(20):
             step()
         getattr(fc, "wait_for_kernels", lambda: True)()  # never time a serial build
-        spent.clear()
         totals = []
         for _ in range(steps):
+            spent.clear()
             t0 = time.perf_counter()
             step()
             totals.append(time.perf_counter() - t0)
+            per_steps.append(dict(spent))
     finally:
         ops.KERNELS.update(saved)
-    per_step: dict[tuple, float] = {}
-    for key, ts in spent.items():  # an op may run several times a step: total per step
-        per_step[key] = statistics.median(ts) * len(ts) / steps
+    # an op may run several times a step (layers of other sizes): each step's total of its
+    # calls, then the median over the steps
+    per_step = {
+        key: statistics.median(s.get(key, 0.0) for s in per_steps)
+        for key in {k for s in per_steps for k in s}
+    }
     for (op, phase), t in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"{op:22s} {phase:9s} {t * 1e3:8.3f} ms / step")
     whole = statistics.median(totals)

@@ -226,6 +226,13 @@ def test_first_max_and_pick_follow_the_scan_rule(dtype):
         ((1, 2, 9, 11), 3, 2, 1, True),  # clipped windows on every edge
         ((2, 1, 7, 5), (2, 3), (1, 2), (1, 0), False),
         ((1, 2, 4, 4), 4, 1, 2, True),  # windows wider than the interior
+        # "same" windows (stride 1, padding half the window: max_pool2d_forward_same)
+        ((2, 3, 7, 7), 3, 1, 1, False),  # inception_mini's second pool branch
+        ((1, 2, 6, 9), 5, 1, 2, False),
+        ((2, 1, 8, 5), (3, 5), 1, (1, 2), True),  # rectangular; a row narrower than 2 windows
+        ((1, 2, 2, 2), 3, 1, 1, False),  # planes smaller than the window: only edges
+        ((1, 2, 1, 6), 3, 1, 1, False),
+        ((1, 1, 9, 2), (5, 3), 1, (2, 1), False),
     ],
 )
 def test_max_pool_general_windows_on_the_tape(dtype, shape, k, s, p, ceil):
@@ -249,3 +256,20 @@ def test_max_pool_general_windows_on_the_tape(dtype, shape, k, s, p, ceil):
     y.backward(gy.astype(dtype))
     expected = reference.max_pool2d_backward(gy, x.astype(np.float64), k, s, p, ceil_mode=ceil)
     np.testing.assert_allclose(xt.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_same_windows_take_the_whole_plane_kernel():
+    """Which max-pooling kernel a geometry gets (kernels/cpu/ops.py): "same" windows (stride
+    1, odd window of 3 or more, padding half of it) the whole-plane one, others not."""
+    from fastconv import shapes
+    from fastconv.kernels.cpu import ops
+
+    def same(shape, k, s, p, ceil=False):
+        return ops._is_same(shapes.pool2d_geometry("t", shape, k, s, p, ceil))
+
+    assert same((2, 3, 14, 14), 3, 1, 1) and same((1, 1, 1, 6), 3, 1, 1)
+    assert same((1, 1, 9, 2), (5, 3), 1, (2, 1))
+    assert not same((2, 3, 14, 14), 3, 1, 0)  # no padding: y is smaller
+    assert not same((2, 3, 14, 14), 3, 2, 1)  # stride 2
+    assert not same((2, 3, 14, 14), 2, 1, 1)  # even window
+    assert not same((2, 3, 14, 14), 1, 1, 0)  # 1x1: the general kernel

@@ -384,7 +384,18 @@ def max_pool2d(x, g, saved=None):
     with threads_for(x.size // POOL_ELEMENTS_PER_MAC):
         if _is_2x2(g):
             return pool.max_pool2d_forward_2x2(x, idx)
+        if _is_same(g):
+            return pool.max_pool2d_forward_same(x, idx, g.KH, g.KW, g.ph, g.pw)
         return pool.max_pool2d_forward(x, idx, g.KH, g.KW, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw)
+
+
+def _is_same(g):
+    """"Same" max pooling (``pool.max_pool2d_forward_same``): stride 1, odd windows of 3 or
+    more, padding half the window (then y has x's shape)."""
+    odd = g.KH % 2 == 1 and g.KW % 2 == 1 and g.KH >= 3 and g.KW >= 3
+    half = (g.ph, g.pw) == ((g.KH - 1) // 2, (g.KW - 1) // 2)
+    small = g.H * g.W < 2**31  # in-plane indices in int32
+    return odd and half and small and (g.sh, g.sw) == (1, 1) and (g.OH, g.OW) == (g.H, g.W)
 
 
 def _is_2x2(g):

@@ -14,7 +14,7 @@ input (h1 = min(h0 + KH, H + ph)); without, the number of real input pixels in t
 import numpy as np
 from numba import njit, prange
 
-from ._common import FASTMATH, U, first_max, pick
+from ._common import FASTMATH, U, first_max, pick, select
 from .tiers import parallel_njit
 
 
@@ -134,6 +134,137 @@ def max_pool2d_forward(x, idx, KH, KW, OH, OW, sh, sw, ph, pw):
                 if keep:
                     for ow in range(OW):
                         idx[d + U(ow)] = base + U(vi[ow])
+    return y
+
+
+@njit(inline="always", cache=True)
+def _row_first(xf, base, dv, dc, lo, hi, off):
+    """For f in [lo, hi): the first maximum of x[f + off] and x[f + off + 1] (plane ``base``)
+    into (dv, dc)[f], dc the in-plane index."""
+    for f in range(lo, hi):
+        m, t = first_max(xf[U(base + f + off + 1)], xf[U(base + f + off)])
+        dv[U(f)] = m
+        dc[U(f)] = select(t, np.int32(f + off + 1), np.int32(f + off))
+
+
+@njit(inline="always", cache=True)
+def _row_step(xf, base, av, ac, dv, dc, lo, hi, off):
+    """For f in [lo, hi): the first maximum of (av, ac)[f] (met first) and x[f + off] (plane
+    ``base``, met second) into (dv, dc)[f]: other arrays than the ones read (``_plane_same``)."""
+    for f in range(lo, hi):
+        m, t = first_max(xf[U(base + f + off)], av[U(f)])
+        dv[U(f)] = m
+        dc[U(f)] = select(t, np.int32(f + off), ac[U(f)])
+
+
+@njit(inline="always", cache=True)
+def _col_first(hv, hc, dv, dc, lo, hi, off, W):
+    """For f in [lo, hi): the first maximum of (hv, hc)[f + off] and (hv, hc)[f + off + W]
+    (the next row) into (dv, dc)[f]."""
+    for f in range(lo, hi):
+        m, t = first_max(hv[U(f + off + W)], hv[U(f + off)])
+        dv[U(f)] = m
+        dc[U(f)] = select(t, hc[U(f + off + W)], hc[U(f + off)])
+
+
+@njit(inline="always", cache=True)
+def _col_step(hv, hc, av, ac, dv, dc, lo, hi, off):
+    """For f in [lo, hi): the first maximum of (av, ac)[f] (met first) and (hv, hc)[f + off]
+    (met second) into (dv, dc)[f]."""
+    for f in range(lo, hi):
+        m, t = first_max(hv[U(f + off)], av[U(f)])
+        dv[U(f)] = m
+        dc[U(f)] = select(t, hc[U(f + off)], ac[U(f)])
+
+
+@parallel_njit()
+def max_pool2d_forward_same(x, idx, KH, KW, ph, pw):
+    """``max_pool2d_forward`` for "same" windows: stride 1, odd KH, KW >= 3 and padding
+    (KH - 1) / 2, (KW - 1) / 2, so y has x's shape (Inception's 3x3 pooling branch).
+
+    The same separable scan, with each pass over a whole plane at once: row r's window
+    maxima sit at r*W + ow, so column j of every interior window is one run of the flat plane
+    (a pass over H*W elements, vectorised), and so is row i of every interior window in the
+    second pass; the windows the edges clip are redone afterwards by the clipped scan. The
+    passes read one pair of buffers and write another: a select stored back where it was
+    loaded from became a masked store (vmaskmov), microcoded on AMD Zen. The same results as
+    ``max_pool2d_forward``, bit for bit, argmax included; 3x3 pooling of (128, 32, 14, 14),
+    AVX2 (Zen 1), 2 threads: 4.4 -> 1.4 ms."""
+    N, C, H, W = x.shape
+    y = np.empty_like(x)
+    keep = idx.size == y.size
+    xf, yf = x.ravel(), y.ravel()
+    P = H * W
+    planes = N * C
+    items = -(-planes // POOL_PLANES_PER_ITEM)
+    c0, c1 = pw, max(pw, W - pw)  # columns of windows inside the row (none: c1 == c0)
+    r0, r1 = ph, max(ph, H - ph)  # rows of windows inside the plane
+    for item in prange(items):
+        hv = np.empty(P, x.dtype)  # each row's maximum over each window's columns
+        hc = np.empty(P, np.int32)  # ... its in-plane index
+        tv = np.empty(P, x.dtype)  # scratch of the ping-pong passes
+        tc = np.empty(P, np.int32)
+        cv = np.empty(P, x.dtype)  # each window's maximum
+        ci = np.empty(P, np.int32)
+        p0 = item * POOL_PLANES_PER_ITEM
+        for nc in range(p0, min(planes, p0 + POOL_PLANES_PER_ITEM)):
+            base = nc * P
+            # rows: window (r, ow) covers columns ow - pw .. ow + pw; run the flat plane from
+            # (0, c0) to (H-1, c1-1) (the reads stay in the plane), then redo the edges
+            lo, hi = c0, (H - 1) * W + c1
+            if c1 > c0:
+                for j in range(1, KW):  # the last step lands in (hv, hc)
+                    into_h = (KW - 1 - j) % 2 == 0
+                    if j == 1:
+                        if into_h:
+                            _row_first(xf, base, hv, hc, lo, hi, -pw)
+                        else:
+                            _row_first(xf, base, tv, tc, lo, hi, -pw)
+                    elif into_h:
+                        _row_step(xf, base, tv, tc, hv, hc, lo, hi, j - pw)
+                    else:
+                        _row_step(xf, base, hv, hc, tv, tc, lo, hi, j - pw)
+            for r in range(H):
+                row = U(base + r * W)
+                for ow in range(W):
+                    if ow >= c0 and ow < c1:
+                        continue
+                    a, b = max(ow - pw, 0), min(ow + pw + 1, W)
+                    best, bc = xf[row + U(a)], a
+                    for c in range(a + 1, b):
+                        best, bc = _take_jumpless(xf[row + U(c)], c, best, bc)
+                    hv[U(r * W + ow)] = best
+                    hc[U(r * W + ow)] = np.int32(r * W + bc)
+            # columns: window (oh, ow) covers rows oh - ph .. oh + ph of (hv, hc)
+            lo, hi = r0 * W, r1 * W
+            if r1 > r0:
+                for i in range(1, KH):  # the last step lands in (cv, ci)
+                    into_c = (KH - 1 - i) % 2 == 0
+                    if i == 1:
+                        if into_c:
+                            _col_first(hv, hc, cv, ci, lo, hi, -ph * W, W)
+                        else:
+                            _col_first(hv, hc, tv, tc, lo, hi, -ph * W, W)
+                    elif into_c:
+                        _col_step(hv, hc, tv, tc, cv, ci, lo, hi, (i - ph) * W)
+                    else:
+                        _col_step(hv, hc, cv, ci, tv, tc, lo, hi, (i - ph) * W)
+            for oh in range(H):
+                if oh >= r0 and oh < r1:
+                    continue
+                a, b = max(oh - ph, 0), min(oh + ph + 1, H)
+                for ow in range(W):
+                    best, bi = hv[U(a * W + ow)], np.int64(hc[U(a * W + ow)])
+                    for r in range(a + 1, b):
+                        i = np.int64(hc[U(r * W + ow)])
+                        best, bi = _take_jumpless(hv[U(r * W + ow)], i, best, bi)
+                    cv[U(oh * W + ow)] = best
+                    ci[U(oh * W + ow)] = np.int32(bi)
+            for f in range(P):
+                yf[U(base + f)] = cv[U(f)]
+            if keep:
+                for f in range(P):
+                    idx[U(base + f)] = U(base) + U(ci[U(f)])
     return y
 
 
