@@ -77,8 +77,11 @@ def relu_backward(gy, x):
 
 @njit(nogil=True, cache=True)
 def _relu_backward(gy, x, gx):
+    # gy loaded unconditionally: "gy[i] if x[i] > 0" compiled to a masked load (vmaskmov),
+    # microcoded on AMD Zen (1 M float32: 0.56 -> 0.19 ns an element on Zen 1)
     for i in range(gx.size):
-        gx[i] = gy[i] if x[i] > 0 else 0
+        g = gy[i]
+        gx[i] = g if x[i] > 0 else 0
 
 
 def leaky_relu(x, slope):
@@ -543,15 +546,17 @@ def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb, y, gr):
         for n in range(N):
             o = U((n * C + c) * HW)
             if res:
-                for i in range(HW):
-                    gi = gf[o + U(i)] if yf[o + U(i)] > 0 else 0
+                for i in range(HW):  # (loads unconditional: no masked loads, _relu_backward)
+                    gi = gf[o + U(i)]
+                    gi = gi if yf[o + U(i)] > 0 else 0
                     rf[o + U(i)] = gi
                     g = np.float64(gi)
                     sb += g
                     sw += g * (np.float64(xf[o + U(i)]) - mu)
             elif relu:
                 for i in range(HW):
-                    g = np.float64(gf[o + U(i)]) if yf[o + U(i)] > 0 else 0.0
+                    g = np.float64(gf[o + U(i)])
+                    g = g if yf[o + U(i)] > 0 else 0.0
                     sb += g
                     sw += g * (np.float64(xf[o + U(i)]) - mu)
             else:
@@ -571,7 +576,8 @@ def _bn_backward(gy, x, mean, invstd, wk, training, gx, gw, gb, y, gr):
             if relu:
                 for i in range(HW):
                     d = np.float64(xf[o + U(i)]) - mu
-                    g = np.float64(gf[o + U(i)]) if yf[o + U(i)] > 0 else 0.0
+                    g = np.float64(gf[o + U(i)])
+                    g = g if yf[o + U(i)] > 0 else 0.0
                     of[o + U(i)] = k * (g - a - d * q)
             else:
                 for i in range(HW):
@@ -640,7 +646,8 @@ def _sgd_update(p, grad, buf, lr, momentum, keep, weight_decay, nesterov, first,
         if weight_decay != 0:
             g = g + weight_decay * pf[i]
         if use_buf:
-            b = g if first else momentum * bf[i] + keep * g
+            bi = bf[i]  # unconditional: "g if first else ... bf[i]" became a masked load
+            b = g if first else momentum * bi + keep * g
             bf[i] = b
             g = g + momentum * b if nesterov else b
         pf[i] = pf[i] - lr * g
