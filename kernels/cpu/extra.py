@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import threads
-from ._common import FASTMATH, U
+from ._common import FASTMATH, U, select
 from .nn import ELEMENTWISE_BLOCK
 from .threads import chunks, for_each
 from .tiers import parallel_njit
@@ -198,18 +198,24 @@ def _softmax_row(xf, yf, o, C, log):
 
 
 @njit(inline="always", cache=True)
-def _softmax_block(xf, yf, o, nb, C, B, log, m, s):
-    """nb slices side by side (rows of B apart), with maxima m and float64 sums s (scratch of
-    >= nb): per slice the same operations in the same order as ``_softmax_row``."""
+def _softmax_block(xf, yf, o, nb, C, B, log, m2, s):
+    """nb slices side by side (rows of B apart), with maxima in m2 and float64 sums s (scratch
+    of >= 2 nb and >= nb): per slice the same operations in the same order as
+    ``_softmax_row``. The running maxima alternate between the two halves of m2: kept in
+    place ("if v > m[j]: m[j] = v") they compiled to masked stores (vmaskmov), microcoded on
+    AMD Zen."""
     for j in range(nb):
-        m[j] = xf[o + U(j)]
+        m2[j] = xf[o + U(j)]
         s[j] = 0.0
+    cur = 0
     for c in range(1, C):
         row = o + U(c * B)
+        nxt = nb - cur
         for j in range(nb):
-            v = xf[row + U(j)]
-            if v > m[j] or v != v:
-                m[j] = v
+            v, b = xf[row + U(j)], m2[cur + j]
+            m2[nxt + j] = select((v > b) | (v != v), v, b)
+        cur = nxt
+    m = m2[cur : cur + nb]
     for c in range(C):
         row = o + U(c * B)
         for j in range(nb):
@@ -233,7 +239,7 @@ def _softmax_range(x, y, t0, t1, log):
     A, C, B = x.shape
     xf, yf = x.ravel(), y.ravel()
     nb = min(B, SOFTMAX_B_BLOCK)
-    m, s = np.empty(nb, x.dtype), np.empty(nb)  # scratch, shared by the tasks in turn
+    m, s = np.empty(2 * nb, x.dtype), np.empty(nb)  # scratch, shared by the tasks in turn
     for t in range(t0, t1):
         o, nb = _task(t, C, B)
         if B == 1:

@@ -728,25 +728,45 @@ def _rmsprop_update(
 ):
     # s = s alpha + (c g) g; avg = sqrt(s - gbar gbar) + eps (gbar = gbar alpha + c g) when
     # centered, else sqrt(s) + eps; buf = buf momentum + g / avg, p -= lr buf; or
-    # p -= lr (g / avg)
-    for i in range(p.size):
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p[i]
-        si = s[i] * alpha + c * g * g
-        s[i] = si
-        if centered:
-            ga = gbar[i] * alpha + c * g
-            gbar[i] = ga
-            avg = np.sqrt(si - ga * ga) + eps
-        else:
-            avg = np.sqrt(si) + eps
-        if use_buf:
-            b = buf[i] * momentum + g / avg
+    # p -= lr (g / avg). One loop per case: with the cases' branches inside, the loads of
+    # gbar and buf became masked loads (vmaskmov), microcoded on AMD Zen.
+    if centered and use_buf:
+        for i in range(p.size):
+            g = _decayed(grad, p, i, weight_decay)
+            si, ga = s[i] * alpha + c * g * g, gbar[i] * alpha + c * g
+            s[i], gbar[i] = si, ga
+            b = buf[i] * momentum + g / (np.sqrt(si - ga * ga) + eps)
             buf[i] = b
             p[i] = p[i] - lr * b
-        else:
-            p[i] = p[i] - lr * (g / avg)
+    elif centered:
+        for i in range(p.size):
+            g = _decayed(grad, p, i, weight_decay)
+            si, ga = s[i] * alpha + c * g * g, gbar[i] * alpha + c * g
+            s[i], gbar[i] = si, ga
+            p[i] = p[i] - lr * (g / (np.sqrt(si - ga * ga) + eps))
+    elif use_buf:
+        for i in range(p.size):
+            g = _decayed(grad, p, i, weight_decay)
+            si = s[i] * alpha + c * g * g
+            s[i] = si
+            b = buf[i] * momentum + g / (np.sqrt(si) + eps)
+            buf[i] = b
+            p[i] = p[i] - lr * b
+    else:
+        for i in range(p.size):
+            g = _decayed(grad, p, i, weight_decay)
+            si = s[i] * alpha + c * g * g
+            s[i] = si
+            p[i] = p[i] - lr * (g / (np.sqrt(si) + eps))
+
+
+@njit(inline="always", cache=True)
+def _decayed(grad, p, i, weight_decay):
+    """grad[i] + weight_decay * p[i] (grad[i] when weight_decay is 0)."""
+    g = grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p[i]
+    return g
 
 
 @parallel_njit(nogil=True)
