@@ -638,13 +638,20 @@ def _flat(a):
     return a.reshape(-1) if a.flags.c_contiguous else a
 
 
+@njit(inline="always", cache=True)
+def _decayed(grad, p, i, weight_decay):
+    """grad[i] + weight_decay * p[i] (grad[i] when weight_decay is 0)."""
+    g = grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p[i]
+    return g
+
+
 @njit(nogil=True, cache=True)
 def _sgd_update(p, grad, buf, lr, momentum, keep, weight_decay, nesterov, first, use_buf):
     pf, gf, bf = p.ravel(), grad.ravel(), buf.ravel()
     for i in range(pf.size):
-        g = gf[i]
-        if weight_decay != 0:
-            g = g + weight_decay * pf[i]
+        g = _decayed(gf, pf, i, weight_decay)
         if use_buf:
             bi = bf[i]  # unconditional: "g if first else ... bf[i]" became a masked load
             b = g if first else momentum * bi + keep * g
@@ -682,9 +689,7 @@ def adam_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
 def _adam_update(p, grad, m, v, b1, c1, b2, c2, root_bc2, eps, step_size, weight_decay):
     # m = m b1 + c1 g; v = v b2 + c2 (g g); p -= step_size (m / (sqrt(v) / root_bc2 + eps))
     for i in range(p.size):
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p[i]
+        g = _decayed(grad, p, i, weight_decay)
         mi = m[i] * b1 + c1 * g
         vi = v[i] * b2 + c2 * (g * g)
         m[i] = mi
@@ -760,15 +765,6 @@ def _rmsprop_update(
             p[i] = p[i] - lr * (g / (np.sqrt(si) + eps))
 
 
-@njit(inline="always", cache=True)
-def _decayed(grad, p, i, weight_decay):
-    """grad[i] + weight_decay * p[i] (grad[i] when weight_decay is 0)."""
-    g = grad[i]
-    if weight_decay != 0:
-        g = g + weight_decay * p[i]
-    return g
-
-
 @parallel_njit(nogil=True)
 def _rmsprop_update_spans(
     p, grad, s, gbar, buf, alpha, c, eps, lr, weight_decay, momentum, centered, use_buf
@@ -797,9 +793,7 @@ def adagrad_update(p, grad, state_sum, lr, lr_decay, weight_decay, eps, step):
 @njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: vectorised
 def _adagrad_update(p, grad, state_sum, clr, weight_decay, eps):
     for i in range(p.size):
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p[i]
+        g = _decayed(grad, p, i, weight_decay)
         si = state_sum[i] + g * g
         state_sum[i] = si
         p[i] = p[i] - clr * (g / (np.sqrt(si) + eps))

@@ -115,9 +115,7 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
     forward call: each window's gradient goes to its argmax (where the maximum is > 0 when
     ``relu``), then through the convolution as in ``conv2d_backward``."""
     if "+" in algorithm:  # grad_x by one algorithm, grad_w and grad_b by the other
-        return _split_backward(conv2d_pool_backward, algorithm, mask, gy, x, w, g, pg, relu)(
-            saved=saved
-        )
+        return _split_backward(conv2d_pool_backward, algorithm, mask, saved, gy, x, w, g, pg, relu)
     y, code = saved["pool"]
     need_x, need_w, need_b = mask
     if algorithm == "direct":  # grad_b from the pooled gradient; grad_w without the full size
@@ -136,23 +134,19 @@ def conv2d_pool_backward(gy, x, w, g, pg, relu, algorithm, mask=(True, True, Tru
     return conv2d_backward(gz, x, w, g, algorithm, mask, saved)
 
 
-def _split_backward(backward, algorithm, mask, *args):
-    """The call running ``backward(*args, ...)`` with ``algorithm`` "A+B": grad_x by A, then
-    grad_w and grad_b by B (each gradient is what its own algorithm alone gives). The
+def _split_backward(backward, algorithm, mask, saved, *args):
+    """(grad_x, grad_w, grad_b) of ``backward(*args, ...)`` with ``algorithm`` "A+B": grad_x
+    by A, then grad_w and grad_b by B (each gradient is what its own algorithm alone gives). The
     autotuner times these pairs beside the two algorithms: per shape either can be the faster
     for either gradient (resnet8's 16 -> 32 stride-2 layer at batch 128 on AVX2: grad_x 4.5 ms
     by im2col, 5.2 by direct; grad_w 4.6 by im2col, 3.4 by direct)."""
     ax, aw = algorithm.split("+")
     need_x, need_w, need_b = mask
-
-    def run(saved=None):
-        gx = backward(*args, ax, (True, False, False), saved)[0] if need_x else None
-        gw = gb = None
-        if need_w or need_b:
-            _, gw, gb = backward(*args, aw, (False, need_w, need_b), saved)
-        return gx, gw, gb
-
-    return run
+    gx = backward(*args, ax, (True, False, False), saved)[0] if need_x else None
+    gw = gb = None
+    if need_w or need_b:
+        _, gw, gb = backward(*args, aw, (False, need_w, need_b), saved)
+    return gx, gw, gb
 
 
 def _unpool(gy, y, code, g, pg, relu):
@@ -253,7 +247,7 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
     grad_b, which are then added in chunk order (deterministic for any thread count).
     """
     if "+" in algorithm:  # grad_x by one algorithm, grad_w and grad_b by the other
-        return _split_backward(conv2d_backward, algorithm, mask, gy, x, w, g)(saved=saved)
+        return _split_backward(conv2d_backward, algorithm, mask, saved, gy, x, w, g)
     need_x, need_w, need_b = mask
     work = g.flops() // 2 * (int(need_x) + int(need_w))
     if algorithm == "direct":  # parallel loops over chunks of images
