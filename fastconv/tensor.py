@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -377,23 +378,53 @@ def _topological(root: Node) -> list[Node]:
     return order
 
 
-def _buffer(a: Array) -> int:
-    """Identity of the memory behind ``a``: views (reshape, slices) of one array share it."""
+def _memory(a: Array) -> Any:
+    """The object owning the memory behind ``a``: views (reshape, slices) of one array share it."""
     if isinstance(a, np.ndarray):
-        return id(a if a.base is None else a.base)
-    return id(getattr(a, "gpu_data", a))
+        return a if a.base is None else a.base
+    return getattr(a, "gpu_data", a)
 
 
-def _add(a: Array, b: Array, owned: set) -> Array:
+class _Buffers:
+    """A set of memories, by identity, that never mistakes a new array for a freed one: an id
+    is only unique among live objects, and a gradient freed during the pass (its node done)
+    can hand its id to the next array allocated. A stale id in ``handed`` made a needless copy
+    of a fresh gradient (4.7 MB a step on mnist_cnn's first Linear); in ``owned`` it would let
+    an addition write in place into memory this pass did not make."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self, *arrays: Array) -> None:
+        self._refs: dict[int, Any] = {}
+        for a in arrays:
+            self.add(a)
+
+    def add(self, a: Array) -> None:
+        m = _memory(a)
+        try:
+            self._refs[id(m)] = weakref.ref(m)
+        except TypeError:  # no weak references: keep it alive, so its id stays its own
+            self._refs[id(m)] = lambda m=m: m
+
+    def discard(self, a: Array) -> None:
+        self._refs.pop(id(_memory(a)), None)
+
+    def __contains__(self, a: Array) -> bool:
+        m = _memory(a)
+        ref = self._refs.get(id(m))
+        return ref is not None and ref() is m
+
+
+def _add(a: Array, b: Array, owned: _Buffers) -> Array:
     """a + b, in place in ``a`` when this backward pass made ``a``'s memory (never in an array
     a kernel or the user might still read)."""
-    if _buffer(a) in owned:
+    if a in owned:
         if isinstance(a, np.ndarray):
             a += b
             return a
         return _device.add(a, b)
     out = a + b if isinstance(a, np.ndarray) else _device.add(_device.copy(a), b)
-    owned.add(_buffer(out))
+    owned.add(out)
     return out
 
 
@@ -423,10 +454,10 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
         if shapes.is_device_array(grad) != shapes.is_device_array(root.data):
             raise ValueError(f"backward: grad is on another device than the Tensor ({root.device})")
     if root._node is None:  # a leaf: its .grad never is the caller's array
-        root.grad = _device.copy(grad) if root.grad is None else _add(root.grad, grad, set())
+        root.grad = _device.copy(grad) if root.grad is None else _add(root.grad, grad, _Buffers())
         return
-    owned: set = set()  # memory this pass made by adding: safe to add into in place
-    handed = {_buffer(grad)}  # memory stored as a pending or leaf gradient (or the caller's)
+    owned = _Buffers()  # memory this pass made by adding: safe to add into in place
+    handed = _Buffers(grad)  # memory stored as a pending or leaf gradient (or the caller's)
     grads: dict[int, Array] = {id(root._node): grad}
     for node in _topological(root._node):
         g = grads.pop(id(node), None)
@@ -451,7 +482,7 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
                 if t.grad is not None:
                     t.grad = _add(t.grad, gi, owned)
                     continue
-                if _buffer(gi) in handed:  # one memory must not become two Tensors' .grad
+                if gi in handed:  # one memory must not become two Tensors' .grad
                     gi = _device.copy(gi)
                 t.grad = gi
             else:
@@ -459,10 +490,9 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
                 if k in grads:
                     gi = _add(grads[k], gi, owned)
                 grads[k] = gi
-            buf = _buffer(gi)
-            if buf in handed:  # stored twice now: never added into in place
-                owned.discard(buf)
-            handed.add(buf)
+            if gi in handed:  # stored twice now: never added into in place
+                owned.discard(gi)
+            handed.add(gi)
 
 
 # --------------------------------------------------------------------------- gradcheck

@@ -497,3 +497,62 @@ def test_frozen_module_inside_a_model() -> None:
     _step(model, rnd(2, 2, 9, 11, dtype=np.float32), np.array([0, 1]))
     for name, p in model.named_parameters():
         assert (p.grad is None) == name.startswith("0."), name
+
+
+def test_backward_never_mistakes_a_new_array_for_a_freed_one():
+    """The pass's sets of memories key on id(), which CPython hands to the next object made once
+    one is freed: a fresh gradient must not pass for a freed one (that copied it needlessly, or
+    would let an addition write in place into memory the pass did not make)."""
+    from fastconv.tensor import _Buffers
+
+    bufs, collided = _Buffers(), False
+    for _ in range(10_000):
+        a = np.empty(64, np.float32)
+        bufs.add(a)
+        old = id(a)
+        del a
+        b = np.empty(64, np.float32)
+        assert b not in bufs
+        if id(b) == old:
+            collided = True
+            break
+    assert collided, "no id was reused: the case was not exercised"
+    bufs.add(b)
+    assert b.reshape(8, 8) in bufs and b[3:] in bufs  # views share their base's memory
+    bufs.discard(b[1:])
+    assert b not in bufs
+
+
+def test_leaf_gradients_are_the_kernels_arrays_not_copies():
+    """Training steps hand each parameter the array its kernel made (no copy on the way: a
+    freed gradient's id reused by a fresh one made a copy of it), and the gradients still match
+    the chain rule in NumPy."""
+    rng = np.random.default_rng(3)
+    model = fc.Sequential(fc.Linear(12, 9), fc.ReLU(), fc.Linear(9, 5)).to(np.float64)
+    opt = fc.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, labels = rng.standard_normal((4, 12)), np.zeros(4, int)
+    copies = []
+    real = fc._device.copy
+
+    def counting(a):
+        copies.append(a.shape)
+        return real(a)
+
+    fc._device.copy = counting
+    try:
+        for i in range(50):  # many steps: ids of freed gradients get reused
+            if i:
+                opt.step()
+            opt.zero_grad()
+            fc.losses.CrossEntropyLoss()(model(fc.Tensor(x)), labels).backward()
+    finally:
+        fc._device.copy = real
+    assert copies == []
+    w1, b1, w2 = model[0].weight.data, model[0].bias.data, model[2].weight.data
+    h = x @ w1.T + b1
+    z = np.maximum(h, 0) @ w2.T + model[2].bias.data
+    p = np.exp(z - z.max(1, keepdims=True))
+    gz = (p / p.sum(1, keepdims=True) - np.eye(5)[labels]) / 4  # the mean over 4 rows
+    gh = gz @ w2 * (h > 0)
+    np.testing.assert_allclose(model[0].weight.grad, gh.T @ x, rtol=1e-10)
+    np.testing.assert_allclose(model[2].weight.grad, gz.T @ np.maximum(h, 0), rtol=1e-10)
