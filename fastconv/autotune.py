@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _env
+
 FORMAT = 1
 WARM_AT = 2  # a deferred key's call that starts compiling the other candidate (see above)
 _lock = threading.Lock()
@@ -59,7 +61,7 @@ def enabled() -> bool:
 def mode() -> str:
     """The tuning mode: "off", "eager" (measure on the first call) or "deferred" (the
     default; module docstring)."""
-    v = os.environ.get("FASTCONV_AUTOTUNE", "1").strip().lower()
+    v = _env.get("FASTCONV_AUTOTUNE", "1").strip().lower()
     if v in ("0", "false", "no", "off"):
         return "off"
     return "eager" if v == "eager" else "deferred"
@@ -88,8 +90,8 @@ def kernel_digest() -> str:
 
 
 def cache_path() -> Path:
-    env = os.environ
-    return _cache_path(env.get("FASTCONV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    get = _env.get
+    return _cache_path(get("FASTCONV_CACHE_DIR"), get("XDG_CACHE_HOME"), get("HOME"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,11 +103,16 @@ def _cache_path(*_env: str | None) -> Path:
     return cache_dir() / f"autotune-v{FORMAT}-fastconv{__version__}-{kernel_digest()}.json"
 
 
+_num_threads: list = []  # the CPU backend's thread count (an import inside threads() cost 3 us)
+
+
 def threads() -> int:
     try:
-        import numba
+        if not _num_threads:
+            from .kernels.cpu.threads import num_threads
 
-        return int(numba.get_num_threads())
+            _num_threads.append(num_threads)
+        return _num_threads[0]()
     except Exception:  # pragma: no cover
         return os.cpu_count() or 1
 
@@ -136,7 +143,7 @@ def _read(path: Path) -> dict[str, str]:
 def _load() -> dict[str, str]:
     global _memory, _memory_path
     path = cache_path()
-    if _memory is None or _memory_path != path:
+    if _memory is None or (path is not _memory_path and path != _memory_path):
         _memory, _memory_path = _read(path), path
     return _memory
 

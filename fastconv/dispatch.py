@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from . import autotune
+from . import _env, autotune
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 ALGORITHMS = ("auto", "im2col", "direct")
@@ -189,7 +188,7 @@ def choose(
         backend=backend,
         algorithm=algorithm,
         on_device=on_device,
-        env_backend=os.environ.get("FASTCONV_BACKEND") or None,
+        env_backend=_env.get("FASTCONV_BACKEND") or None,
         context=_override.get() or {},
         tuned=autotune.lookup(k) if tune else None,
         autotune=tune,

@@ -308,3 +308,26 @@ def test_autotune_ignores_corrupt_or_foreign_cache(tune_dir):
         f'{{"format": {autotune.FORMAT}, "choices": {{"k": "direct"}}}}'
     )
     assert autotune.lookup("k") == "direct"  # the same file, well-formed, is read
+
+
+def test_fast_environment_reads_follow_os_environ(monkeypatch):
+    """fastconv._env.get is os.environ.get: set, changed, removed, non-ASCII, and what the
+    dispatcher makes of FASTCONV_BACKEND read through it."""
+    from fastconv import _env, dispatch
+
+    name = "FASTCONV_TEST_ENV_READ"
+    monkeypatch.delenv(name, raising=False)
+    assert _env.get(name) is None and _env.get(name, "d") == "d"
+    for value in ("1", "", "  off ", "caf\u00e9", "a=b"):
+        monkeypatch.setenv(name, value)
+        assert _env.get(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert _env.get(name, "gone") == "gone"
+    g = shapes.conv2d_geometry("t", (1, 1, 8, 8), (2, 1, 3, 3))
+    monkeypatch.setenv("FASTCONV_BACKEND", "reference")
+    assert dispatch.choose("conv2d", g, "auto", "auto", False).backend == "reference"
+    monkeypatch.setenv("FASTCONV_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTCONV_BACKEND must be one of"):
+        dispatch.choose("conv2d", g, "auto", "auto", False)
+    monkeypatch.delenv("FASTCONV_BACKEND")
+    assert dispatch.choose("conv2d", g, "auto", "auto", False).backend == "cpu"

@@ -341,3 +341,28 @@ def test_concurrent_callers_share_the_pool(pooled, two_threads):
         for y in got:
             assert_close(y, e)
     assert threads._blas_users == 0
+
+
+def test_num_threads_is_numbas_count_per_thread():
+    """The fast getter answers what numba.get_num_threads answers: after set_num_threads, and
+    per Python thread (Numba's count is thread-local)."""
+    n = numba.get_num_threads()
+    assert threads.num_threads() == n
+    try:
+        numba.set_num_threads(1)
+        assert threads.num_threads() == numba.get_num_threads() == 1
+        seen = []
+
+        def other():
+            seen.append((threads.num_threads(), numba.get_num_threads()))
+            numba.set_num_threads(1)
+            seen.append((threads.num_threads(), numba.get_num_threads()))
+
+        numba.set_num_threads(n)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen[0][0] == seen[0][1] and seen[1] == (1, 1)
+        assert threads.num_threads() == n
+    finally:
+        numba.set_num_threads(n)
