@@ -155,6 +155,26 @@ def test_dropout_modes_and_extremes():
     np.testing.assert_array_equal(fc.Dropout(0.0, rng=0)(x), x)
 
 
+def test_dropout_mask_is_bernoulli_of_the_raw_words():
+    """Each element is kept when its 32-bit word of the generator's raw stream is at least
+    ceil(p * 2^32): the definition checked word for word, the keep rate 1 - p within 5 sigma,
+    p = 1 keeping nothing and odd sizes taking half a 64-bit draw."""
+    from fastconv.nn import _keep_mask
+
+    for p, shape in ((0.5, (64, 9216)), (0.25, (3, 5, 7)), (0.1, (100_001,)), (0.9, (2, 999))):
+        rng = np.random.default_rng(7)
+        twin = np.random.default_rng(7)
+        keep = _keep_mask(rng, shape, p)
+        n = int(np.prod(shape))
+        words = twin.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+        np.testing.assert_array_equal(keep.ravel(), words >= np.ceil(p * 2.0**32))
+        assert keep.shape == shape and keep.dtype == np.bool_
+        assert abs(keep.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+        assert rng.bit_generator.state == twin.bit_generator.state  # the same draws consumed
+    assert not _keep_mask(np.random.default_rng(0), (4, 4), 1.0).any()
+    assert _keep_mask(np.random.default_rng(0), (0, 3), 0.5).shape == (0, 3)
+
+
 def test_dropout_is_reproducible_with_a_seed():
     x = np.ones((8, 8))
     a, b, c = fc.Dropout(0.5, rng=3), fc.Dropout(0.5, rng=3), fc.Dropout(0.5, rng=4)

@@ -399,7 +399,9 @@ def dropout(x, keep_mask, scale):
 
     keep_mask: bool, or x's dtype with values 0/1, of x's shape.
     """
-    return np.multiply(x, keep_mask, dtype=x.dtype) * x.dtype.type(scale)
+    y = np.multiply(x, keep_mask, dtype=x.dtype)
+    y *= x.dtype.type(scale)  # in place: no second temporary, the same bits
+    return y
 
 
 # --------------------------------------------------------------------------- batch norm
