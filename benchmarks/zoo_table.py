@@ -638,23 +638,46 @@ def loadavg() -> str:
 
 
 def cpu_info() -> dict:
-    name, flags = platform.processor() or "?", []
+    """Model name, family / model numbers (they tell apart CPUs sold under one name: "AMD
+    EPYC" is Zen 1 as family 23 model 1, Zen 4 as family 25), cores and the ISA flags."""
+    name, flags, ids = platform.processor() or "?", [], {}
     try:
         text = Path("/proc/cpuinfo").read_text()
         for line in text.splitlines():
-            if line.startswith("model name") and name in ("?", platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and name in ("?", platform.processor()):
+                name = value
+            elif key in ("cpu family", "model") and value.isdigit():
+                ids.setdefault("family" if key == "cpu family" else "model_number", int(value))
+            elif key == "flags":
+                flags = value.split()
                 break
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
     return {
         "model": name,
+        **ids,
         "cores": os.cpu_count(),
         "flags": {f: f in flags for f in wanted},
     }
+
+
+def machine_text(cpu: dict) -> str:
+    """One run's machine, as the report's Machine line gives it."""
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    ids = (
+        f" (family {cpu['family']} model {cpu['model_number']})"
+        if "family" in cpu and "model_number" in cpu
+        else ""
+    )
+    return f"{cpu['model']}{ids}, {cpu['cores']} cores; ISA flags: {flags}"
+
+
+def row_runs(data: dict) -> dict[str, int]:
+    """Model -> the number (from 1) of the run its row came from: the last run of that model
+    (a merge replaces the rows of the models it runs again)."""
+    return {m: i + 1 for i, r in enumerate(data["runs"]) for m in r["models"]}
 
 
 def versions() -> dict:
@@ -828,8 +851,23 @@ def _ok(side: dict | None) -> bool:
 def markdown(data: dict) -> str:
     env, rows, runs = data["environment"], data["rows"], data["runs"]
     commits = sorted({r["environment"]["git"]["commit"] for r in runs})
-    cpu = env["cpu"]
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    machines = [machine_text(r["environment"]["cpu"]) for r in runs]
+    if len(set(machines)) > 1:  # merged runs from other machines: say which row ran where
+        which = row_runs(data)
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(machines):
+            groups.setdefault(m, []).append(i + 1)
+        machine_line = (
+            "- Machines (the runs differ: compare times within a row, never across rows of "
+            "other machines; the results table names each row's run): "
+            + "; ".join(
+                f"run{'s' if len(ns) > 1 else ''} {', '.join(map(str, ns))}: {m}"
+                for m, ns in groups.items()
+            )
+            + "."
+        )
+    else:
+        which, machine_line = None, f"- Machine: {machines[0]}."
     v = env["versions"]
     g = env["git"]
     if len(commits) > 1:
@@ -866,7 +904,7 @@ def markdown(data: dict) -> str:
         + (f" ({len(runs)} runs, merged)" if len(runs) > 1 else "")
         + ".",
         f"- Code: commit {g['commit']} ({g['subject']}); {changes}.",
-        f"- Machine: {cpu['model']}, {cpu['cores']} cores; ISA flags: {flags}.",
+        machine_line,
         f"- Versions: Python {v['python']}, NumPy {v['numpy']}, Numba {v['numba']}, "
         f"PyTorch {v['torch']}, fastconv {v['fastconv']}.",
         f"- Threads: fastconv NUMBA_NUM_THREADS={data['threads']}, PyTorch "
@@ -900,8 +938,8 @@ def markdown(data: dict) -> str:
         "",
         "| model | params | epochs (default) | fastconv test acc % | PyTorch test acc % | "
         "fastconv s/epoch median (min-max) | PyTorch s/epoch median (min-max) | "
-        "PyTorch / fastconv median time |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "PyTorch / fastconv median time |" + (" run |" if which else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if which else ""),
     ]
     for row in rows:
         f, t = row.get("fastconv"), row.get("torch")
@@ -925,6 +963,8 @@ def markdown(data: dict) -> str:
             cells.append(f"{ratio:.2f}x")
         else:
             cells.append("-")
+        if which:
+            cells.append(str(which.get(row["model"], "?")))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

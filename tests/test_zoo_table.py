@@ -4,6 +4,9 @@ zoo's state dicts (skipped without torch). No training."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -121,6 +124,39 @@ def test_markdown_report():
     assert "97.00, 98.00" in text and "Time." in text and "torch FAILED" in text
     assert "(run 2: lenet5): `python benchmarks/zoo_table.py --merge`" in text
     assert "| lenet5 | PyTorch | 2 | 50.00, 60.00 | 9.0, 9.5 |" in text
+    assert "- Machine: CPU, 2 cores; ISA flags: avx2 yes, avx512f no." in text
+    assert "Machines" not in text and "run |" not in text
+
+    # a merge from another machine: one line per machine, and the run of every row
+    other = dict(env, cpu=dict(env["cpu"], family=23, model_number=1, flags={"avx2": True}))
+    row2 = dict(row, model="fast99", parameters=24986, shortened=False)
+    merged = dict(
+        data,
+        runs=[
+            dict(run, models=["lenet5", "fast99"]),
+            dict(run, models=["lenet5"], environment=other),
+        ],
+        rows=[row, row2],
+    )
+    text = zt.markdown(merged)
+    assert (
+        "; the results table names each row's run): run 1: CPU, 2 cores; ISA flags: avx2 yes, "
+        "avx512f no; run 2: CPU (family 23 model 1), 2 cores; ISA flags: avx2 yes." in text
+    )
+    assert "| PyTorch / fastconv median time | run |" in text
+    cells = "| **98.00** | failed | 3.0 (3.0-3.0) | - | - |"
+    assert f"| lenet5 | 61,706 | 2 (10) **shortened** {cells} 2 |" in text
+    assert f"| fast99 | 24,986 | 2 (10) {cells} 1 |" in text
+    assert zt.row_runs(merged) == {"lenet5": 2, "fast99": 1}
+
+
+def test_cpu_info_names_the_family_and_model():
+    cpu = zt.cpu_info()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "cpu family" in text:
+        assert isinstance(cpu["family"], int) and isinstance(cpu["model_number"], int)
+        assert f"(family {cpu['family']} model {cpu['model_number']})" in zt.machine_text(cpu)
+    assert cpu["cores"] == os.cpu_count() and "avx2" in cpu["flags"]
 
 
 def test_torch_twins_take_the_zoo_state_dicts():
