@@ -552,3 +552,32 @@ def test_layer_reuses_its_kept_columns_across_steps():
     gw = reference.conv2d_backward(np.ones(y.shape), x.data, w)[1]
     gw3 = reference.conv2d_backward(np.ones(y3.shape), x2.data, w)[1]
     assert_close(conv.weight.grad, gw + gw3, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gradient_channel_sums_match_the_oracle(dtype):
+    """The direct backward's grad_b (``channel_sums``: float64 sums per channel, on Numba's
+    threads above SERIAL_BELOW elements) against the oracle's, on both sides of the threshold,
+    with the same bits on one thread and on all; plus the conv2d backward that uses it."""
+    import numba
+
+    from fastconv.kernels.cpu import nn
+
+    rng = np.random.default_rng(11)
+    for shape in ((1, 3, 5, 7), (64, 32, 26, 26), (3, 17, 41, 43), (2, 1, 1, 70_000)):
+        x = rng.standard_normal(shape).astype(dtype)
+        got = nn.channel_sums(x)
+        assert_close(got, x.astype(np.float64).sum(axis=(0, 2, 3)), dtype, "channel sums")
+        n = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            one = nn.channel_sums(x)
+        finally:
+            numba.set_num_threads(n)
+        np.testing.assert_array_equal(one, got)
+    x = rng.standard_normal((16, 3, 20, 20)).astype(dtype)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
+    gy = rng.standard_normal((16, 8, 18, 18)).astype(dtype)
+    _, _, gb = fc.conv2d_backward(gy, x, w, algorithm="direct")
+    _, _, rb = reference.conv2d_backward(gy, x, w)
+    assert_close(gb, rb, dtype, "grad_b")

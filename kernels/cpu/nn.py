@@ -25,6 +25,7 @@ from .tiers import parallel_njit
 
 __all__ = [
     "adagrad_update",
+    "channel_sums",
     "adam_update",
     "batch_norm2d",
     "batch_norm2d_backward",
@@ -445,6 +446,34 @@ def batch_norm2d(
         r = x[:0] if residual is None else np.ascontiguousarray(residual)  # no images: none
         _bn_apply(x, scale.astype(x.dtype), shift.astype(x.dtype), y, bool(relu), r)
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def channel_sums(x):
+    """x (N, C, H, W) summed over (N, H, W) per channel, in x's dtype: the bias gradient of a
+    convolution. Summed in float64 (then rounded once), one thread a channel, each channel in a
+    fixed order (the same bits on any thread count). NumPy's ``sum(axis=(0, 2, 3))`` ran at ~3 G
+    elements/s on one thread (mnist_cnn's conv1 at batch 64: 0.43 -> 0.16 ms here); below
+    ``threads.SERIAL_BELOW`` elements NumPy's own sum stays (9 us against 26 at batch 1)."""
+    if x.size < threads.SERIAL_BELOW:
+        return x.sum(axis=(0, 2, 3))
+    out = np.empty(x.shape[1], np.float64)
+    with threads.threads_for(x.size):
+        _channel_sums(np.ascontiguousarray(x), out)
+    return out.astype(x.dtype)
+
+
+@parallel_njit(fastmath=FASTMATH)
+def _channel_sums(x, out):
+    N, C, H, W = x.shape
+    HW = H * W
+    xf = x.ravel()
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            o = U((n * C + c) * HW)
+            for i in range(HW):
+                s += np.float64(xf[o + U(i)])
+        out[c] = s
 
 
 @parallel_njit(fastmath=FASTMATH)

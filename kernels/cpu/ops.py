@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from . import blas, direct, im2col, im2col_gemm, pool, threads
+from . import blas, direct, im2col, im2col_gemm, nn, pool, threads
 from ._common import grad_w_from_parts, sum_parts
 from .threads import blas_single, chunks, for_each, threads_for
 
@@ -251,7 +251,7 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
     need_x, need_w, need_b = mask
     work = g.flops() // 2 * (int(need_x) + int(need_w))
     if algorithm == "direct":  # parallel loops over chunks of images
-        gb = gy.sum(axis=(0, 2, 3)) if need_b else None
+        gb = nn.channel_sums(gy) if need_b else None
         gx = gw = None
         bounds = _direct_bounds(g, gy.itemsize)
         with threads_for(work):
