@@ -209,22 +209,30 @@ class Module:
             yield m
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
-        """This module ("") and every module inside it, depth first, each once."""
+        """This module ("") and every module inside it, depth first, each once (the first
+        time it is reached). An explicit stack: nested generators cost a frame per level for
+        every module yielded (``eval()`` on every inference call took ~40 us for LeNet-5)."""
         seen: set[int] = set()
-
-        def walk(m: Module, p: str):
+        stack = [(prefix, self)]
+        while stack:
+            p, m = stack.pop()
             if id(m) in seen:
-                return
+                continue
             seen.add(id(m))
             yield p, m
-            for name, child in m.named_children():
-                yield from walk(child, f"{p}.{name}" if p else name)
-
-        yield from walk(self, prefix)
+            kids = [(f"{p}.{n}" if p else n, c) for n, c in m._modules.items() if c is not None]
+            stack.extend(reversed(kids))
 
     def modules(self) -> Iterator[Module]:
-        for _, m in self.named_modules():
+        seen: set[int] = set()
+        stack = [self]
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
             yield m
+            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         seen: set[int] = set()

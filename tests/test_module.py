@@ -709,3 +709,26 @@ def test_nll_and_mse_losses_match_torch() -> None:
     assert abs(float(loss) - tloss.item()) <= 1e-12
     assert_close(zo.grad, zt.grad.numpy(), np.float64, "grad input")
     assert_close(to.grad, tt.grad.numpy(), np.float64, "grad target")
+
+
+def test_module_traversal_order_and_sharing():
+    """named_modules / modules: depth first in registration order, a shared module once, at
+    the first name that reaches it (PyTorch's order), the prefix on every name."""
+    shared = fc.ReLU()
+    inner = fc.Sequential(fc.Linear(2, 2), shared)
+    outer = fc.Sequential(inner, shared, fc.Sequential(fc.Linear(2, 1)))
+    names = [n for n, _ in outer.named_modules()]
+    assert names == ["", "0", "0.0", "0.1", "2", "2.0"]
+    assert [n for n, _ in outer.named_modules("net")] == ["net", "net.0", "net.0.0", "net.0.1",
+                                                          "net.2", "net.2.0"]
+    assert list(outer.modules()) == [m for _, m in outer.named_modules()]
+    outer.eval()
+    assert not any(m.training for m in outer.modules())
+    try:
+        import torch
+    except ImportError:
+        return
+    ts = torch.nn.ReLU()
+    t = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2), ts), ts,
+                            torch.nn.Sequential(torch.nn.Linear(2, 1)))
+    assert [n for n, _ in t.named_modules()] == names
