@@ -366,3 +366,26 @@ def test_num_threads_is_numbas_count_per_thread():
         assert threads.num_threads() == n
     finally:
         numba.set_num_threads(n)
+
+
+def test_blas_thread_calls_agree_with_threadpoolctl():
+    """The (get, set) pairs blas_single calls answer and act as threadpoolctl's controllers:
+    a count set through one is read back through the other, and blas_single restores it."""
+    ctl = threads.blas_libraries()
+    if not ctl:
+        pytest.skip("no BLAS library threadpoolctl can drive")
+    calls = threads._blas_calls()
+    assert len(calls) == len(ctl)
+    for c, (get, put) in zip(ctl, calls):
+        n = c.get_num_threads()
+        try:
+            assert int(get()) == n
+            put(1)
+            assert c.get_num_threads() == 1 and int(get()) == 1
+            c.set_num_threads(max(n, 2))
+            assert int(get()) == max(n, 2)
+            with threads.blas_single():
+                assert c.get_num_threads() == 1
+            assert c.get_num_threads() == max(n, 2)
+        finally:
+            c.set_num_threads(n)

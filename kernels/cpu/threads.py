@@ -50,6 +50,7 @@ _pool_size = 0
 _blas_users = 0
 _blas_saved: list[tuple[object, int]] = []
 _blas_controllers: list | None = None
+_blas_fns: list | None = None  # (get, set) per BLAS library (_blas_calls)
 # True in a fork()ed child: GNU OpenMP cannot run parallel loops there once the parent has
 # (Numba aborts the process), so ops.py keeps such a child on this module's Python threads.
 forked = False
@@ -123,14 +124,39 @@ def blas_libraries():
     return _blas_controllers
 
 
+def _thread_calls(c) -> tuple[Callable[[], int], Callable[[int], object]]:
+    """(get, set) of one BLAS library's thread count. For OpenBLAS the library's own two
+    functions, the symbols threadpoolctl itself calls, looked up once: its controller looked
+    them up again on every call (a blas_single block cost ~12 us, three times a LeNet-5
+    step). Any other library, or a symbol not found, keeps the controller's methods."""
+    try:
+        if type(c).__name__ == "OpenBLASController":
+            names = ("omp_get_max_threads", "omp_set_num_threads")
+            if c.threading_layer != "openmp":
+                names = ("openblas_get_num_threads", "openblas_set_num_threads")
+            get, put = (c._get_symbol(n) for n in names)
+            if get is not None and put is not None and int(get()) == c.get_num_threads():
+                return get, put
+    except Exception:  # noqa: BLE001 - another threadpoolctl: its public methods
+        pass
+    return c.get_num_threads, c.set_num_threads
+
+
+def _blas_calls() -> list:
+    global _blas_fns
+    if _blas_fns is None:
+        _blas_fns = [_thread_calls(c) for c in blas_libraries()]
+    return _blas_fns
+
+
 def _blas_single_enter() -> None:
     global _blas_users
     with _lock:
         if _blas_users == 0:
-            _blas_saved[:] = [(c, c.get_num_threads()) for c in blas_libraries()]
-            for c, n in _blas_saved:
+            _blas_saved[:] = [(put, int(get())) for get, put in _blas_calls()]
+            for put, n in _blas_saved:
                 if n != 1:
-                    c.set_num_threads(1)
+                    put(1)
         _blas_users += 1
 
 
@@ -139,9 +165,9 @@ def _blas_single_exit() -> None:
     with _lock:
         _blas_users -= 1
         if _blas_users == 0:
-            for c, n in _blas_saved:
+            for put, n in _blas_saved:
                 if n != 1:
-                    c.set_num_threads(n)
+                    put(n)
 
 
 @contextlib.contextmanager
