@@ -25,7 +25,6 @@ from .tiers import parallel_njit
 
 __all__ = [
     "adagrad_update",
-    "channel_sums",
     "adam_update",
     "batch_norm2d",
     "batch_norm2d_backward",
@@ -462,18 +461,24 @@ def channel_sums(x):
     return out.astype(x.dtype)
 
 
+@njit(inline="always", cache=True)
+def _channel_sum(xf, N, C, HW, c):
+    """Channel c of the flat (N, C, HW) xf summed in float64, in (n, i) order (inlined: the
+    caller's fastmath flags vectorise it)."""
+    s = 0.0
+    for n in range(N):
+        o = U((n * C + c) * HW)
+        for i in range(HW):
+            s += np.float64(xf[o + U(i)])
+    return s
+
+
 @parallel_njit(fastmath=FASTMATH)
 def _channel_sums(x, out):
     N, C, H, W = x.shape
-    HW = H * W
     xf = x.ravel()
     for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            o = U((n * C + c) * HW)
-            for i in range(HW):
-                s += np.float64(xf[o + U(i)])
-        out[c] = s
+        out[c] = _channel_sum(xf, N, C, H * W, c)
 
 
 @parallel_njit(fastmath=FASTMATH)
@@ -484,12 +489,7 @@ def _bn_stats(x, mean, var):
     HW = H * W
     xf = x.ravel()
     for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            o = U((n * C + c) * HW)
-            for i in range(HW):
-                s += np.float64(xf[o + U(i)])
-        mu = s / (N * HW)
+        mu = _channel_sum(xf, N, C, HW, c) / (N * HW)
         q = 0.0
         for n in range(N):
             o = U((n * C + c) * HW)
