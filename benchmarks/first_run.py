@@ -245,7 +245,8 @@ def table(
         f"# First run: a fresh process to the end of its first {name} train step",
         "",
         f"`python benchmarks/first_run.py --rounds {rounds} --steps {steps}{extra}` at "
-        f"{git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Batch {batch}, random data, "
+        f"{git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Batch {batch}, random data, "
         "SGD with momentum; each run a new process, timed from its start; kinds alternate "
         f"within each round. Median and spread (min - max) of {rounds} rounds, in seconds. "
         "Cold: empty Numba and autotune caches. With warm start, a cold process runs its "

@@ -3,6 +3,7 @@ real step (fused ops as Sequential plans them; the tape's own bookkeeping is the
 over 100 steps. Never asserts.
 
     python benchmarks/profile_layers.py lenet5 64
+    python benchmarks/profile_layers.py inception_mini 128 --by-shape   # one row per layer shape
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from fastconv import losses, models, ops, optim
 os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
 
 
-def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
+def _shape_of(phase, args):
+    """The shapes that tell one call of an op from another: the forward's first two arrays
+    (input and weight), the backward's context's x and w where it has them."""
+    if phase == "forward":
+        arrays = [a for a in args[1:3] if hasattr(a, "shape")]
+    else:
+        ctx = args[2]
+        arrays = [getattr(ctx, f) for f in ("x", "w") if hasattr(getattr(ctx, f, None), "shape")]
+    return " ".join("x".join(map(str, a.shape)) for a in arrays)
+
+
+def main(name: str = "lenet5", batch: int = 64, steps: int = 100, by_shape: bool = False) -> None:
     model = models.get(name, rng=0)
     model.train()
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -36,7 +48,8 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+            k = key + (_shape_of(key[1], args),) if by_shape else key
+            spent[k] = spent.get(k, 0.0) + time.perf_counter() - t0
             return out
 
         return wrapper
@@ -73,8 +86,8 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
         key: statistics.median(s.get(key, 0.0) for s in per_steps)
         for key in {k for s in per_steps for k in s}
     }
-    for (op, phase), t in sorted(per_step.items(), key=lambda kv: -kv[1]):
-        print(f"{op:22s} {phase:9s} {t * 1e3:8.3f} ms / step")
+    for (op, phase, *shape), t in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"{op:22s} {phase:9s} {t * 1e3:8.3f} ms / step  {' '.join(shape)}".rstrip())
     whole = statistics.median(totals)
     print(
         f"whole step (median of {steps}): {whole * 1e3:.3f} ms; kernels "
@@ -84,5 +97,9 @@ def main(name: str = "lenet5", batch: int = 64, steps: int = 100) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(args[0] if args else "lenet5", int(args[1]) if len(args) > 1 else 64)
+    args = [a for a in sys.argv[1:] if a != "--by-shape"]
+    main(
+        args[0] if args else "lenet5",
+        int(args[1]) if len(args) > 1 else 64,
+        by_shape="--by-shape" in sys.argv[1:],
+    )

@@ -675,9 +675,39 @@ def machine_text(cpu: dict) -> str:
 
 
 def row_runs(data: dict) -> dict[str, int]:
-    """Model -> the number (from 1) of the run its row came from: the last run of that model
-    (a merge replaces the rows of the models it runs again)."""
-    return {m: i + 1 for i, r in enumerate(data["runs"]) for m in r["models"]}
+    """Model -> the number (from 1) of the run its row came from: the last run that finished
+    that model (a merge replaces the rows of the models it runs again, once each has run;
+    ``done``: the models a run has finished, absent in runs recorded before it was kept)."""
+    return {m: i + 1 for i, r in enumerate(data["runs"]) for m in r.get("done", r["models"])}
+
+
+MERGE_SAME = ("threads", "seed", "train_limit", "warmup_steps", "torch_malloc")
+
+
+def merge(old: dict, data: dict, out_json: object = "the results file") -> dict:
+    """``data`` (this run: its rows so far, its run record last in ``runs``) merged into
+    ``old`` (an earlier report's JSON). A model this run has finished replaces its old row,
+    which is kept apart in ``superseded_rows``; a model it has not finished yet (still
+    running, or stopped) keeps its old row, so a report written between models, or after a
+    stopped run, loses nothing. Runs made with other settings are refused."""
+    diff = [k for k in MERGE_SAME if old.get(k) != data[k]]
+    if diff:
+        raise SystemExit(f"--merge: {out_json} was run with other {', '.join(diff)}")
+    done = {r["model"] for r in data["rows"]}
+    this_run = data["runs"][-1]
+    rank = {m: i for i, m in enumerate(MODELS)}
+    return dict(
+        data,
+        rows=sorted(
+            [r for r in old["rows"] if r["model"] not in done] + data["rows"],
+            key=lambda r: rank[r["model"]],
+        ),
+        superseded_rows=old.get("superseded_rows", [])
+        + [dict(r, superseded_at=this_run["started"]) for r in old["rows"] if r["model"] in done],
+        runs=old.get("runs", []) + [this_run],
+        notes=data["notes"] or old.get("notes", ""),
+        shortened_note=data["shortened_note"] or old.get("shortened_note", ""),
+    )
 
 
 def versions() -> dict:
@@ -930,7 +960,13 @@ def markdown(data: dict) -> str:
             "- Command"
             + (f" (run {i + 1}: {', '.join(r['models'])})" if len(runs) > 1 else "")
             + f": `{r['command']}`"
-            + ("" if r.get("complete", True) else " (incomplete: stopped or still running)")
+            + (
+                ""
+                if r.get("complete", True)
+                else " (incomplete: stopped or still running; finished: "
+                + (", ".join(r.get("done", [])) or "none")
+                + ")"
+            )
             for i, r in enumerate(runs)
         ],
         "",
@@ -1200,6 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
             finished=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             wall_seconds=time.time() - t0,
             complete=final,
+            done=[r["model"] for r in rows],
         )
         data = {
             "threads": args.threads,
@@ -1215,22 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
             "shortened_note": args.shortened_note,
         }
         if old is not None:
-            same = ("threads", "seed", "train_limit", "warmup_steps", "torch_malloc")
-            diff = [k for k in same if old.get(k) != data[k]]
-            if diff:
-                raise SystemExit(f"--merge: {out_json} was run with other {', '.join(diff)}")
-            keep = [r for r in old["rows"] if r["model"] not in names]
-            # rows run again: kept apart, with the run they came from
-            data["superseded_rows"] = old.get("superseded_rows", []) + [
-                dict(r, superseded_at=this_run["started"])
-                for r in old["rows"]
-                if r["model"] in names
-            ]
-            rank = {m: i for i, m in enumerate(MODELS)}
-            data["rows"] = sorted(keep + rows, key=lambda r: rank[r["model"]])
-            data["runs"] = old.get("runs", []) + [this_run]
-            data["notes"] = args.note or old.get("notes", "")
-            data["shortened_note"] = args.shortened_note or old.get("shortened_note", "")
+            data = merge(old, data, out_json)
         out_md.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(data, indent=1) + "\n")
         out_md.write_text(markdown(data))

@@ -86,8 +86,12 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
         for kh in range(g.KH):
             for kw in range(g.KW):
                 rows, cols = _window(g, kh, kw)
-                gxp[:, cs, rows, cols] += np.einsum("nkhw,kc->nchw", gy[:, ks], w[ks, :, kh, kw], optimize=_BLAS)
-                gw[ks, :, kh, kw] += np.einsum("nkhw,nchw->kc", gy[:, ks], xp[:, cs, rows, cols], optimize=_BLAS)
+                gxp[:, cs, rows, cols] += np.einsum(
+                    "nkhw,kc->nchw", gy[:, ks], w[ks, :, kh, kw], optimize=_BLAS
+                )
+                gw[ks, :, kh, kw] += np.einsum(
+                    "nkhw,nchw->kc", gy[:, ks], xp[:, cs, rows, cols], optimize=_BLAS
+                )
     gx = gxp[:, :, g.ph : g.ph + g.H, g.pw : g.pw + g.W]
     gb = gy.sum(axis=(0, 2, 3))
     return gx.astype(x.dtype), gw.astype(x.dtype), gb.astype(x.dtype)

@@ -212,8 +212,8 @@ def test_autotune_times_the_fused_call_itself(tune_dir, monkeypatch):
 
 def test_autotune_deferred_keeps_the_heuristic_and_tunes_for_later(tune_dir, monkeypatch):
     """Deferred (the default): the first call runs the heuristic's choice without compiling or
-    timing the other candidate; the second call has that one compiled (inline, see autotune._background_ok); a
-    call after that times both and writes the winner for later processes, while this process
+    timing the other candidate; the second call has that one compiled (inline, see
+    autotune._background_ok); a call after that times both and writes the winner for later processes, while this process
     keeps its first choice (same bits on every call)."""
     from fastconv import autotune, dispatch
 

@@ -720,8 +720,8 @@ def test_random_pooling(cfg, kind, seed) -> None:
         fn = lambda x: F.max_pool2d(x, k, stride, pad, ceil_mode=ceil)  # noqa: E731
         arrays = [distinct(rng, *shape)]
     else:
-        cip = kind == "avg"
-        fn = lambda x: F.avg_pool2d(x, k, stride, pad, ceil_mode=ceil, count_include_pad=cip)  # noqa: E731
+        opts = {"ceil_mode": ceil, "count_include_pad": kind == "avg"}
+        fn = lambda x: F.avg_pool2d(x, k, stride, pad, **opts)  # noqa: E731
         arrays = [normal(rng, *shape)]
     check_all(fn, arrays)
 

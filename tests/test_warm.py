@@ -269,7 +269,8 @@ _CHILD = textwrap.dedent(
     out["compiles1"] = list(compiles)
     out["ready"] = fc.wait_for_kernels(timeout=600)
     import os, pathlib
-    out["cached"] = sorted(p.name for p in pathlib.Path(os.environ["NUMBA_CACHE_DIR"]).rglob("*.nbi"))
+    cache = pathlib.Path(os.environ["NUMBA_CACHE_DIR"])
+    out["cached"] = sorted(p.name for p in cache.rglob("*.nbi"))
     out["losses"] += [step() for _ in range(3)]
     out["state2"] = _warm.state()
     print(json.dumps(out))

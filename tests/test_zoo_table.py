@@ -150,6 +150,34 @@ def test_markdown_report():
     assert zt.row_runs(merged) == {"lenet5": 2, "fast99": 1}
 
 
+def test_merge_keeps_the_rows_a_run_has_not_finished():
+    """A merge written between models (or after a stopped run) replaces only the rows of the
+    models this run finished; the others keep their old row and the run they came from."""
+    old_run = {"models": ["lenet5", "fast99"], "started": "2026-01-01 00:00"}
+    old = {
+        "threads": 2, "seed": 0, "train_limit": None, "warmup_steps": 3,
+        "torch_malloc": "system", "runs": [old_run],
+        "rows": [{"model": "lenet5", "acc": 1}, {"model": "fast99", "acc": 2}],
+        "notes": "old note", "shortened_note": "",
+    }  # fmt: skip
+    this_run = {
+        "models": ["lenet5", "fast99"], "started": "2026-02-02 00:00", "complete": False,
+        "done": ["fast99"],
+    }  # fmt: skip
+    data = dict(old, runs=[this_run], rows=[{"model": "fast99", "acc": 3}], notes="")
+    merged = zt.merge(old, data)
+    assert merged["rows"] == [{"model": "lenet5", "acc": 1}, {"model": "fast99", "acc": 3}]
+    assert merged["superseded_rows"] == [
+        {"model": "fast99", "acc": 2, "superseded_at": "2026-02-02 00:00"}
+    ]
+    assert merged["runs"] == [old_run, this_run] and merged["notes"] == "old note"
+    assert zt.row_runs(merged) == {"lenet5": 1, "fast99": 2}
+    # runs recorded before ``done`` was kept: every model of the run counts as finished
+    assert zt.row_runs({"runs": [old_run, {"models": ["fast99"]}]}) == {"lenet5": 1, "fast99": 2}
+    with pytest.raises(SystemExit, match="other seed"):
+        zt.merge(old, dict(data, seed=1))
+
+
 def test_cpu_info_names_the_family_and_model():
     cpu = zt.cpu_info()
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
