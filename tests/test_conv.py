@@ -281,6 +281,12 @@ NAMED = {
     "1x1": dict(
         x_shape=(2, 4, 5, 6), w_shape=(3, 4, 1, 1), stride=1, padding=0, dilation=1, groups=1
     ),
+    "1x1_groups": dict(  # pointwise, grouped (im2col_gemm.conv2d_pointwise's group offsets)
+        x_shape=(5, 6, 3, 4), w_shape=(4, 3, 1, 1), stride=1, padding=0, dilation=1, groups=2
+    ),
+    "1x1_dilated": dict(  # dilation changes nothing for a 1x1 kernel: still pointwise
+        x_shape=(3, 9, 4, 4), w_shape=(5, 9, 1, 1), stride=1, padding=0, dilation=2, groups=1
+    ),
     "non_square": dict(
         x_shape=(2, 2, 9, 7),
         w_shape=(3, 2, 2, 5),
@@ -581,3 +587,47 @@ def test_bias_gradient_channel_sums_match_the_oracle(dtype):
     _, _, gb = fc.conv2d_backward(gy, x, w, algorithm="direct")
     _, _, rb = reference.conv2d_backward(gy, x, w)
     assert_close(gb, rb, dtype, "grad_b")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pointwise_gemm_path_matches_the_oracle(dtype, monkeypatch):
+    """1x1 convolutions at stride 1 without padding take the per-image GEMM kernels on the
+    im2col path (no columns): forward with bias, without, with the fused ReLU (NaN kept),
+    every gradient alone and together, several images per chunk (grad_w summed over them),
+    groups; each against the oracle, and each call seen to run those kernels."""
+    from fastconv.kernels.cpu import blas, im2col_gemm
+
+    if not blas._found:
+        pytest.skip("the pointwise kernels are the native-GEMM path's")
+    seen = []
+    for name in ("conv2d_pointwise", "conv2d_pointwise_backward"):
+        kernel = getattr(im2col_gemm, name)
+        monkeypatch.setattr(
+            im2col_gemm, name, lambda *a, _k=kernel, _n=name: (seen.append(_n), _k(*a))[1]
+        )
+    rng = np.random.default_rng(7)
+    kw = dict(backend="cpu", algorithm="im2col")
+    cases = (((7, 12, 5, 3), (8, 12, 1, 1), 1), ((3, 8, 4, 4), (6, 4, 1, 1), 2))
+    for x_shape, w_shape, groups in cases:
+        x, w, b = arrays(rng, dtype, x_shape, w_shape, (w_shape[0],))
+        p = dict(groups=groups)
+        z = reference.conv2d(x, w, b, **p)
+        assert_close(fc.conv2d(x, w, b, **p, **kw), z, dtype)
+        assert_close(fc.conv2d(x, w, None, **p, **kw), reference.conv2d(x, w, None, **p), dtype)
+        assert_close(fc.conv2d_relu(x, w, b, **p, **kw), np.maximum(z, 0), dtype)
+        gy = rng.standard_normal(z.shape).astype(dtype)
+        ref = reference.conv2d_backward(gy, x, w, **p)
+        for mask in ((True, True, True), (True, False, False), (False, True, False),
+                     (False, False, True), (False, True, True)):  # fmt: skip
+            got = fc.conv2d_backward(gy, x, w, **p, **kw, output_mask=mask)
+            for want, g, r in zip(mask, got, ref):
+                assert (g is None) == (not want)
+                if want:
+                    assert_close(g, r, dtype)
+    xn = np.ones((2, 3, 2, 2), dtype)
+    xn[1, 0, 1, 1] = np.nan
+    y = fc.conv2d_relu(xn, -np.ones((4, 3, 1, 1), dtype), np.zeros(4, dtype), **kw)
+    assert np.isnan(y[1, :, 1, 1]).all()
+    y[1, :, 1, 1] = 0
+    assert (y == 0).all()
+    assert "conv2d_pointwise" in seen and "conv2d_pointwise_backward" in seen

@@ -33,6 +33,12 @@ def test_documented_cpu_heuristic():
         assert select(op, strided).algorithm == "im2col"  # 16*3*3 = 144 >= 8, K=32
         assert select(op, one_by_one).algorithm == "direct"  # 3*1*1 = 3 < 8
     assert select("conv_transpose2d", LENET_C2).algorithm == "im2col"  # the general rule
+    # pointwise (1x1, stride 1, no padding): the general rule for every op
+    pointwise = shapes.conv2d_geometry("t", (8, 32, 14, 14), (16, 32, 1, 1))
+    thin = shapes.conv2d_geometry("t", (8, 3, 14, 14), (16, 3, 1, 1))  # 3*1*1 = 3 < 8
+    for op in ("conv2d", "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight"):
+        assert select(op, pointwise).algorithm == "im2col"
+        assert select(op, thin).algorithm == "direct"
     # elsewhere (CUDA) the general rule: im2col unless the GEMM is thin
     assert select("conv2d", LENET_C2, on_device=True).algorithm == "im2col"  # 150, K=16
     assert select("conv2d", LENET_C1, on_device=True).algorithm == "im2col"  # 1*5*5 = 25

@@ -75,11 +75,21 @@ def gemm(ta, tb, M, N, K, a, ia, lda, b, ib, ldb, c, ic, ldc):
     offsets of the operands inside them; lda, ldb: row strides of a and b as stored. The
     caller has checked every extent (BLAS does not).
     """
+    gemm_beta(ta, tb, M, N, K, a, ia, lda, b, ib, ldb, 0.0, c, ic, ldc)
+
+
+@njit(nogil=True, cache=True)
+def gemm_beta(ta, tb, M, N, K, a, ia, lda, b, ib, ldb, beta, c, ic, ldc):
+    """``gemm`` into beta * c: beta 0 overwrites c (whatever it held, NaN included), 1 adds
+    the product to it (a sum over several products, e.g. one per image)."""
     s = a.itemsize
     pa, pb = a.ctypes.data + U(ia * s), b.ctypes.data + U(ib * s)
     pc = c.ctypes.data + U(ic * s)
     ta_, tb_ = (_T if ta else _N), (_T if tb else _N)
     if s == 4:
-        _sgemm(_ROW_MAJOR, ta_, tb_, M, N, K, np.float32(1), pa, lda, pb, ldb, 0, pc, ldc)
+        _sgemm(
+            _ROW_MAJOR, ta_, tb_, M, N, K, np.float32(1), pa, lda, pb, ldb, np.float32(beta), pc,
+            ldc,
+        )  # fmt: skip
     else:
-        _dgemm(_ROW_MAJOR, ta_, tb_, M, N, K, 1.0, pa, lda, pb, ldb, 0.0, pc, ldc)
+        _dgemm(_ROW_MAJOR, ta_, tb_, M, N, K, 1.0, pa, lda, pb, ldb, float(beta), pc, ldc)

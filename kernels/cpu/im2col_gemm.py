@@ -10,12 +10,18 @@ Per group g:  y_g (KG, NP) = w_g (KG, R) @ cols_g (R, NP);
               gcols_g (R, NP) = w_g^T (R, KG) @ gy_g (KG, NP), then col2im.
 grad_w and grad_b are written per chunk and summed by the caller in chunk order, so the bits
 do not depend on the thread count. The caller validated every shape (BLAS does not check).
+
+Pointwise convolutions (1x1 kernel, stride 1, no padding: Inception's branches) need no
+columns: an image's x (C, P) already is its cols, and its y (K, P) is already in NCHW order.
+``conv2d_pointwise`` and ``conv2d_pointwise_backward`` run one GEMM per image and group
+straight on x, y, grad_y and grad_x, without the im2col copy, the transposes or col2im.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .blas import gemm
+from ._common import U
+from .blas import gemm, gemm_beta
 from .im2col import col2im, im2col, kn_to_nk, kn_to_nk_pool, nk_to_kn_sum
 from .tiers import parallel_njit
 
@@ -120,3 +126,66 @@ def conv2d_backward(
                     NP,
                 )
             col2im(gcols, gx[n0:n1], KH, KW, OH, OW, sh, sw, ph, pw, dh, dw)
+
+
+@njit(nogil=True, cache=True)
+def _bias_relu(yf, o, K, P, b, relu):
+    """y (K, P) at flat offset o += b per row (then ReLU, with ``relu``), in place; the same
+    rounding and NaN rule as kn_to_nk."""
+    for k in range(K):
+        bk = b[k]
+        r = U(o + k * P)
+        if relu:
+            for p in range(P):
+                v = yf[r + U(p)] + bk
+                yf[r + U(p)] = 0 if v < 0 else v  # NaN stays NaN, as in np.maximum
+        else:
+            for p in range(P):
+                yf[r + U(p)] = yf[r + U(p)] + bk
+
+
+@parallel_njit()
+def conv2d_pointwise(x, w, b, y, bounds, G, bias, relu):
+    """y = conv2d(x, w) (+ b with ``bias``, ReLU with ``relu``) for a 1x1 kernel, stride 1, no
+    padding: per image and group, y[n]_g (KG, P) = w_g (KG, CG) @ x[n]_g (CG, P)."""
+    N, C, H, W = x.shape
+    K, CG = w.shape[0], w.shape[1]
+    KG, P = K // G, H * W
+    wf, xf, yf = w.ravel(), x.ravel(), y.ravel()
+    for i in prange(bounds.size - 1):
+        for n in range(bounds[i], bounds[i + 1]):
+            for g in range(G):
+                gemm(
+                    False, False, KG, P, CG, wf, g * KG * CG, CG, xf, (n * C + g * CG) * P, P,
+                    yf, (n * K + g * KG) * P, P,
+                )  # fmt: skip
+            if bias or relu:
+                _bias_relu(yf, n * K * P, K, P, b, relu)
+
+
+@parallel_njit()
+def conv2d_pointwise_backward(gy, x, w, gx, gw_parts, bounds, G, need_x, need_w):
+    """The pointwise convolution's gradients per chunk of images: grad_x of its images, and
+    its part of grad_w, gw_parts[i]_g (CG, KG) = sum over its images n (in order) of
+    x[n]_g (CG, P) @ gy[n]_g^T (P, KG). x is used only with ``need_w``, w only with
+    ``need_x``. grad_b is the caller's (a per-channel sum of gy)."""
+    N, K, OH, OW = gy.shape
+    CG = w.shape[1]
+    KG, P, C = K // G, OH * OW, CG * G
+    wf, gyf, xf, gxf = w.ravel(), gy.ravel(), x.ravel(), gx.ravel()
+    for i in prange(bounds.size - 1):
+        n0, n1 = bounds[i], bounds[i + 1]
+        pf = gw_parts[i].ravel() if need_w else gw_parts.ravel()
+        for n in range(n0, n1):  # both gradients of an image while its gy is in cache
+            for g in range(G):
+                gyo = (n * K + g * KG) * P
+                if need_w:
+                    gemm_beta(
+                        False, True, CG, KG, P, xf, (n * C + g * CG) * P, P, gyf, gyo, P,
+                        0.0 if n == n0 else 1.0, pf, g * CG * KG, KG,
+                    )  # fmt: skip
+                if need_x:
+                    gemm(
+                        True, False, CG, P, KG, wf, g * KG * CG, CG, gyf, gyo, P, gxf,
+                        (n * C + g * CG) * P, P,
+                    )  # fmt: skip

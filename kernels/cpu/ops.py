@@ -168,6 +168,12 @@ def _conv2d(x, w, b, g, algorithm, saved, relu, pg=None):
             code = np.empty(g.N * g.K * pg.OH * pg.OW, np.int32)
     if algorithm == "direct":
         y = _direct_forward(x, w, bias, g, relu, pg, code)
+    elif pg is None and _pointwise(g):  # no columns to build or keep: x is its own
+        y = np.empty(g.y_shape, x.dtype)
+        with blas_single(), threads_for(g.flops() // 2):
+            im2col_gemm.conv2d_pointwise(
+                x, w, bias, y, _bounds(batch_chunks(g, x.itemsize)), g.G, b is not None, relu
+            )
     else:
         kept = None
         size = g.C * g.KH * g.KW * g.N * g.OH * g.OW
@@ -263,6 +269,8 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
         return gx, gw, gb
     parts = batch_chunks(g, gy.itemsize)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
+    if _pointwise(g):  # GEMMs straight on x, grad_y and grad_x, per image
+        return _pointwise_backward(gy, x, w, g, mask, parts, work)
     gx = np.empty(g.x_shape, gy.dtype) if need_x else None
     gw_parts = np.empty((len(parts), g.G, R, g.KG), gy.dtype) if need_w else None
     gb_parts = np.empty((len(parts), g.K), gy.dtype)
@@ -307,6 +315,36 @@ def conv2d_backward(gy, x, w, g, algorithm, mask=(True, True, True), saved=None)
 
     for_each(run, len(parts), work)
     return _gradients(gx, gw_parts, gb_parts, g, need_b)
+
+
+def _pointwise(g):
+    """A 1x1 convolution with stride 1 and no padding, on the native BLAS path: its im2col
+    columns would be a copy of x (im2col_gemm.conv2d_pointwise)."""
+    return (
+        (g.KH, g.KW, g.sh, g.sw, g.ph, g.pw) == (1, 1, 1, 1, 0, 0)
+        and (g.OH, g.OW) == (g.H, g.W)
+        and _native()
+    )
+
+
+def _pointwise_backward(gy, x, w, g, mask, parts, work):
+    need_x, need_w, need_b = mask
+    gx = np.empty(g.x_shape, gy.dtype) if need_x else None
+    gw_parts = np.empty((len(parts), g.G, g.CG, g.KG), gy.dtype) if need_w else None
+    with blas_single(), threads_for(work):
+        im2col_gemm.conv2d_pointwise_backward(
+            gy,
+            x if need_w else np.empty((0, g.C, g.H, g.W), gy.dtype),
+            w if need_x else np.empty(g.w_shape, gy.dtype),
+            np.empty((0, g.C, g.H, g.W), gy.dtype) if gx is None else gx,
+            np.empty((0, 0, 0, 0), gy.dtype) if gw_parts is None else gw_parts,
+            _bounds(parts),
+            g.G,
+            need_x,
+            need_w,
+        )
+    gw = grad_w_from_parts(gw_parts, g) if need_w else None
+    return gx, gw, (nn.channel_sums(gy) if need_b else None)
 
 
 def _gradients(gx, gw_parts, gb_parts, g, need_b):
