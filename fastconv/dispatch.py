@@ -25,9 +25,9 @@ close to call without measuring, so the heuristic keeps the general rule there a
 (on by default) measures. So the CPU takes ``direct`` for ``conv2d`` and for the conv2d
 backward ops at stride 1, and the general rule otherwise. Except pointwise convolutions (1x1,
 stride 1, no padding: Inception's branches), where the general rule alone decides for every op:
-their im2col path is one GEMM per image straight on x (no columns to build), 1.1-3.6x faster
-than the register tiles forward and backward on inception_mini's ten 1x1 shapes at batch 128
-(AVX-512 Zen 4, 2 threads).
+their im2col path is one GEMM per image straight on x (no columns to build), 1.05-4.1x faster
+than the register tiles per shape and pass (1.75-2.0x over all ten) on inception_mini's 1x1
+shapes at batch 128, forward and backward (AVX-512 Zen 4, 2 threads).
 """
 
 from __future__ import annotations
