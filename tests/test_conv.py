@@ -631,3 +631,26 @@ def test_pointwise_gemm_path_matches_the_oracle(dtype, monkeypatch):
     y[1, :, 1, 1] = 0
     assert (y == 0).all()
     assert "conv2d_pointwise" in seen and "conv2d_pointwise_backward" in seen
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@given(
+    n=st.integers(1, 5),
+    groups=st.sampled_from([1, 1, 2, 3]),
+    cg=st.integers(1, 9),
+    kg=st.integers(1, 9),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    dilation=st.integers(1, 2),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_pointwise_random(algorithm, n, groups, cg, kg, h, w, dilation, dtype, seed):
+    """Random 1x1 convolutions at stride 1 without padding against the oracle, forward and
+    every gradient: "im2col" runs them on the per-image GEMM kernels (native-GEMM param) or
+    the im2col copy (Python-thread param), "direct" on the register tiles."""
+    cfg = dict(
+        x_shape=(n, groups * cg, h, w), w_shape=(groups * kg, cg, 1, 1), stride=1, padding=0,
+        dilation=dilation, groups=groups,
+    )  # fmt: skip
+    _check(cfg, dtype, algorithm, seed)
