@@ -83,6 +83,19 @@ def col2im(cols, out, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
                             of[dst + U(i * sw)] += cf[src + U(i)]
 
 
+@njit(inline="always", cache=True)
+def bias_relu_row(af, src, of, dst, P, bk, relu):
+    """of[dst + p] = af[src + p] + bk for p < P, then max(., 0) with ``relu`` (NaN stays NaN,
+    as in np.maximum); af / of and src / dst may be the same (in place)."""
+    if relu:
+        for p in range(P):
+            v = af[src + U(p)] + bk
+            of[dst + U(p)] = 0 if v < 0 else v
+    else:
+        for p in range(P):
+            of[dst + U(p)] = af[src + U(p)] + bk
+
+
 @njit(nogil=True, cache=True)
 def kn_to_nk(a, b, out, relu):
     """(K, N*P) -> out (N, K, P) plus bias b (K,): the GEMM result back into NCHW order; with
@@ -93,16 +106,7 @@ def kn_to_nk(a, b, out, relu):
     for nk in range(N * K):
         n = nk // K
         k = nk % K
-        bk = b[k]
-        src = U(k * N * P + n * P)
-        dst = U(nk * P)
-        if relu:
-            for p in range(P):
-                v = af[src + U(p)] + bk
-                of[dst + U(p)] = 0 if v < 0 else v  # NaN stays NaN, as in np.maximum
-        else:
-            for p in range(P):
-                of[dst + U(p)] = af[src + U(p)] + bk
+        bias_relu_row(af, U(k * N * P + n * P), of, U(nk * P), P, b[k], relu)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from ._common import U
 from .blas import gemm, gemm_beta
-from .im2col import col2im, im2col, kn_to_nk, kn_to_nk_pool, nk_to_kn_sum
+from .im2col import bias_relu_row, col2im, im2col, kn_to_nk, kn_to_nk_pool, nk_to_kn_sum
 from .tiers import parallel_njit
 
 
@@ -133,15 +133,8 @@ def _bias_relu(yf, o, K, P, b, relu):
     """y (K, P) at flat offset o += b per row (then ReLU, with ``relu``), in place; the same
     rounding and NaN rule as kn_to_nk."""
     for k in range(K):
-        bk = b[k]
         r = U(o + k * P)
-        if relu:
-            for p in range(P):
-                v = yf[r + U(p)] + bk
-                yf[r + U(p)] = 0 if v < 0 else v  # NaN stays NaN, as in np.maximum
-        else:
-            for p in range(P):
-                yf[r + U(p)] = yf[r + U(p)] + bk
+        bias_relu_row(yf, r, yf, r, P, b[k], relu)
 
 
 @parallel_njit()
