@@ -124,6 +124,26 @@ def test_linear_few_rows_matches_oracle(monkeypatch, dtype, n):
     _check_linear_backward_every_mask(rnd((n, 11), dtype, 3), x, w, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_linear_few_rows_backward_across_blocks(monkeypatch, dtype, n):
+    """The few-rows gw is written block by block (GW_BLOCK features): rows longer than one
+    block, with a partial last block, against the oracle for every mask; NaN and inf in x
+    reach gw as the oracle has them."""
+    monkeypatch.setattr(K, "LINEAR_WIDE", 0)
+    f = 2 * K.GW_BLOCK + 37
+    x, w, g = rnd((n, f), dtype), rnd((5, f), dtype, 1), rnd((n, 5), dtype, 2)
+    assert K._few(n, w)
+    _check_linear_backward_every_mask(g, x, w, dtype)
+    x[0, K.GW_BLOCK], x[-1, -1] = np.nan, np.inf
+    gw, gw_ref = F.linear_backward(g, x, w)[1], R.linear_backward(g, x, w)[1]
+    finite = np.isfinite(gw_ref)
+    assert not finite.all()
+    np.testing.assert_array_equal(np.isnan(gw), np.isnan(gw_ref))
+    np.testing.assert_array_equal(gw[np.isinf(gw_ref)], gw_ref[np.isinf(gw_ref)])
+    assert_close(gw[finite], gw_ref[finite], dtype, "finite gw entries")
+
+
 @given(
     n=st.integers(1, 3),
     f=st.integers(1, 40),

@@ -133,6 +133,7 @@ LINEAR_BLOCKS = 2
 # weights) it took 0.89 ms forward and 0.65 ms backward.
 LINEAR_FEW = 4
 LINEAR_WIDE = 1 << 18
+GW_BLOCK = 2048  # features of one gw row per block in _linear_grads_few (8 KB of float32)
 
 
 def linear(x, w, b, relu=False):
@@ -202,7 +203,11 @@ def _linear_few(x, w, b, y, relu):
 def _linear_grads_few(gy, x, w, gx, gw, gb):
     """``linear_backward`` for a few rows: gw and gb one output feature per iteration, then gx
     in LINEAR_FEW blocks of input features, each streaming long runs of every weight row
-    (runs of 256 cost a TLB miss per row each: 4x slower). An output of size 0 is not wanted."""
+    (runs of 256 cost a TLB miss per row each: 4x slower). An output of size 0 is not wanted.
+    Each gw row is written in one pass: per block of GW_BLOCK features (in L1) the first row's
+    products, then the other rows added in order (the sum 0 + g0*x0 + g1*x1 + ... as before,
+    without a zeroing pass and one pass per row over a gw that is larger than the caches:
+    mnist_cnn's 9216 -> 128 layer is 4.7 MB)."""
     N, O = gy.shape
     F = w.shape[1]
     gyf, xf, wf = gy.ravel(), x.ravel(), w.ravel()
@@ -211,12 +216,19 @@ def _linear_grads_few(gy, x, w, gx, gw, gb):
         if gw.size:
             gwf = gw.ravel()
             wo = U(o * F)
-            for f in range(F):
-                gwf[wo + U(f)] = zero
-            for n in range(N):
-                g, xn = gyf[U(n * O + o)], U(n * F)
-                for f in range(F):
-                    gwf[wo + U(f)] += g * xf[xn + U(f)]
+            for f0 in range(0, F, GW_BLOCK):
+                f1 = min(F, f0 + GW_BLOCK)
+                if N == 0:  # (callers reject an empty batch; no row to read here)
+                    for f in range(f0, f1):
+                        gwf[wo + U(f)] = zero
+                    continue
+                g = gyf[U(o)]
+                for f in range(f0, f1):
+                    gwf[wo + U(f)] = g * xf[U(f)]
+                for n in range(1, N):
+                    g, xn = gyf[U(n * O + o)], U(n * F)
+                    for f in range(f0, f1):
+                        gwf[wo + U(f)] += g * xf[xn + U(f)]
         if gb.size:
             acc = zero
             for n in range(N):
