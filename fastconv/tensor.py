@@ -15,6 +15,7 @@ Gradient rule of each op: next to its forward, in ``fastconv.ops``.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -119,7 +120,10 @@ class Tensor:
     # ---- what it is
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.data.shape)
+        d = self.data
+        if type(d) is np.ndarray:  # already a tuple of Python ints
+            return d.shape
+        return tuple(int(s) for s in d.shape)
 
     @property
     def dtype(self) -> np.dtype:
@@ -131,7 +135,7 @@ class Tensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: exact, and ~10x faster than np.prod
 
     def numel(self) -> int:
         return self.size

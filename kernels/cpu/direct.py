@@ -180,6 +180,11 @@ def pack_weights(w, g, p):
     form B; the padding entries are zero."""
     R = g.CG * g.KH * g.KW
     wg = w.reshape(g.G, g.KG, R)
+    if p.form_b and p.rows == g.KG and w.flags.c_contiguous and w.flags.writeable:
+        # no padding rows: w itself (writeable: the type the kernel is compiled for)
+        return wg
+    if not p.form_b and p.L == g.KG:  # no padding lanes: one transposing copy
+        return np.ascontiguousarray(wg.transpose(0, 2, 1))
     if p.form_b:
         out = np.zeros((g.G, p.rows, R), w.dtype)
         out[:, : g.KG] = wg
@@ -441,6 +446,7 @@ def dot_plan(g, itemsize, nk=None):
     return DotPlan(combo, mr, k, arow.size, _round(g.KG, k), S, Hp, Wp, arow)
 
 
+@functools.lru_cache(maxsize=256)
 def use_dot(g, itemsize):
     """grad_w in the dot form? Stride 1, and its estimated cost below the tiles' one."""
     if g.sh != 1 or g.sw != 1:
@@ -680,6 +686,7 @@ def forward(x, w, b, g, relu, bounds, pg=None, code=_NO_CODE, splits=1):
     return y
 
 
+@functools.lru_cache(maxsize=256)
 def transposed_geometry(g):
     """grad_x's geometry as a forward convolution of grad_y (stride 1), or None where that
     form does not apply (stride > 1, or padding beyond the kernel's reach: q < 0)."""
@@ -689,6 +696,7 @@ def transposed_geometry(g):
     return g._replace(C=g.K, H=g.OH, W=g.OW, K=g.C, OH=g.H, OW=g.W, ph=qh, pw=qw)
 
 
+@functools.lru_cache(maxsize=256)
 def use_scatter(g, itemsize):
     """grad_x in the scatter form rather than the flipped forward? Stride 1, and its estimated
     cost below the flipped forward's (or that form does not apply: padding beyond the kernel's

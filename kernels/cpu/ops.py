@@ -13,6 +13,7 @@ The direct convolution (register tiles, microkernel.py) runs chunks of images, a
 planes, as Numba ``prange`` loops on Numba's own threads.
 """
 
+import functools
 import math
 import threading
 
@@ -367,7 +368,14 @@ def _native():
 
 def _direct_bounds(g, itemsize):
     """The direct path's chunks of images: those of the im2col path (a function of the
-    geometry only, so grad_w's per-chunk parts add up the same on any thread count)."""
+    geometry only, so grad_w's per-chunk parts add up the same on any thread count). One
+    array per geometry (and chunking constants), shared by every call: the kernels only
+    read it."""
+    return _bounds_of(g, itemsize, CHUNK_BYTES, MIN_CHUNKS)
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds_of(g, itemsize, chunk_bytes, min_chunks):
     return _bounds(batch_chunks(g, itemsize))
 
 

@@ -27,7 +27,6 @@ The thread count is Numba's: ``NUMBA_NUM_THREADS`` / ``numba.set_num_threads`` /
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
@@ -94,19 +93,30 @@ def num_threads() -> int:
     return n if n > 0 else int(numba.get_num_threads())  # (that one raises Numba's error)
 
 
-@contextlib.contextmanager
-def threads_for(work: int):
+class _ThreadsFor:
+    """``threads_for``'s context manager: a small class (a ``contextlib.contextmanager``
+    generator costs ~1 us more a use, and a step of a small network enters a dozen)."""
+
+    __slots__ = ("work", "n")
+
+    def __init__(self, work: int) -> None:
+        self.work, self.n = work, 0
+
+    def __enter__(self) -> None:
+        n = num_threads()
+        if self.work < SERIAL_BELOW and n != 1:
+            numba.set_num_threads(1)
+            self.n = n
+
+    def __exit__(self, *exc) -> None:
+        if self.n:
+            numba.set_num_threads(self.n)
+
+
+def threads_for(work: int) -> _ThreadsFor:
     """Run the enclosed ``prange`` kernels (direct convolution, pooling) on one thread when
     ``work`` is small: waking Numba's OpenMP pool costs 10-50 us a parallel region."""
-    n = num_threads()
-    if work >= SERIAL_BELOW or n == 1:
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(n)
+    return _ThreadsFor(work)
 
 
 def blas_libraries():
@@ -170,14 +180,24 @@ def _blas_single_exit() -> None:
                     put(n)
 
 
-@contextlib.contextmanager
-def blas_single():
-    """BLAS on one thread inside the block (then back to its own setting)."""
-    _blas_single_enter()
-    try:
-        yield
-    finally:
+class _BlasSingle:
+    """``blas_single``'s context manager (one shared object; the state is module-wide)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _blas_single_enter()
+
+    def __exit__(self, *exc) -> None:
         _blas_single_exit()
+
+
+_BLAS_SINGLE = _BlasSingle()
+
+
+def blas_single() -> _BlasSingle:
+    """BLAS on one thread inside the block (then back to its own setting)."""
+    return _BLAS_SINGLE
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
