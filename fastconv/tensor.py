@@ -120,10 +120,7 @@ class Tensor:
     # ---- what it is
     @property
     def shape(self) -> tuple[int, ...]:
-        d = self.data
-        if type(d) is np.ndarray:  # already a tuple of Python ints
-            return d.shape
-        return tuple(int(s) for s in d.shape)
+        return shapes._shape_of(self.data)
 
     @property
     def dtype(self) -> np.dtype:
