@@ -6,6 +6,7 @@ the plans' cost models alone would only ever exercise the shapes they prefer."""
 import numpy as np
 import pytest
 from fastconv.kernels.cpu import direct, pool
+from fastconv.kernels.cpu.microkernel import COMBOS
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -22,7 +23,13 @@ CASES = [
     ((2, 3, 12, 12), (70, 3, 5, 5), 1, 2, 1, 1),
     ((2, 6, 9, 10), (12, 2, 3, 3), 2, 1, 2, 3),
 ]
-FORMS = [(False, nv) for nv in (1, 2, 3, 4)] + [(True, nv) for nv in (1, 2, 3, 4)]
+TILES = range(len(COMBOS))  # every tile this CPU's code has (4, or 6 with AVX-512)
+FORMS = [(False, c) for c in TILES] + [(True, c) for c in TILES]
+
+
+def _form_id(f):
+    mr, nv = COMBOS[f[1]]
+    return f"{'B' if f[0] else 'A'}{mr}x{nv}"
 
 
 def _geom(xs, ws, s, p, d, G):
@@ -39,7 +46,7 @@ def _chunks(n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{'B' if f[0] else 'A'}{f[1]}")
+@pytest.mark.parametrize("form", FORMS, ids=_form_id)
 def test_forward_tile_matches_oracle(case, form, dtype):
     xs, ws, s, p, d, G = case
     g = _geom(*case)
@@ -62,7 +69,7 @@ def test_forward_tile_matches_oracle(case, form, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{'B' if f[0] else 'A'}{f[1]}")
+@pytest.mark.parametrize("form", FORMS, ids=_form_id)
 @pytest.mark.parametrize("window", [(2, 2), (3, 2)])
 def test_forward_tile_pooled_matches_oracle(case, form, window, dtype):
     """Bias, ReLU and max pooling in the tiles' epilogue; the argmax codes must point at each
@@ -93,14 +100,14 @@ def test_forward_tile_pooled_matches_oracle(case, form, window, dtype):
     assert_close(at, reference.max_pool2d(z, window), dtype, "value at the argmax")
 
 
-ROUTES = [(False, n) for n in (1, 2, 3, 4)] + [(True, n) for n in (1, 2, 3, 4)]
+ROUTES = [(False, c) for c in TILES] + [(True, nk) for nk in (1, 2, 3, 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{'dot-nk' if r[0] else 'tile-nv'}{r[1]}")
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"dot-nk{r[1]}" if r[0] else "tile-{}x{}".format(*COMBOS[r[1]]))
 def test_filter_tile_matches_oracle(case, route, dtype, monkeypatch):
-    """grad_w on the tiles (NV forced) and on the dot tiles (NK forced)."""
+    """grad_w on the tiles (each tile forced) and on the dot tiles (NK forced)."""
     dot, n = route
     xs, ws, s, p, d, G = case
     g = _geom(*case)
@@ -128,16 +135,16 @@ DATA_CASES = [c for c in CASES if c[2] == 1] + [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DATA_CASES)
-@pytest.mark.parametrize("nv", [1, 2, 3, 4])
-def test_scatter_data_tile_matches_oracle(case, nv, dtype, monkeypatch):
-    """grad_x in the scatter form (tiles adding into the padded grad_x), NV forced."""
+@pytest.mark.parametrize("combo", TILES, ids=lambda c: "{}x{}".format(*COMBOS[c]))
+def test_scatter_data_tile_matches_oracle(case, combo, dtype, monkeypatch):
+    """grad_x in the scatter form (tiles adding into the padded grad_x), each tile forced."""
     xs, ws, s, p, d, G = case
     g = _geom(*case)
     rng = np.random.default_rng(16)
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     gy = rng.standard_normal(g.y_shape).astype(dtype)
     plan = direct.scatter_plan.__wrapped__
-    monkeypatch.setattr(direct, "scatter_plan", lambda g_, isz: plan(g_, isz, nv))
+    monkeypatch.setattr(direct, "scatter_plan", lambda g_, isz: plan(g_, isz, combo))
     gx = direct.backward_data(gy, w, g, _chunks(g.N), form="scatter")
     ref = reference.conv2d_backward(gy, x, w, stride=s, padding=p, dilation=d, groups=G)[0]
     assert_close(gx, ref, dtype, "scatter grad_x")
@@ -163,6 +170,30 @@ def test_data_forms_random(cfg, dtype, seed):
     for form in forms:
         gx = direct.backward_data(gy, w, g, _chunks(g.N), form)
         assert_close(gx, ref, dtype, f"grad_x ({form})")
+
+
+def test_extra_tiles_only_where_they_pad_fewer_rows():
+    """The tiles beyond the first four (AVX-512: (6, 3), (8, 2)) are weighed only where they
+    pad the rows less than every one of the four; then LeNet-5's 6 output channels (form B
+    forward) and 6 input channels (scatter grad_x) run as 6 rows, never 7."""
+    base = min(direct._round(n, mr) for mr, _ in COMBOS[:4] for n in [6])
+    for n in (6, 16, 24, 150, 576, 784, 1, 5):
+        offered = direct._tiles_for(n)
+        assert [c for c, _, _ in offered][:4] == [0, 1, 2, 3]
+        least = min(direct._round(n, mr) for mr, _ in COMBOS[:4])
+        for c, mr, nv in offered[4:]:
+            assert (mr, nv) == COMBOS[c] and direct._round(n, mr) < least
+        for c in range(4, len(COMBOS)):
+            if direct._round(n, COMBOS[c][0]) < least:
+                assert c in [o[0] for o in offered]
+    stem = _geom((64, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1, 1)
+    conv2 = _geom((64, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1, 1)
+    p, s = direct.plan(stem, 4), direct.scatter_plan(conv2, 4)
+    assert p.rows >= 6 and s.rows >= 6 and p.rows % p.mr == 0 and s.rows % s.mr == 0
+    if any(mr == 6 for mr, _ in COMBOS):  # AVX-512 (AVX2's 3-row tiles fit 6 already)
+        assert p.form_b and p.rows == 6 and s.rows == 6
+    else:
+        assert base == 6
 
 
 def test_scatter_is_chosen_where_the_flipped_forward_wastes_most():

@@ -138,6 +138,23 @@ def _round(n, m):
     return -(-n // m) * m
 
 
+def _tiles_for(n):
+    """(combo index, MR, NV) of the tiles to weigh for n rows: the four with the most rows for
+    their NV, and each of microkernel's extra tiles where it pads n to fewer rows than all
+    four (their one purpose: LeNet-5's 6 channels run as 6 rows, not 7). Where the extra tiles
+    pad no less, the larger tiles were as fast or faster when timed (fast99's 24 -> 32 grad_x:
+    (12, 1) 4.7 ms, (6, 3) 5.5 ms; mnist_cnn's 32 -> 64 forward: (12, 1) 7.0 ms, (8, 2) 7.2)."""
+    base = min(_round(n, mr) for mr, _ in COMBOS[:4])
+    return [
+        (c, mr, nv) for c, (mr, nv) in enumerate(COMBOS) if c < 4 or _round(n, mr) < base
+    ]  # fmt: skip
+
+
+def _tile_of(combo):
+    """(combo, MR, NV): one tile, forced (tests)."""
+    return (combo, *COMBOS[combo])
+
+
 def _cost(tiles, T, mr, nv, outputs, transposed):
     """Estimated cycles: per tile T steps of MR*NV vector FMAs + storing the accumulators, plus
     the epilogue (form A's transposing copy costs about a cycle an output, form B's a tenth).
@@ -147,23 +164,24 @@ def _cost(tiles, T, mr, nv, outputs, transposed):
 
 @functools.lru_cache(maxsize=256)
 def plan(g, itemsize, choice=None):
-    """The tiled forward pass of geometry g (ConvGeom): form A or B and NV by the lowest
-    ``_cost``; ``choice`` = (form_b, nv) forces one (tests)."""
+    """The tiled forward pass of geometry g (ConvGeom): form A or B and the tile (MR, NV) by
+    the lowest ``_cost``; ``choice`` = (form_b, combo index) forces one (tests)."""
     VL = lanes(itemsize)
     Hp, Wp = _padded_size(g)
     P, R = g.OH * g.OW, g.CG * g.KH * g.KW
     options = []
     for form_b in (False, True) if g.sh == 1 and g.sw == 1 else (False,):
-        for nv in (1, 2, 3, 4):
-            mr = COMBOS[nv - 1][0]
+        if choice is not None and choice[0] != form_b:
+            continue
+        cands = _tiles_for(g.KG if form_b else P) if choice is None else [_tile_of(choice[1])]
+        for combo, mr, nv in cands:
             if form_b:  # rows: output channels; lanes: OH*Wp positions
                 rows, L = _round(g.KG, mr), _round(g.OH * Wp, nv * VL)
             else:  # rows: output pixels; lanes: output channels
                 rows, L = _round(P, mr), _round(g.KG, nv * VL)
             tiles = rows // mr * (L // (nv * VL))
             cost = _cost(tiles, R, mr, nv, P * g.KG, not form_b)
-            if choice is None or choice == (form_b, nv):
-                options.append((cost, form_b, nv - 1, mr, rows, L, nv * VL))
+            options.append((cost, form_b, combo, mr, rows, L, nv * VL))
     cost, form_b, combo, mr, rows, L, step = min(options)
     taps = _taps(g, Hp, Wp)
     if form_b:  # a = weights (rows, R); b = padded input at tap offsets
@@ -318,19 +336,18 @@ def conv2d_tiled(
 
 
 @functools.lru_cache(maxsize=256)
-def filter_plan(g, itemsize, nv=None):
+def filter_plan(g, itemsize, combo=None):
     """Tables of the tiled grad_w: rows = taps (R, padded), steps = output pixels, lanes =
-    output channels (KG padded): tile result (rows, L) = grad_w_g^T. NV by ``_cost`` unless
-    given (tests)."""
+    output channels (KG padded): tile result (rows, L) = grad_w_g^T. The tile by ``_cost``
+    unless ``combo`` (an index into COMBOS) is given (tests)."""
     VL = lanes(itemsize)
     Hp, Wp = _padded_size(g)
     R, P = g.CG * g.KH * g.KW, g.OH * g.OW
     options = []
-    for v in (1, 2, 3, 4) if nv is None else (nv,):
-        mr = COMBOS[v - 1][0]
+    for c, mr, v in _tiles_for(R) if combo is None else [_tile_of(combo)]:
         rows, L = _round(R, mr), _round(g.KG, v * VL)
         cost = _cost(rows // mr * (L // (v * VL)), P, mr, v, P * g.KG, True)
-        options.append((cost, v - 1, mr, rows, L, v * VL))
+        options.append((cost, c, mr, rows, L, v * VL))
     _, combo, mr, rows, L, step = min(options)
     arow = np.zeros(rows, np.int64)
     arow[:R] = _taps(g, Hp, Wp)
@@ -542,12 +559,13 @@ class ScatterPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def scatter_plan(g, itemsize, nv=None):
+def scatter_plan(g, itemsize, combo=None):
     """grad_x as a scatter (``conv2d_data_scatter``): per tap (kh, kw), tile rows = input
     channels, lanes = grad_y positions oh*Wp + ow, steps = the group's KG output channels;
     each tile adds its result into the padded grad_x at the tap's offset. Only the lanes with
     ow >= OW are wasted: the flipped forward instead runs every tap over grad_y's zero border
-    too (LeNet-5's conv2: 2x the useful multiply-adds). NV by ``_cost`` unless given (tests).
+    too (LeNet-5's conv2: 2x the useful multiply-adds). The tile by ``_cost`` unless ``combo``
+    (an index into COMBOS) is given (tests).
 
     Stride s > 1: padded position (oh*sh + kh*dh, ow*sw + kw*dw) lies in phase
     ((kh*dh) % sh, (kw*dw) % sw) of the padded grad_x, split into sh*sw phase planes of
@@ -558,13 +576,12 @@ def scatter_plan(g, itemsize, nv=None):
     Hp, Wp = g.OH + (g.KH - 1) * g.dh // sh, g.OW + (g.KW - 1) * g.dw // sw
     T = g.KH * g.KW
     options = []
-    for v in (1, 2, 3, 4) if nv is None else (nv,):
-        mr = COMBOS[v - 1][0]
+    for c, mr, v in _tiles_for(g.CG) if combo is None else [_tile_of(combo)]:
         rows, L = _round(g.CG, mr), _round(g.OH * Wp, v * VL)
         tiles = T * (rows // mr) * (L // (v * VL))
         # + zeroing and cropping the padded grad_x, copying grad_y in (~a tenth of a cycle each)
         cost = _cost(tiles, g.KG, mr, v, 0, False) + (rows * sh * sw * Hp * Wp + g.KG * L) / 10
-        options.append((cost * g.G, v - 1, mr, rows, L, v * VL))
+        options.append((cost * g.G, c, mr, rows, L, v * VL))
     cost, combo, mr, rows, L, step = min(options)
     kh, kw = np.meshgrid(np.arange(g.KH) * g.dh, np.arange(g.KW) * g.dw, indexing="ij")
     phase = (kh % sh) * sw + kw % sw

@@ -80,8 +80,15 @@ def _rows(nv):
     return max(1, min(12, (_REGISTERS - nv) // (nv + 1)))
 
 
-# (MR, NV) of the tiles compiled, NV = 1..4: combo index = NV - 1.
+# (MR, NV) of the tiles compiled: NV = 1..4 with the most rows that fit (combo index NV - 1),
+# then, with AVX-512's 32 registers, two with fewer rows for the row counts those pad most where
+# rows are channels (form B, the scatter grad_x): (6, 3) for 6, 12, 18, 24 ... channels ((7, 3)
+# pads LeNet-5's 6 to 7, fast99's 24 to 28) and (8, 2) for 8, 16, 32, 64 ((10, 2) pads 16 to 20).
+# With AVX2's 16 registers the NV = 3 / 2 tiles already have 3 and 4 rows.
+_EXTRA = ((6, 3), (8, 2)) if _REGISTERS == 32 else ()
 COMBOS = tuple((_rows(nv), nv) for nv in (1, 2, 3, 4))
+COMBOS += tuple(c for c in _EXTRA if c not in COMBOS)
+assert len(COMBOS) in (4, 6) and all(mr * nv + nv + mr <= _REGISTERS for mr, nv in COMBOS)
 
 
 def _dot_rows(nk):
@@ -312,19 +319,38 @@ def _itemsize(dtype):
 
 @overload(tile, inline="always")
 def _tile(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
-    t0, t1, t2, t3 = _tiles(_make, COMBOS, _itemsize(dtype))
+    ts = _tiles(_make, COMBOS, _itemsize(dtype))
+    t0, t1, t2, t3 = ts[:4]
+    if len(ts) == 4:  # (the dispatch holds only the tiles compiled: each arm is inlined code)
 
-    def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+        def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+            if combo == 0:
+                t0(a, arow, aoff, b, boff, T, c, ldc, add)
+            elif combo == 1:
+                t1(a, arow, aoff, b, boff, T, c, ldc, add)
+            elif combo == 2:
+                t2(a, arow, aoff, b, boff, T, c, ldc, add)
+            else:
+                t3(a, arow, aoff, b, boff, T, c, ldc, add)
+
+        return impl
+    t4, t5 = ts[4:]
+
+    def impl6(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
         if combo == 0:
             t0(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 1:
             t1(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 2:
             t2(a, arow, aoff, b, boff, T, c, ldc, add)
-        else:
+        elif combo == 3:
             t3(a, arow, aoff, b, boff, T, c, ldc, add)
+        elif combo == 4:
+            t4(a, arow, aoff, b, boff, T, c, ldc, add)
+        else:
+            t5(a, arow, aoff, b, boff, T, c, ldc, add)
 
-    return impl
+    return impl6
 
 
 @overload(dot_tile, inline="always")
