@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,11 +141,17 @@ def machine_info() -> dict:
     import fastconv
 
     cpu = platform.processor() or "?"
-    try:
+    try:  # the model name, and the family / model numbers (a VM may name only "AMD EPYC")
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block only
+            fields.setdefault(key.strip(), value.strip())
+        if fields.get("model name"):
+            cpu = fields["model name"]
+            if "cpu family" in fields and "model" in fields:
+                cpu += f" (family {fields['cpu family']}, model {fields['model']})"
     except OSError:
         pass
     info = {
@@ -496,14 +503,28 @@ TORCH_FIRST = (
 
 
 def _subprocess_seconds(imports: str, step: str, env: dict | None = None) -> float | None:
+    """Seconds the probe prints. It runs in a session of its own, and whatever it left behind
+    is killed once it has exited: a cold fastconv process leaves its background compilers
+    (warm start, JIT tiers) finishing their kernels for the cache, and those took a core from
+    the sections timed after this one (every network ran up to 3x slower, PyTorch too)."""
     code = FIRST_STEP_CODE.format(imports=imports, step=step.format(threads=threads()))
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env or dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or dict(os.environ),
+        start_new_session=True,
     )
-    if out.returncode != 0:
-        print(f"bench: subprocess failed: {out.stderr[-500:]}", file=sys.stderr)
+    stdout, stderr = proc.communicate()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+    if proc.returncode != 0:
+        print(f"bench: subprocess failed: {stderr[-500:]}", file=sys.stderr)
         return None
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(stdout.strip().splitlines()[-1])
 
 
 def first_step_seconds() -> dict:

@@ -139,9 +139,67 @@ def tune_dir(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_cpu_ticks", lambda: None)  # never "disturbed" (own test)
     autotune.clear()
     yield tmp_path
     autotune.clear()
+
+
+def _ticks(script):
+    """A stand-in for autotune._cpu_ticks: (machine, own) counters, the other processes' share
+    per measurement from ``script`` (ticks of theirs; the process's own ticks stay 0)."""
+    state = {"calls": 0, "machine": 0}
+
+    def ticks():
+        i = state["calls"]
+        state["calls"] += 1
+        if i % 2:  # the reading after a measurement's timed rounds
+            state["machine"] += script[min(i // 2, len(script) - 1)]
+        return state["machine"], 0
+
+    return ticks
+
+
+def test_autotune_drops_disturbed_measurements(tune_dir, monkeypatch):
+    """Deferred mode: a measurement during which other processes took CPU time is not written;
+    the key's next call measures again; a quiet one is written. Eager mode measures again at
+    once, and keeps the last of QUIET_TRIES + 1 whatever the load."""
+    from fastconv import autotune
+
+    measured = []
+    real_measure = autotune.measure
+
+    def spy(candidates, repeats=7):
+        measured.append(1)
+        return real_measure(candidates, repeats)
+
+    monkeypatch.setattr(autotune, "measure", spy)
+    monkeypatch.setattr(autotune, "_cpu_ticks", _ticks([500, 500, 0]))  # busy, busy, quiet
+    x, w = np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3))
+    k = autotune.key("conv2d", shapes.conv2d_geometry("t", x.shape, w.shape), x.dtype)
+    fc.conv2d(x, w)
+    fc.conv2d(x, w)  # the other candidate compiles
+    assert autotune.wait(timeout=600)
+    for n in (1, 2):  # disturbed: nothing written, measured again at the next call
+        fc.conv2d(x, w)
+        assert len(measured) == n and autotune._read(autotune.cache_path()).get(k) is None
+    fc.conv2d(x, w)
+    assert len(measured) == 3 and autotune._read(autotune.cache_path())[k] in ("im2col", "direct")
+    fc.conv2d(x, w)
+    assert len(measured) == 3  # remembered: no more measuring
+
+    autotune.clear()
+    measured.clear()
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "eager")
+    monkeypatch.setattr(autotune, "_cpu_ticks", _ticks([500]))  # always busy
+    x = np.ones((2, 3, 9, 9))
+    k = autotune.key("conv2d", shapes.conv2d_geometry("t", x.shape, w.shape), x.dtype)
+    fc.conv2d(x, w)
+    assert len(measured) == autotune.QUIET_TRIES + 1
+    assert autotune._read(autotune.cache_path())[k] in ("im2col", "direct")
+    assert not autotune._others_busy((0, 0), (3, 1), 0.1)  # 2 ticks of others: the resolution
+    assert autotune._others_busy((0, 0), (300, 100), 1.0)  # 2 cores' worth for a second
+    assert not autotune._others_busy(None, (300, 100), 1.0)  # no /proc: never disturbed
 
 
 def test_autotune_measures_once_and_persists(tune_dir, monkeypatch):
