@@ -61,6 +61,7 @@ NETWORK_BATCHES = {"resnet8": (128,), "vgg_mini": (128,)}  # default batches whe
 # --------------------------------------------------------------------------- timing
 
 
+_WARM_START_GIVEN = os.environ.get("FASTCONV_WARM_START")  # the user's own, for the probes
 os.environ.setdefault("FASTCONV_WARM_START", "0")  # time the kernels, never the warm start
 
 
@@ -529,13 +530,26 @@ def _subprocess_seconds(imports: str, step: str, env: dict | None = None) -> flo
 
 def first_step_seconds() -> dict:
     """Fresh-process times to the first LeNet-5 train step at batch 64 (imports included):
-    fastconv with a warm JIT cache, fastconv with an empty cache (cold compile), and torch."""
+    fastconv with a warm JIT cache, fastconv with an empty cache (as a user's process runs
+    it: with warm start, whose first steps run on the oracle while the kernels compile; and
+    with FASTCONV_WARM_START=0, the cold compile itself), and torch. The timed sections run
+    with warm start off; these probes do not inherit that."""
     res = {}
-    _subprocess_seconds(*FC_FIRST)  # make sure the cache is warm
-    res["fastconv (warm JIT cache)"] = _subprocess_seconds(*FC_FIRST)
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, NUMBA_CACHE_DIR=d, FASTCONV_CACHE_DIR=d)
-        res["fastconv (cold: empty JIT cache)"] = _subprocess_seconds(*FC_FIRST, env=env)
+    default = dict(os.environ)  # what a user's process gets: warm start as the user set it
+    if _WARM_START_GIVEN is None:
+        default.pop("FASTCONV_WARM_START", None)
+    else:
+        default["FASTCONV_WARM_START"] = _WARM_START_GIVEN
+    _subprocess_seconds(*FC_FIRST, env=default)  # make sure the cache is warm
+    res["fastconv (warm JIT cache)"] = _subprocess_seconds(*FC_FIRST, env=default)
+    kinds = [("fastconv (cold: empty JIT cache, warm start: the default)", "")]
+    kinds += [("fastconv (cold: empty JIT cache, FASTCONV_WARM_START=0)", "0")]
+    for what, warm in kinds if _WARM_START_GIVEN is None else kinds[:1]:
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(default, NUMBA_CACHE_DIR=d, FASTCONV_CACHE_DIR=d)
+            if warm:
+                env["FASTCONV_WARM_START"] = warm
+            res[what] = _subprocess_seconds(*FC_FIRST, env=env)
     if torch_available():
         res["torch"] = _subprocess_seconds(*TORCH_FIRST)
     return res
