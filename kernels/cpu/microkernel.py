@@ -317,34 +317,42 @@ def _itemsize(dtype):
     raise TypeError(f"microkernel: float32 or float64 dtype expected, got {dtype}")
 
 
-@overload(tile, inline="always")
-def _tile(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
-    ts = _tiles(_make, COMBOS, _itemsize(dtype))
-    t0, t1, t2, t3 = ts[:4]
-    if len(ts) == 4:  # (the dispatch holds only the tiles compiled: each arm is inlined code)
+def _first_tiles(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    """``tile`` for combo < 4 (the four tiles every CPU has)."""
+    raise NotImplementedError("microkernel tiles run inside compiled kernels only")
 
-        def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
-            if combo == 0:
-                t0(a, arow, aoff, b, boff, T, c, ldc, add)
-            elif combo == 1:
-                t1(a, arow, aoff, b, boff, T, c, ldc, add)
-            elif combo == 2:
-                t2(a, arow, aoff, b, boff, T, c, ldc, add)
-            else:
-                t3(a, arow, aoff, b, boff, T, c, ldc, add)
 
-        return impl
-    t4, t5 = ts[4:]
+@overload(_first_tiles, inline="always")
+def _first_tiles_impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    t0, t1, t2, t3 = _tiles(_make, COMBOS, _itemsize(dtype))[:4]
 
-    def impl6(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
         if combo == 0:
             t0(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 1:
             t1(a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 2:
             t2(a, arow, aoff, b, boff, T, c, ldc, add)
-        elif combo == 3:
+        else:
             t3(a, arow, aoff, b, boff, T, c, ldc, add)
+
+    return impl
+
+
+@overload(tile, inline="always")
+def _tile(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+    ts = _tiles(_make, COMBOS, _itemsize(dtype))
+    if len(ts) == 4:  # the dispatch holds only the tiles compiled (each arm is inlined code)
+
+        def impl(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+            _first_tiles(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add)
+
+        return impl
+    t4, t5 = ts[4:]
+
+    def impl6(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add):
+        if combo < 4:
+            _first_tiles(combo, dtype, a, arow, aoff, b, boff, T, c, ldc, add)
         elif combo == 4:
             t4(a, arow, aoff, b, boff, T, c, ldc, add)
         else:
